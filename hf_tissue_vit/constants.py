@@ -1,0 +1,66 @@
+"""Facts about the Kather 2016 data that data, cards and scripts share."""
+
+from __future__ import annotations
+
+# Order fixes the label ids: it is the order of the class folders 01_ ... 06_ in the release.
+CLASS_NAMES: list[str] = ["Tumor", "Stroma", "Complex", "Lympho", "Debris", "Mucosa"]
+EXTRA_CLASS_NAMES: list[str] = ["Adipose", "Empty"]
+ALL_CLASS_NAMES: list[str] = CLASS_NAMES + EXTRA_CLASS_NAMES
+
+# Folder names of the Kather 2016 release, in label order.
+KATHER_FOLDERS: dict[str, str] = {
+    "01_TUMOR": "Tumor",
+    "02_STROMA": "Stroma",
+    "03_COMPLEX": "Complex",
+    "04_LYMPHO": "Lympho",
+    "05_DEBRIS": "Debris",
+    "06_MUCOSA": "Mucosa",
+    "07_ADIPOSE": "Adipose",
+    "08_EMPTY": "Empty",
+}
+
+# What each tissue looks like in H&E: hematoxylin stains nuclei blue/purple, eosin stains
+# cytoplasm and collagen pink.
+CLASS_DESCRIPTIONS: dict[str, str] = {
+    "Tumor": "Tumour epithelium: crowded, enlarged, hyperchromatic (dark blue/purple) nuclei in "
+    "irregular glands or sheets.",
+    "Stroma": "Simple stroma: homogeneous pink (eosin) collagen and smooth muscle with few, "
+    "elongated nuclei.",
+    "Complex": "Complex stroma: stroma mixed with single tumour cells and/or a few immune cells; "
+    "pink background with scattered purple nuclei.",
+    "Lympho": "Immune cells / lymphocytes: dense small round dark-blue nuclei with little "
+    "cytoplasm.",
+    "Debris": "Debris and necrosis, haemorrhage and mucus: pale, fragmented, pink-grey material "
+    "with nuclear dust.",
+    "Mucosa": "Normal mucosal glands: regular crypts of columnar cells with basal nuclei and "
+    "pale mucin-filled goblet cells.",
+    "Adipose": "Adipose tissue: large empty (white) fat vacuoles with thin pink membranes.",
+    "Empty": "Background: no tissue (glass).",
+}
+
+TILE_SIZE = 150
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+ZENODO_URL = "https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip"
+ZENODO_MD5 = "0ddbebfc56344752028fda72602aaade"
+
+KATHER_CITATION = (
+    "Kather JN, Weis CA, Bianconi F, Melchers SM, Schad LR, Gaiser T, Marx A, Zöllner FG. "
+    "Multi-class texture analysis in colorectal cancer histology. Scientific Reports 6, 27988 "
+    "(2016). doi:10.1038/srep27988. Data: doi:10.5281/zenodo.53169"
+)
+KATHER_BIBTEX = """@article{kather2016multi,
+  title   = {Multi-class texture analysis in colorectal cancer histology},
+  author  = {Kather, Jakob Nikolas and Weis, Cleo-Aron and Bianconi, Francesco and Melchers, Susanne M. and Schad, Lothar R. and Gaiser, Timo and Marx, Alexander and Z{\\"o}llner, Frank Gerrit},
+  journal = {Scientific Reports},
+  volume  = {6},
+  pages   = {27988},
+  year    = {2016},
+  doi     = {10.1038/srep27988}
+}"""
+VIT_BIBTEX = """@inproceedings{dosovitskiy2021an,
+  title     = {An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale},
+  author    = {Dosovitskiy, Alexey and Beyer, Lucas and Kolesnikov, Alexander and Weissenborn, Dirk and Zhai, Xiaohua and Unterthiner, Thomas and Dehghani, Mostafa and Minderer, Matthias and Heigold, Georg and Gelly, Sylvain and Uszkoreit, Jakob and Houlsby, Neil},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2021}
+}"""

@@ -1,0 +1,97 @@
+"""Build the Kather 2016 tissue tiles as a Hugging Face dataset (train / validation / test).
+
+    python scripts/prepare_dataset.py --source ../shared/data/kather2016_6class --output_dir data/kather6
+
+Other sources: the release ``.zip``, a ``train/ val/ test/`` folder, a Hub dataset id, or nothing
+(downloads the Zenodo zip into the HF cache). Slide-disjoint split and push to the Hub:
+
+    python scripts/prepare_dataset.py --source Kather_texture_2016_image_tiles_5000.zip \\
+        --output_dir data/kather6_slides --split_by slide --push_to_hub --hub_dataset_id user/kather6
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from hf_tissue_vit.constants import ZENODO_URL
+from hf_tissue_vit.data import (
+    SOURCE_TYPES,
+    SPLIT_MODES,
+    build_dataset_with_report,
+    check_output_dir,
+    push_dataset,
+    read_dataset_metadata,
+    record_hub_dataset_id,
+    save_dataset,
+)
+
+
+@dataclass
+class PrepareArguments:
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (save_to_disk format + README.md card)."})
+    source: str | None = field(default=None, metadata={
+        "help": "Kather release folder or .zip, a train/ val/ test/ folder, or a Hub dataset id. "
+        "Omit to download the Zenodo zip (needs internet)."})
+    source_type: str = field(default="auto", metadata={"help": f"How to read --source: one of {SOURCE_TYPES}."})
+    split_by: str = field(default="stratified", metadata={
+        "help": "stratified: 68/16/16%% per class at random; slide: no slide in two splits."})
+    seed: int = field(default=42, metadata={"help": "Seed of the split (same files + seed = same split)."})
+    keep_all_classes: bool = field(default=False, metadata={"help": "Keep 07_ADIPOSE and 08_EMPTY too (8 classes)."})
+    skip_bad_files: bool = field(default=False, metadata={
+        "help": "Skip unreadable/truncated/empty image files (listed in the log) instead of stopping."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the dataset and its card to --hub_dataset_id."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, user/name."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
+    url: str = field(default=ZENODO_URL, metadata={"help": "Where to download the release zip when --source is omitted."})
+    md5: str | None = field(default=None, metadata={
+        "help": "Expected MD5 of the zip (download or local --source zip); the Zenodo MD5 for the default --url."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Download cache (default $HF_HOME/hf_tissue_vit/downloads)."})
+
+    def __post_init__(self) -> None:
+        if self.split_by not in SPLIT_MODES:
+            raise ValueError(f"--split_by must be one of {SPLIT_MODES}, got {self.split_by!r}")
+        if self.source_type not in SOURCE_TYPES:
+            raise ValueError(f"--source_type must be one of {SOURCE_TYPES}, got {self.source_type!r}")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("--push_to_hub needs --hub_dataset_id user/name")
+        if self.hub_dataset_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_dataset_id):
+            raise ValueError(f"--hub_dataset_id must look like user/name, got {self.hub_dataset_id!r}")
+        if self.private and not self.push_to_hub:
+            raise ValueError("--private only applies with --push_to_hub")
+        if self.md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
+            raise ValueError(f"--md5 must be 32 hex digits, got {self.md5!r}")
+        if self.md5:
+            self.md5 = self.md5.lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+        check_output_dir(args.output_dir)  # refuse before any decoding
+        dataset, report = build_dataset_with_report(
+            args.source, split_by=args.split_by, seed=args.seed, keep_all_classes=args.keep_all_classes,
+            skip_bad_files=args.skip_bad_files, source_type=args.source_type, md5=args.md5, url=args.url,
+            cache_dir=args.cache_dir,
+        )
+        output_dir = save_dataset(dataset, args.output_dir, report=report)
+        if args.push_to_hub:
+            url = push_dataset(dataset, args.hub_dataset_id, metadata=read_dataset_metadata(output_dir),
+                               private=args.private)
+            record_hub_dataset_id(output_dir, args.hub_dataset_id)
+            print(f"pushed to {url}")
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in report.split_class_counts.items())
+    print(f"saved {output_dir} ({sizes}; split by {report.split_by}, {report.build_seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

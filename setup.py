@@ -1,0 +1,36 @@
+"""Install with ``pip install -e ".[test]"`` (install ``torch==2.13.0`` first on CPU-only machines)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hf_tissue_vit",
+    version="0.1.0",
+    description="Vision Transformers for H&E colorectal tissue tiles (Kather 2016) on the Hugging Face stack",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_tissue_vit", "hf_tissue_vit.*"]),
+    include_package_data=True,
+    package_data={"hf_tissue_vit": ["evaluate_modules/*/*.py"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "datasets>=5.0,<6",
+        "evaluate>=0.4.6",
+        "accelerate>=1.10",
+        "huggingface-hub>=2.0,<3",
+        "safetensors>=0.5",
+        "pillow>=10",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    },
+)

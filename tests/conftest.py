@@ -1,0 +1,189 @@
+"""Shared fixtures: synthetic Kather-style tiles (folders, zip, split layout) and a tiny prepared dataset.
+
+Each class gets its own colour and texture, so a tiny model can learn it in a few steps, and
+every tile carries random noise, so no two tiles share pixels unless a test copies one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_tissue_vit.constants import KATHER_FOLDERS
+
+ALL_FOLDERS: list[str] = list(KATHER_FOLDERS)
+SIX_FOLDERS: list[str] = ALL_FOLDERS[:6]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "kather2016_6class"
+
+# (base RGB, texture) per class; H&E-like hues but far apart so they are easy to tell apart.
+_STYLE: dict[str, tuple[tuple[int, int, int], str]] = {
+    "Tumor": ((110, 40, 150), "blobs"),
+    "Stroma": ((235, 130, 175), "diagonal"),
+    "Complex": ((200, 100, 120), "dots"),
+    "Lympho": ((35, 35, 130), "dense_dots"),
+    "Debris": ((170, 160, 150), "noise"),
+    "Mucosa": ((245, 215, 235), "bands"),
+    "Adipose": ((252, 250, 250), "rings"),
+    "Empty": ((225, 225, 235), "flat"),
+}
+
+
+def tile_pixels(class_name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One synthetic ``size`` x ``size`` RGB uint8 tile of ``class_name``."""
+    base, texture = _STYLE[class_name]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    if texture == "blobs":
+        pattern = np.sin(xx / 3.0 + phase) * np.sin(yy / 3.0 + phase)
+    elif texture == "diagonal":
+        pattern = np.sin((xx + yy) / 2.0 + phase)
+    elif texture == "dots":
+        pattern = (rng.random((size, size)) > 0.9).astype(np.float32) * -2.0
+    elif texture == "dense_dots":
+        pattern = (rng.random((size, size)) > 0.5).astype(np.float32) * -1.0
+    elif texture == "bands":
+        pattern = np.sin(yy / 1.5 + phase)
+    elif texture == "rings":
+        pattern = np.sin(np.hypot(xx - size / 2, yy - size / 2) / 2.0 + phase)
+    else:
+        pattern = np.zeros((size, size), np.float32)
+    noise = rng.normal(0, 6, (size, size, 3))
+    pixels = np.asarray(base, np.float32) + 25 * pattern[..., None] + noise
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def kather_name(index: int, slide: int, rng: np.random.Generator, ext: str = "tif") -> str:
+    """A real-looking Kather file name, e.g. ``1A11_CRC-Prim-HE-07_022.tif_Row_601_Col_151.tif``."""
+    hex_id = f"{int(rng.integers(0x1000, 0xFFFFF)):X}"
+    row, col = 1 + 150 * (index // 12), 1 + 150 * (index % 12)
+    return f"{hex_id}_CRC-Prim-HE-{slide:02d}_{int(rng.integers(1, 40)):03d}.tif_Row_{row}_Col_{col}.{ext}"
+
+
+def make_tiles(
+    root: str | Path,
+    n_per_class: int,
+    size: int = 150,
+    classes: Sequence[str] = tuple(SIX_FOLDERS),
+    slides: Sequence[int] = (1, 2, 3, 4, 5),
+    fmt: str = "tif",
+    seed: int = 0,
+) -> dict[str, list[Path]]:
+    """Write ``n_per_class`` synthetic tiles into ``root/<folder>/`` for each class folder.
+
+    ``classes`` are Kather folder names (``01_TUMOR`` ...); ``fmt`` is ``tif`` (PackBits, like the
+    release), ``png``, ``jpg`` or ``bmp``. Slides rotate per tile (offset per class), so every
+    class spans every slide. Returns ``{folder: [paths]}``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[Path]] = {}
+    for c, folder in enumerate(classes):
+        class_name = KATHER_FOLDERS[folder]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(n_per_class):
+            slide = slides[(i + c) % len(slides)]
+            path = root / folder / kather_name(i, slide, rng, fmt)
+            image = Image.fromarray(tile_pixels(class_name, size, rng), "RGB")
+            if fmt == "tif":
+                image.save(path, format="TIFF", compression="packbits")
+            else:
+                image.save(path, format={"png": "PNG", "jpg": "JPEG", "bmp": "BMP"}[fmt])
+            paths.append(path)
+        written[folder] = paths
+    return written
+
+
+def zip_folder(folder: Path, zip_path: Path) -> Path:
+    """Zip ``folder`` with its own name as the top-level entry (like the Zenodo zip)."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.rglob("*")):
+            zf.write(path, path.relative_to(folder.parent).as_posix())
+    return zip_path
+
+
+def make_split_layout(root: str | Path, sizes: dict[str, int] | None = None, size: int = 40, seed: int = 0) -> Path:
+    """The lab's hand-out layout: ``root/train|val|test/<class folder>/`` with tiles."""
+    root = Path(root)
+    sizes = sizes or {"train": 6, "val": 2, "test": 2}
+    for k, (split, n) in enumerate(sizes.items()):
+        make_tiles(root / split, n, size=size, seed=seed + 100 * (k + 1))
+    return root
+
+
+def make_tiny_dataset(
+    output_dir: str | Path, n_per_class: int = 12, size: int = 48, seed: int = 0,
+    split_by: str = "stratified", fmt: str = "png",
+) -> Path:
+    """Build and save (with ``hf_tissue_vit.data``) a small dataset; returns ``output_dir``.
+
+    12 tiles per class give 8 / 2 / 2 per class in train / validation / test.
+    """
+    from hf_tissue_vit.data import build_dataset_with_report, save_dataset
+
+    output_dir = Path(output_dir)
+    tiles = output_dir.parent / f"{output_dir.name}_tiles"
+    make_tiles(tiles, n_per_class, size=size, fmt=fmt, seed=seed)
+    dataset, report = build_dataset_with_report(tiles, split_by=split_by, seed=seed)
+    save_dataset(dataset, output_dir, report=report)
+    shutil.rmtree(tiles)
+    return output_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_data: needs ../shared/data/kather2016_6class (skipped when absent)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture
+def tile_factory():
+    """The :func:`make_tiles` function."""
+    return make_tiles
+
+
+@pytest.fixture
+def release_dir(tmp_path: Path) -> Path:
+    """A Kather release folder with all 8 class folders, 10 TIFF tiles of 40 px each, 5 slides."""
+    root = tmp_path / "Kather_texture_2016_image_tiles_5000"
+    make_tiles(root, 10, size=40, classes=ALL_FOLDERS)
+    return root
+
+
+@pytest.fixture
+def release_zip(tmp_path: Path, release_dir: Path) -> Path:
+    """``release_dir`` zipped with its folder name as the top-level entry."""
+    return zip_folder(release_dir, tmp_path / "Kather_texture_2016_image_tiles_5000.zip")
+
+
+@pytest.fixture
+def split_dir(tmp_path: Path) -> Path:
+    """A ``train/ val/ test/`` layout (6 / 2 / 2 tiles per class, six classes, 40 px TIFF)."""
+    return make_split_layout(tmp_path / "lab_split")
+
+
+@pytest.fixture
+def tiny_dataset_factory():
+    """The :func:`make_tiny_dataset` function, for tests that need other sizes or split modes."""
+    return make_tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved dataset (load with ``load_tissue_dataset`` / ``load_from_disk``): six classes,
+    48 px PNG tiles, 8 / 2 / 2 per class in train / validation / test. Shared: do not modify."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset") / "dataset")
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    """``../shared/data/kather2016_6class``; skips the test when it is absent."""
+    if not REAL_DATA_DIR.is_dir():
+        pytest.skip(f"real Kather data not found at {REAL_DATA_DIR} (needs ../shared/data/kather2016_6class next to the repo)")
+    return REAL_DATA_DIR
