@@ -1,0 +1,119 @@
+"""Push a training output dir (model, processor, card, figures) or a dataset to the Hugging Face Hub.
+
+The token is never handled here: ``huggingface_hub`` finds it in its usual places (``HF_TOKEN``,
+then the ``hf auth login`` cache) unless a caller passes one explicitly. It is never logged or written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from .cards import write_model_card
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from huggingface_hub import DatasetCard
+
+logger = logging.getLogger(__name__)
+
+# What a model repo gets: the model, its processor and config, the card and the evaluation outputs.
+# Checkpoints, optimizer states, pickles (*.bin, *.pt, *.pth, *.pkl), logs and anything else stay local.
+MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
+               "test_predictions.csv", "trainer_state.json", "*.png"]
+REQUIRED_MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json"]
+
+AUTH_HELP = ("Set a valid write token in the HF_TOKEN environment variable or run `hf auth login` "
+             "(HF_TOKEN takes precedence over the login cache).")
+
+
+class HubAuthError(PermissionError):
+    """The Hub refused the token (missing, invalid, or without rights on the repo)."""
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--repo_id must look like USER/NAME (got {repo_id!r})")
+
+
+def _auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
+    """A clearer error for 401/403 answers; other errors are returned unchanged."""
+    status = err.response.status_code if err.response is not None else None
+    if status == 401:
+        return HubAuthError(f"The Hub refused the token while {action} {repo_id} (401: missing or invalid "
+                            f"token). {AUTH_HELP}")
+    if status == 403:
+        return HubAuthError(f"The token has no write access to {repo_id} (403) while {action} it. "
+                            f"Use a token of the repo owner with the 'write' role. {AUTH_HELP}")
+    return err
+
+
+def _create_repo(api: HfApi, repo_id: str, repo_type: str, private: bool, revision: str | None) -> None:
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    except HfHubHTTPError as err:
+        raise _auth_error(err, repo_id, "creating") from err
+
+
+def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None, *,
+                    license: str | None = None) -> str:
+    """Push the model files of a training output dir to the model repo ``repo_id``; returns the commit URL.
+
+    The model card (README.md) is rendered again first, so it names ``repo_id``. Only MODEL_FILES are
+    uploaded; pushing again makes a new commit on the same repo (files that did not change are skipped).
+    ``revision`` is a branch, created from main when missing.
+    """
+    output_dir = Path(output_dir)
+    _check_repo_id(repo_id)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"output dir {output_dir} does not exist: pass the --output_dir of a training run")
+    missing = [name for name in REQUIRED_MODEL_FILES if not (output_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{output_dir} lacks {', '.join(missing)}: it is not a finished training output "
+                                "dir (train first, or point at the run's --output_dir)")
+
+    card_kwargs: dict[str, Any] = {"license": license} if license else {}
+    write_model_card(output_dir, repo_id, **card_kwargs)
+
+    api = HfApi(token=token)
+    _create_repo(api, repo_id, "model", private, revision)
+    try:
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=output_dir, repo_type="model", revision=revision,
+            allow_patterns=MODEL_FILES,
+            commit_message=commit_message or f"Upload {output_dir.name} with hf_tissue_vit",
+        )
+    except HfHubHTTPError as err:
+        raise _auth_error(err, repo_id, "uploading to") from err
+    logger.info("pushed %s to %s (%s)", output_dir, repo_id, info.commit_url)
+    return info.commit_url
+
+
+def push_dataset(dataset_dict: "DatasetDict", repo_id: str, private: bool = False,
+                 card: "DatasetCard | str | None" = None, token: str | None = None,
+                 commit_message: str | None = None) -> str:
+    """Push a DatasetDict (parquet shards) and its dataset card to the dataset repo ``repo_id``.
+
+    The card goes first, so ``DatasetDict.push_to_hub`` then merges its ``dataset_info``/``configs``
+    metadata into it and keeps the body. Returns the URL of the last commit.
+    """
+    _check_repo_id(repo_id)
+    api = HfApi(token=token)
+    _create_repo(api, repo_id, "dataset", private, None)
+    try:
+        if card is not None:
+            api.upload_file(path_or_fileobj=str(card).encode("utf-8"), path_in_repo="README.md",
+                            repo_id=repo_id, repo_type="dataset", commit_message="Add dataset card")
+        info = dataset_dict.push_to_hub(repo_id, private=private, token=token,
+                                        commit_message=commit_message or "Upload dataset with hf_tissue_vit")
+    except HfHubHTTPError as err:
+        raise _auth_error(err, repo_id, "uploading to") from err
+    logger.info("pushed dataset to %s (%s)", repo_id, info.commit_url)
+    return info.commit_url
