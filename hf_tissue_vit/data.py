@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi
+from huggingface_hub import DatasetCard, DatasetCardData
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 
@@ -1054,22 +1054,12 @@ def push_dataset(
     dataset_dict: DatasetDict, repo_id: str, *, metadata: dict[str, Any] | None = None, private: bool = False,
     token: str | None = None,
 ) -> str:
-    """Push the splits and the dataset card to the Hub dataset repo ``repo_id``; returns its URL.
+    """Push the splits and the dataset card (rendered from ``metadata``) to the Hub dataset repo ``repo_id``."""
+    from .hub import push_dataset as _push  # hub pulls in model-card code that data users never need
 
-    The card goes first: ``DatasetDict.push_to_hub`` then adds its ``dataset_info``/``configs``
-    YAML to that README instead of writing a bare one.
-    """
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ValueError(f"--hub_dataset_id must look like user/name, got {repo_id!r}")
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    if metadata is not None:
-        card = dataset_card({**metadata, "hub_dataset_id": repo_id})
-        card.push_to_hub(repo_id, token=token, repo_type="dataset", commit_message="Add dataset card (hf_tissue_vit)")
-    dataset_dict.push_to_hub(repo_id, private=private, token=token,
-                             commit_message="Upload Kather 2016 tissue tiles (hf_tissue_vit)")
-    logger.info("pushed dataset to %s", url)
-    return str(url)
+    card = dataset_card({**metadata, "hub_dataset_id": repo_id}) if metadata is not None else None
+    return _push(dataset_dict, repo_id, private=private, card=card, token=token,
+                 commit_message="Upload Kather 2016 tissue tiles (hf_tissue_vit)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -434,15 +434,18 @@ def test_load_tissue_dataset_errors(tiny_dataset_dir: Path, tmp_path: Path) -> N
         load_tissue_dataset(tmp_path / "single")
 
 
-def test_push_dataset_sends_card_then_data(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_push_dataset_sends_card_with_repo_id(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # The HTTP round trip is tested against the Hub emulator in test_hub.py; here: what data.py hands over.
+    import hf_tissue_vit.hub as hub
+
     dataset, report = build_dataset_with_report(release_dir)
     out = save_dataset(dataset, tmp_path / "out", report=report)
     calls = []
-    monkeypatch.setattr(data.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("repo", repo_id, kw["private"])) or f"https://hub/{repo_id}")
-    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: calls.append(("card", repo_id, kw["repo_type"], "user/kather6" in self.text)))
-    monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo_id, **kw: calls.append(("data", repo_id, kw["private"])))
+    monkeypatch.setattr(hub, "push_dataset", lambda ds, repo_id, **kw: calls.append((repo_id, kw)) or f"https://hub/{repo_id}")
     data.push_dataset(dataset, "user/kather6", metadata=data.read_dataset_metadata(out), private=True)
-    assert calls == [("repo", "user/kather6", True), ("card", "user/kather6", "dataset", True), ("data", "user/kather6", True)]
+    (repo_id, kw), = calls
+    assert repo_id == "user/kather6" and kw["private"] is True
+    assert "user/kather6" in str(kw["card"]) and "cc-by-4.0" in str(kw["card"])
     data.record_hub_dataset_id(out, "user/kather6")
     assert data.read_dataset_metadata(out)["hub_dataset_id"] == "user/kather6"
     assert "huggingface.co/datasets/user/kather6" in (out / "README.md").read_text()
