@@ -1,0 +1,223 @@
+"""Tests for hf_tissue_vit.transforms (batched tile augmentation and eval preprocessing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_tissue_vit.transforms import (
+    HED_FROM_RGB,
+    RGB_FROM_HED,
+    AugmentationConfig,
+    TileTransform,
+    dihedral_views,
+    hed_to_rgb,
+    image_to_uint8,
+    make_image_processor,
+    rgb_to_hed,
+)
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+OFF = dict(dihedral=False, random_resized_crop=False, stain_jitter=0.0, brightness=0.0, contrast=0.0)
+
+
+def tiles(batch: int = 4, size: int = 35, seed: int = 0) -> torch.Tensor:
+    """Smooth-ish H&E-like uint8 tiles [B,H,W,3] (random noise upsampled, so resizing is meaningful)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(40, 250, (batch, 9, 9, 3), dtype=np.uint8)
+    big = [np.asarray(Image.fromarray(s).resize((size, size), Image.BILINEAR)) for s in small]
+    return torch.from_numpy(np.stack(big))
+
+
+def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values * 0.5 + 0.5
+
+
+def test_dihedral_views_are_the_8_distinct_symmetries():
+    image = torch.arange(35 * 35, dtype=torch.float32).view(1, 35, 35) ** 1.5  # no symmetry at all
+    views = dihedral_views(image)
+    assert len(views) == 8
+    assert torch.equal(views[0], image)
+    keys = {tuple(v.flatten().tolist()) for v in views}
+    assert len(keys) == 8
+    # Each view is a rotation of the image or of its mirror, and the set is closed under rot90.
+    for view in views:
+        assert any(torch.equal(torch.rot90(view, 1, (-2, -1)), other) for other in views)
+
+
+def test_random_dihedral_gives_only_symmetries_and_all_of_them():
+    image = (torch.arange(35 * 35).view(35, 35) % 251).to(torch.uint8)
+    batch = image.expand(64, 3, 35, 35).contiguous()
+    transform = TileTransform(35, (0, 0, 0), (1, 1, 1), AugmentationConfig(**{**OFF, "dihedral": True}))
+    out = transform(batch, generator=torch.Generator().manual_seed(0))
+    expected = {tuple(v.flatten().tolist()): i for i, v in enumerate(dihedral_views(image))}
+    seen = set()
+    for sample in (out * 255).round().to(torch.uint8):
+        assert torch.equal(sample[0], sample[1])
+        key = tuple(sample[0].flatten().tolist())
+        assert key in expected
+        seen.add(expected[key])
+    assert seen == set(range(8))
+
+
+@pytest.mark.parametrize("size", [33, 35, 64])
+def test_random_crop_output_shape_odd_sizes(size):
+    transform = TileTransform(size, MEAN, STD, AugmentationConfig(**{**OFF, "random_resized_crop": True}))
+    for images in (tiles(3, 35), tiles(3, 150)[:, :149]):  # square and non-square input
+        out = transform(images, generator=torch.Generator().manual_seed(1))
+        assert out.shape == (3, 3, size, size) and out.dtype == torch.float32
+        assert out.is_contiguous()
+        assert torch.isfinite(out).all()
+
+
+def test_random_crop_full_scale_is_resize():
+    # Scale 1 and ratio 1 is the whole tile: grid_sample must reproduce the image (no shift/flip).
+    images = tiles(2, 35)
+    crop = AugmentationConfig(**{**OFF, "random_resized_crop": True, "crop_scale": (1, 1), "crop_ratio": (1, 1)})
+    out = TileTransform(35, MEAN, STD, crop)(images)
+    reference = TileTransform(35, MEAN, STD)(images)
+    assert torch.allclose(out, reference, atol=1e-4)
+
+
+def test_crop_covers_a_sub_region():
+    # A crop of at most 30% of the area from a left-black/right-white tile is mostly one colour.
+    images = torch.zeros(16, 36, 36, 3, dtype=torch.uint8)
+    images[:, :, 18:] = 255
+    config = AugmentationConfig(**{**OFF, "random_resized_crop": True, "crop_scale": (0.1, 0.3)})
+    out = denormalize(TileTransform(32, MEAN, STD, config)(images, torch.Generator().manual_seed(0)))
+    means = out.mean(dim=(1, 2, 3))
+    assert ((means < 0.3) | (means > 0.7)).float().mean() > 0.5
+
+
+def test_hed_round_trip_and_matrix():
+    assert np.allclose(np.array(HED_FROM_RGB) @ np.array(RGB_FROM_HED), np.eye(3), atol=1e-6)
+    rgb = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(hed_to_rgb(rgb_to_hed(rgb)), rgb, atol=1e-4)
+    # Pure haematoxylin-like purple has a larger H than E density; pink eosin the opposite.
+    purple = torch.tensor([0.35, 0.2, 0.55]).view(1, 3, 1, 1)
+    pink = torch.tensor([0.95, 0.55, 0.75]).view(1, 3, 1, 1)
+    assert rgb_to_hed(purple)[0, 0] > rgb_to_hed(purple)[0, 1]
+    assert rgb_to_hed(pink)[0, 1] > rgb_to_hed(pink)[0, 0]
+
+
+def test_stain_jitter_zero_is_identity_and_positive_changes_colours():
+    images = tiles(8, 35)
+    eval_out = TileTransform(35, MEAN, STD)(images)
+    tiny = TileTransform(35, MEAN, STD, AugmentationConfig(**{**OFF, "stain_jitter": 1e-9}))
+    assert torch.allclose(tiny(images, torch.Generator().manual_seed(0)), eval_out, atol=1e-4)
+    jitter = TileTransform(35, MEAN, STD, AugmentationConfig(**{**OFF, "stain_jitter": 0.2}))
+    out = jitter(images, torch.Generator().manual_seed(0))
+    assert (out - eval_out).abs().amax(dim=(1, 2, 3)).min() > 0.02  # every sample changed
+    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6  # within [0, 1] before normalisation
+    # Saturated pixels stay in range too.
+    extreme = torch.zeros(4, 35, 35, 3, dtype=torch.uint8)
+    extreme[:, :, 17:] = 255
+    out = jitter(extreme, torch.Generator().manual_seed(0))
+    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6
+
+
+def test_brightness_contrast():
+    images = tiles(8, 35)
+    eval_out = denormalize(TileTransform(35, MEAN, STD)(images))
+    bright = TileTransform(35, MEAN, STD, AugmentationConfig(**{**OFF, "brightness": 0.5}))
+    out = denormalize(bright(images, torch.Generator().manual_seed(0)))
+    ratio = (out.mean(dim=(1, 2, 3)) / eval_out.mean(dim=(1, 2, 3)))
+    assert ((ratio - 1).abs() > 0.01).any() and (ratio > 0.45).all() and (ratio < 1.55).all()
+    contrast = TileTransform(35, MEAN, STD, AugmentationConfig(**{**OFF, "contrast": 0.5}))
+    out = denormalize(contrast(images, torch.Generator().manual_seed(0)))
+    std_ratio = out.std(dim=(1, 2, 3)) / eval_out.std(dim=(1, 2, 3))
+    assert ((std_ratio - 1).abs() > 0.01).any()
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("field", ["dihedral", "random_resized_crop", "stain_jitter", "brightness", "contrast"])
+def test_each_augmentation_switchable(field):
+    images = tiles(6, 35)
+    eval_out = TileTransform(32, MEAN, STD)(images)
+    all_off = TileTransform(32, MEAN, STD, AugmentationConfig(**OFF))
+    assert not all_off.is_training
+    assert torch.equal(all_off(images, torch.Generator().manual_seed(0)), eval_out)
+    value = True if field in ("dihedral", "random_resized_crop") else 0.3
+    one_on = TileTransform(32, MEAN, STD, AugmentationConfig(**{**OFF, field: value}))
+    assert one_on.is_training
+    assert not torch.allclose(one_on(images, torch.Generator().manual_seed(0)), eval_out, atol=1e-3)
+
+
+@pytest.mark.parametrize("size,tile", [(32, 35), (35, 35), (64, 150), (224, 150)])
+def test_eval_transform_matches_processor(size, tile):
+    images = tiles(3, tile, seed=size)
+    processor = make_image_processor(size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    expected = processor(images=[Image.fromarray(im) for im in images.numpy()], return_tensors="pt")["pixel_values"]
+    transform = TileTransform.from_processor(processor)
+    assert transform.image_size == size and transform.augmentation is None
+    for layout in (images, images.permute(0, 3, 1, 2)):
+        out = transform(layout)
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max() < 0.02
+
+
+def test_processor_config():
+    processor = make_image_processor(48)
+    assert processor.size == {"height": 48, "width": 48}
+    assert int(processor.resample) == int(Image.BILINEAR)
+    assert processor.do_rescale and processor.do_normalize
+    assert processor.to_dict()["image_processor_type"] == "ViTImageProcessor"
+
+
+def test_generator_reproducible():
+    images = tiles(5, 35)
+    transform = TileTransform(33, MEAN, STD, AugmentationConfig())
+    a = transform(images, torch.Generator().manual_seed(7))
+    b = transform(images, torch.Generator().manual_seed(7))
+    c = transform(images, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= -1 - 1e-6 and a.max() <= 1 + 1e-6
+
+
+def test_inputs_are_not_modified_and_layouts_agree():
+    images = tiles(3, 35)
+    copy = images.clone()
+    transform = TileTransform(35, MEAN, STD, AugmentationConfig())
+    a = transform(images, torch.Generator().manual_seed(0))
+    b = transform(images.permute(0, 3, 1, 2), torch.Generator().manual_seed(0))
+    c = transform(images.numpy(), torch.Generator().manual_seed(0))
+    floats = images.float()
+    d = transform(floats, torch.Generator().manual_seed(0))
+    assert torch.equal(images, copy) and torch.equal(floats, copy.float())
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5) and torch.allclose(a, d, atol=1e-5)
+    single = TileTransform(35, MEAN, STD)(images[0])
+    assert single.shape == (1, 3, 35, 35)
+
+
+def test_bad_inputs():
+    transform = TileTransform(32, MEAN, STD)
+    with pytest.raises(ValueError, match="3 RGB channels"):
+        transform(torch.zeros(2, 35, 35, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        transform(torch.zeros(2, 35, 35, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="crop_scale"):
+        AugmentationConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="stain_jitter"):
+        AugmentationConfig(stain_jitter=-0.1)
+    with pytest.raises(ValueError, match="image_size"):
+        TileTransform(0, MEAN, STD)
+
+
+def test_augmentation_config_accepts_yaml_lists():
+    config = AugmentationConfig(crop_scale=[0.5, 1], crop_ratio=[1, 1])
+    assert config.crop_scale == (0.5, 1.0) and config.crop_ratio == (1.0, 1.0)
+
+
+def test_image_to_uint8_modes():
+    rgb = Image.fromarray(np.full((5, 7, 3), 200, dtype=np.uint8))
+    assert image_to_uint8(rgb).shape == (5, 7, 3) and image_to_uint8(rgb).dtype == np.uint8
+    rgba = Image.new("RGBA", (7, 5), (10, 20, 30, 128))
+    assert image_to_uint8(rgba)[0, 0].tolist() == [10, 20, 30]
+    grey = Image.new("L", (7, 5), 99)
+    assert image_to_uint8(grey)[0, 0].tolist() == [99, 99, 99]
+    with pytest.raises(ValueError, match="PIL"):
+        image_to_uint8(np.zeros((5, 5, 3)))
