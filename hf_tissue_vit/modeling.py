@@ -1,0 +1,189 @@
+"""ViT models for tissue tiles: from-scratch presets, checkpoint loading with head swap and
+position-embedding resize, and loading a trained output dir for inference."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "google/vit-base-patch16-224"
+
+# DeiT/ViT names: tiny/small/base differ in width and heads; 12 layers each. Recipes override
+# depth, width and resolution for the small CPU budget.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+_PRESET_COMMON: dict[str, Any] = dict(
+    image_size=224, patch_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True
+)
+# Config fields a user may override on top of a preset (or, for dropout, on a checkpoint).
+OVERRIDABLE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
+
+
+def _label_maps(id2label: dict[int, str] | list[str]) -> tuple[dict[int, str], dict[str, int]]:
+    if isinstance(id2label, (list, tuple)):
+        id2label = dict(enumerate(id2label))
+    id2label = {int(i): str(n) for i, n in id2label.items()}
+    return id2label, {n: i for i, n in id2label.items()}
+
+
+def check_geometry(image_size: int, patch_size: int, hidden_size: int | None = None, heads: int | None = None) -> None:
+    """Raise ``ValueError`` when the sizes cannot make a ViT (checked before any heavy work)."""
+    if image_size <= 0 or patch_size <= 0:
+        raise ValueError(f"--image_size ({image_size}) and --patch_size ({patch_size}) must be positive")
+    if image_size % patch_size:
+        raise ValueError(
+            f"--image_size {image_size} is not divisible by --patch_size {patch_size}; pick e.g. "
+            f"--image_size {image_size // patch_size * patch_size or patch_size}"
+        )
+    if hidden_size is not None and heads is not None and hidden_size % heads:
+        raise ValueError(f"--hidden_size {hidden_size} is not divisible by --num_attention_heads {heads}")
+
+
+def scratch_config(preset: str, id2label: dict[int, str] | list[str], **overrides: Any) -> ViTConfig:
+    """ViTConfig of a named preset (``MODEL_PRESETS``) with ``overrides`` (None values ignored)."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown --model_preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    unknown = set(overrides) - set(OVERRIDABLE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model overrides {sorted(unknown)}; allowed: {list(OVERRIDABLE_FIELDS)}")
+    values = {**_PRESET_COMMON, **MODEL_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    check_geometry(values["image_size"], values["patch_size"], values["hidden_size"], values["num_attention_heads"])
+    id2label, label2id = _label_maps(id2label)
+    return ViTConfig(
+        **values,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id=label2id,
+        problem_type="single_label_classification",
+    )
+
+
+def check_vit_checkpoint(model_name_or_path: str) -> ViTConfig:
+    """Load the checkpoint's config and refuse anything that is not a ViT image model."""
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"--model_name_or_path {model_name_or_path!r}: cannot read a model config ({err}). Give a local "
+            "folder with config.json + model.safetensors, a reachable Hub id, or use --from_scratch."
+        ) from err
+    arch = list(getattr(config, "architectures", None) or [])
+    if config.model_type != "vit" or any(not a.startswith("ViT") for a in arch):
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path!r} is a {config.model_type!r} checkpoint "
+            f"(architectures {arch or 'unknown'}), not a ViT image-classification model; use a ViT checkpoint "
+            f"such as {DEFAULT_BASE_MODEL} or --from_scratch."
+        )
+    return config
+
+
+def resize_position_embeddings(model: ViTForImageClassification, image_size: int) -> None:
+    """Resample the patch-grid position embeddings to ``image_size`` in place (CLS kept), as timm's
+    ``resample_abs_pos_embed`` does (bicubic, antialiased), and update the config so the saved
+    model loads at the new size without extra flags."""
+    emb = model.vit.embeddings
+    patch = model.config.patch_size
+    check_geometry(image_size, patch)
+    old = emb.position_embeddings.data
+    old_grid = math.isqrt(old.shape[1] - 1)
+    if old_grid * old_grid != old.shape[1] - 1:
+        raise ValueError(f"position embeddings of length {old.shape[1]} are not CLS + a square patch grid")
+    new_grid = image_size // patch
+    if new_grid != old_grid:
+        dim = old.shape[-1]
+        grid = old[:, 1:].reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(old.dtype)
+        emb.position_embeddings = torch.nn.Parameter(torch.cat([old[:, :1], grid], dim=1))
+        logger.info("resized position embeddings %dx%d -> %dx%d patches", old_grid, old_grid, new_grid, new_grid)
+    emb.patch_embeddings.image_size = (image_size, image_size)
+    emb.patch_embeddings.num_patches = new_grid * new_grid
+    emb.image_size = (image_size, image_size)
+    model.config.image_size = image_size
+
+
+def load_model(
+    model_name_or_path: str | None = DEFAULT_BASE_MODEL,
+    *,
+    from_scratch: bool = False,
+    preset: str = "tiny",
+    id2label: dict[int, str] | list[str],
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ViTForImageClassification:
+    """A ViT classifier for ``id2label``: a fresh preset (``from_scratch``) or a checkpoint with its
+    head swapped for a new ``len(id2label)``-way head and position embeddings resized to ``image_size``."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    id2label, label2id = _label_maps(id2label)
+    if from_scratch:
+        config = scratch_config(preset, id2label, image_size=image_size, patch_size=patch_size, **overrides)
+        model = ViTForImageClassification(config)
+        logger.info("new %s ViT from scratch: %d parameters", preset, model.num_parameters())
+        return model
+    if not model_name_or_path:
+        raise ValueError("give --model_name_or_path for fine-tuning, or --from_scratch")
+    config = check_vit_checkpoint(model_name_or_path)
+    if patch_size is not None and patch_size != config.patch_size:
+        raise ValueError(
+            f"--patch_size {patch_size} differs from the checkpoint's patch size {config.patch_size}; "
+            "fine-tuning keeps the checkpoint's patch embedding (leave --patch_size out)"
+        )
+    arch_fields = set(overrides) - {"hidden_dropout_prob", "attention_probs_dropout_prob"}
+    if arch_fields:
+        raise ValueError(f"{sorted(arch_fields)} can only be set with --from_scratch (the checkpoint fixes them)")
+    target_size = image_size or config.image_size
+    check_geometry(target_size, config.patch_size)
+    model = ViTForImageClassification.from_pretrained(
+        model_name_or_path,
+        id2label=id2label,  # also sets num_labels
+        label2id=label2id,
+        problem_type="single_label_classification",
+        ignore_mismatched_sizes=True,  # the 1000-way ImageNet head is replaced by ours
+        use_safetensors=True,
+        **overrides,
+    )
+    if target_size != model.config.image_size:
+        resize_position_embeddings(model, target_size)
+    return model
+
+
+def load_for_inference(model: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """Load a trained classifier (local output dir or Hub id; safetensors only) and its image
+    processor, in eval mode on ``device`` (default: CUDA when available, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        net = AutoModelForImageClassification.from_pretrained(model, use_safetensors=True)
+        processor = AutoImageProcessor.from_pretrained(model)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load a model from {model!r}: {err}. Give an output dir of scripts/finetune.py "
+            "(config.json, model.safetensors, preprocessor_config.json) or a Hub model id."
+        ) from err
+    return net.to(device).eval(), processor

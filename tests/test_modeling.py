@@ -1,0 +1,135 @@
+"""Model presets, checkpoint loading (head swap, position-embedding resize), inference loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, ViTConfig, ViTForImageClassification
+
+from hf_tissue_vit.constants import CLASS_NAMES
+from hf_tissue_vit.modeling import (
+    MODEL_PRESETS,
+    load_for_inference,
+    load_model,
+    resize_position_embeddings,
+    scratch_config,
+)
+from hf_tissue_vit.transforms import make_image_processor
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def make_pretrained_checkpoint(folder: Path, image_size: int = 224, patch_size: int = 16) -> Path:
+    """A tiny random "ImageNet" ViT checkpoint: 1000 labels, 224 px, safetensors + processor."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_labels=1000,
+        id2label={i: f"imagenet_class_{i}" for i in range(1000)},
+        label2id={f"imagenet_class_{i}": i for i in range(1000)},
+        **TINY,
+    )
+    config.architectures = ["ViTForImageClassification"]
+    ViTForImageClassification(config).save_pretrained(folder)
+    make_image_processor(image_size).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained") / "vit-imagenet")
+
+
+def test_presets_and_overrides():
+    assert set(MODEL_PRESETS) == {"tiny", "small", "base"}
+    config = scratch_config("small", CLASS_NAMES, image_size=48, patch_size=8, num_hidden_layers=2)
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (384, 2, 48, 8)
+    assert config.id2label == dict(enumerate(CLASS_NAMES))
+    assert config.label2id == {n: i for i, n in enumerate(CLASS_NAMES)}
+    assert config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preset="huge"), "unknown --model_preset"),
+        (dict(preset="tiny", image_size=50, patch_size=8), "not divisible by --patch_size"),
+        (dict(preset="tiny", hidden_size=32), "not divisible by --num_attention_heads"),
+        (dict(preset="tiny", depth=3), "unknown model overrides"),
+    ],
+)
+def test_scratch_config_rejects_bad_values(kwargs, message):
+    preset = kwargs.pop("preset")
+    with pytest.raises(ValueError, match=message):
+        scratch_config(preset, CLASS_NAMES, **kwargs)
+
+
+def test_load_model_from_scratch_has_our_labels():
+    model = load_model(None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=32, patch_size=8, overrides=TINY)
+    assert model.config.num_labels == 6
+    assert model.vit.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
+    out = model(pixel_values=torch.randn(2, 3, 32, 32))
+    assert out.logits.shape == (2, 6)
+
+
+def test_finetune_swaps_head_and_resizes_position_embeddings(pretrained_dir: Path, tmp_path: Path):
+    original = ViTForImageClassification.from_pretrained(pretrained_dir)
+    model = load_model(str(pretrained_dir), id2label=CLASS_NAMES, image_size=48)
+    assert model.classifier.out_features == 6
+    assert model.config.id2label == dict(enumerate(CLASS_NAMES))
+    assert model.config.problem_type == "single_label_classification"
+    assert model.config.image_size == 48
+    pos = model.vit.embeddings.position_embeddings
+    assert pos.shape == (1, 1 + 3 * 3, 32)  # 224/16=14x14 grid -> 48/16=3x3
+    old_pos = original.vit.embeddings.position_embeddings
+    torch.testing.assert_close(pos[:, :1], old_pos[:, :1])  # CLS position kept
+    # the backbone weights are the checkpoint's (only the head and the positions are new)
+    old_state, new_state = original.state_dict(), model.state_dict()
+    backbone = [k for k in old_state if not k.startswith("classifier") and "position_embeddings" not in k]
+    assert len(backbone) > 10
+    for key in backbone:
+        torch.testing.assert_close(new_state[key], old_state[key])
+    assert model(pixel_values=torch.randn(1, 3, 48, 48)).logits.shape == (1, 6)
+    # saved at the new size, it loads with no extra flags
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(reloaded.vit.embeddings.position_embeddings, pos)
+
+
+def test_resize_position_embeddings_smooth_grid():
+    """A linear ramp over the patch grid stays a ramp after resampling (not a scrambled copy)."""
+    config = ViTConfig(image_size=64, patch_size=8, **TINY)
+    model = ViTForImageClassification(config)
+    grid = torch.linspace(-1, 1, 8).view(1, 8, 1, 1).expand(1, 8, 8, 32).reshape(1, 64, 32)
+    model.vit.embeddings.position_embeddings.data[:, 1:] = grid
+    resize_position_embeddings(model, 32)
+    new = model.vit.embeddings.position_embeddings[0, 1:, 0].view(4, 4).detach()
+    assert torch.all(new[1:] > new[:-1])  # increasing down the rows
+    torch.testing.assert_close(new[:, 0], new[:, 3])  # constant along the columns
+    assert model.vit.embeddings.patch_embeddings.image_size == (32, 32)
+
+
+def test_finetune_refuses_other_checkpoints(tmp_path: Path, pretrained_dir: Path):
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="not a ViT image-classification model"):
+        load_model(str(tmp_path / "bert"), id2label=CLASS_NAMES)
+    with pytest.raises(FileNotFoundError, match="cannot read a model config"):
+        load_model(str(tmp_path / "missing"), id2label=CLASS_NAMES)
+    with pytest.raises(ValueError, match="differs from the checkpoint's patch size"):
+        load_model(str(pretrained_dir), id2label=CLASS_NAMES, patch_size=8)
+    with pytest.raises(ValueError, match="not divisible"):
+        load_model(str(pretrained_dir), id2label=CLASS_NAMES, image_size=50)
+    with pytest.raises(ValueError, match="only be set with --from_scratch"):
+        load_model(str(pretrained_dir), id2label=CLASS_NAMES, overrides={"hidden_size": 64})
+
+
+def test_load_for_inference(pretrained_dir: Path, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="cannot load a model"):
+        load_for_inference(str(tmp_path / "nothing"))
+    model, processor = load_for_inference(str(pretrained_dir), device="cpu")
+    assert not model.training
+    assert processor.size == {"height": 224, "width": 224}

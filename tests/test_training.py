@@ -1,0 +1,313 @@
+"""scripts/finetune.py end to end on tiny synthetic tiles: outputs, fine-tuning, resume, 2 processes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_tissue_vit.constants import CLASS_NAMES
+from hf_tissue_vit.training import parse_args
+from test_modeling import make_pretrained_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "finetune.py"
+
+# hidden 32, 2 layers, 32 px, patch 8: a few ms per step on CPU
+TINY_MODEL = [
+    "--from_scratch", "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+    "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
+]  # fmt: skip
+FAST = [
+    "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--learning_rate", "2e-3",
+    "--warmup_steps", "0", "--dataloader_num_workers", "0", "--use_cpu", "true", "--report_to", "none",
+    "--n_bootstrap", "50", "--cache_decoded", "false", "--disable_tqdm", "true", "--seed", "0",
+]  # fmt: skip
+
+
+def _load_main():
+    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+main = _load_main()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return env
+
+
+def _run(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("scratch") / "run"
+    code = main([*TINY_MODEL, *FAST, "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out),
+                 "--num_train_epochs", "6", "--tta", "true", "--label_names", *CLASS_NAMES, "--learning_rate", "5e-3",
+                 "--per_device_train_batch_size", "8", "--label_smoothing_factor", "0"])  # fmt: skip
+    return out, code
+
+
+def test_scratch_run_writes_every_output(scratch_run):
+    out, code = scratch_run
+    assert code == 0
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "all_results.json",
+                 "test_predictions.csv", "confusion_matrix.png", "training_curves.png", "trainer_state.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("train_samples_per_second", "train_runtime", "train_loss", "eval_accuracy", "eval_macro_f1",
+                "test_accuracy", "test_macro_f1", "test_accuracy_tta", "test_macro_f1_tta", "test_per_class",
+                "test_confusion_matrix", "label_names", "hardware", "seed", "versions", "hyperparameters",
+                "dataset", "model"):  # fmt: skip
+        assert key in results, key
+    low, high = results["test_accuracy_ci95"]
+    assert 0 <= low <= results["test_accuracy"] <= high <= 1
+    assert len(results["test_macro_f1_ci95"]) == 2
+    assert results["label_names"] == CLASS_NAMES
+    assert sum(map(sum, results["test_confusion_matrix"])) == results["test_samples"] == 12
+    assert results["eval_n_samples"] == 12
+    assert results["model"]["image_size"] == 32 and results["model"]["from_scratch"] is True
+    with open(out / "test_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["filename", "label", "prediction", *CLASS_NAMES]
+    assert len(rows) == 12 and {r["label"] for r in rows} == set(CLASS_NAMES)
+    assert all(abs(sum(float(r[c]) for c in CLASS_NAMES) - 1) < 1e-3 for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(CLASS_NAMES)}
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 32, "width": 32}
+
+
+def test_scratch_run_learns(scratch_run):
+    """Parameters move away from their seeded init; the loss goes down; the easy task is learnt."""
+    from transformers import ViTForImageClassification, set_seed
+
+    from hf_tissue_vit.modeling import load_model
+
+    out, _ = scratch_run
+    set_seed(0)  # the run seeds the same way before building the model
+    init = load_model(None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=32, patch_size=8,
+                      overrides=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    trained = ViTForImageClassification.from_pretrained(out).state_dict()
+    changed = [k for k, v in init.state_dict().items() if not torch.equal(v, trained[k])]
+    assert len(changed) == len(trained)
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_accuracy"] >= 0.5  # chance is 1/6
+
+
+def test_saved_model_works_in_pipeline(scratch_run, tiny_dataset_dir: Path):
+    from datasets import load_from_disk
+    from transformers import pipeline
+
+    out, _ = scratch_run
+    classifier = pipeline("image-classification", model=str(out), device="cpu")
+    image = load_from_disk(str(tiny_dataset_dir))["test"][0]["image"]
+    scores = classifier(image, top_k=6)
+    assert sorted(s["label"] for s in scores) == sorted(CLASS_NAMES)
+    assert abs(sum(s["score"] for s in scores) - 1) < 1e-4
+
+
+def test_rerun_same_output_dir_refuses_a_different_run(scratch_run, tiny_dataset_dir: Path, capsys):
+    out, _ = scratch_run
+    code = main([*TINY_MODEL, *FAST, "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out),
+                 "--num_train_epochs", "6", "--learning_rate", "1e-3"])  # fmt: skip
+    assert code == 2
+    assert "holds a different run" in capsys.readouterr().err
+
+
+def test_finetune_pretrained_checkpoint(tiny_dataset_dir: Path, tmp_path: Path):
+    """A 1000-class 224 px checkpoint, fine-tuned at 48 px: new head, our labels, resized positions."""
+    from transformers import pipeline
+
+    ckpt = make_pretrained_checkpoint(tmp_path / "imagenet-vit")
+    out = tmp_path / "finetuned"
+    code = main(["--model_name_or_path", str(ckpt), "--image_size", "48", *FAST, "--dataset_dir",
+                 str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2", "--n_bootstrap", "0"])  # fmt: skip
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 48 and config["patch_size"] == 16
+    assert config["id2label"] == {str(i): n for i, n in enumerate(CLASS_NAMES)}
+    weights = load_file(out / "model.safetensors")
+    assert weights["classifier.weight"].shape == (6, 32)
+    assert weights["vit.embeddings.position_embeddings"].shape == (1, 1 + 9, 32)
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 48, "width": 48}
+    from datasets import load_from_disk
+
+    image = load_from_disk(str(tiny_dataset_dir))["test"][0]["image"]
+    labels = {s["label"] for s in pipeline("image-classification", model=str(out), device="cpu")(image, top_k=6)}
+    assert labels == set(CLASS_NAMES)
+
+
+def test_recipe_values_are_defaults_that_flags_override(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("from_scratch: true\nimage_size: 40\nlearning_rate: 1e-3\naugmentation:\n  stain_jitter: 0.02\n")
+    model_args, data_args, training_args = parse_args(["--config", str(recipe), "--image_size", "48"])
+    assert model_args.from_scratch and model_args.image_size == 48
+    assert training_args.learning_rate == 1e-3 and data_args.stain_jitter == 0.02
+    assert training_args.metric_for_best_model == "macro_f1" and training_args.label_names == ["labels"]
+    # no arguments at all: the default recipe
+    model_args, _, training_args = parse_args([], default_config=str(REPO / "scripts/recipes/scratch_cpu.yaml"))
+    assert model_args.from_scratch and training_args.learning_rate == 1e-3
+    for recipe_name in ("scratch_cpu.yaml", "finetune_vit_base.yaml"):
+        parse_args(["--config", str(REPO / "scripts/recipes" / recipe_name)])
+
+
+def _no_label_dataset(folder: Path) -> Path:
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+    from PIL import Image as PILImage
+
+    images = [PILImage.new("RGB", (8, 8))] * 2
+    features = Features({"image": Image(), "kind": Value("string")})
+    split = Dataset.from_dict({"image": images, "kind": ["a", "b"]}, features=features)
+    DatasetDict(train=split, validation=split).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_dataset", "does not exist"),
+        ("no_label_column", "label"),
+        ("label_names", "label names"),
+        ("image_size", "not divisible by --patch_size"),
+        ("preset", "unknown --model_preset"),
+        ("not_vit", "not a ViT image-classification model"),
+        ("foreign_output_dir", "not a finetune.py run"),
+        ("recipe_key", "unknown keys"),
+    ],
+)
+def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, tmp_path: Path, capsys):
+    from transformers import BertConfig
+
+    dataset = ["--dataset_dir", str(tiny_dataset_dir)]
+    out = ["--output_dir", str(tmp_path / "out")]
+    args = {
+        "missing_dataset": [*TINY_MODEL, "--dataset_dir", str(tmp_path / "nope"), *out],
+        "no_label_column": [*TINY_MODEL, "--dataset_dir", str(_no_label_dataset(tmp_path / "nolabel")), *out],
+        "label_names": [*TINY_MODEL, *dataset, *out, "--label_names", "A", "B"],
+        "image_size": [*TINY_MODEL, *dataset, *out, "--image_size", "36"],
+        "preset": [*TINY_MODEL, *dataset, *out, "--model_preset", "giant"],
+        "not_vit": [*dataset, *out, "--model_name_or_path", str(tmp_path / "bert")],
+        "foreign_output_dir": [*TINY_MODEL, *dataset, "--output_dir", str(tmp_path / "foreign")],
+        "recipe_key": [*TINY_MODEL, *dataset, *out, "--config", str(tmp_path / "bad.yaml")],
+    }[case]
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    start = time.monotonic()
+    assert main([*args, *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert time.monotonic() - start < 20
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+
+
+def _resume_args(dataset_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, str(SCRIPT), *TINY_MODEL, *FAST, "--dataset_dir", str(dataset_dir), "--output_dir",
+            str(out), "--num_train_epochs", "5", "--eval_strategy", "steps", "--save_strategy", "steps",
+            "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--logging_strategy", "steps",
+            "--hidden_dropout_prob", "0.1", "--data_seed", "3"]  # fmt: skip
+
+
+def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_path: Path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    done = _run(_resume_args(tiny_dataset_dir, reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(_resume_args(tiny_dataset_dir, resumed), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (resumed / "checkpoint-4" / "trainer_state.json").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoints"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (resumed / "all_results.json").exists()  # really killed mid-run
+
+    again = _run(_resume_args(tiny_dataset_dir, resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming training from checkpoint" in again.stderr or "resuming from the last checkpoint" in again.stderr
+    a = json.loads((reference / "all_results.json").read_text())
+    b = json.loads((resumed / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_loss", "test_accuracy", "test_macro_f1", "test_loss",
+                "test_accuracy_ci95", "test_confusion_matrix"):  # fmt: skip
+        assert a[key] == b[key], key
+    assert (reference / "test_predictions.csv").read_text() == (resumed / "test_predictions.csv").read_text()
+    wa, wb = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_process_data_parallel_counts_each_sample_once(tiny_dataset_dir: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    # 12 validation/test tiles in eval batches of 5 per process: the last batch is padded by
+    # accelerate and the padding must not be counted.
+    # accelerate 1.x's `launch --cpu --num_processes 2` starts a single process; the torchrun-based
+    # --multi_gpu launcher runs 2 real (gloo) processes on CPU.
+    done = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+                 *TINY_MODEL, *FAST, "--per_device_eval_batch_size", "5", "--dataset_dir", str(tiny_dataset_dir),
+                 "--output_dir", str(out), "--num_train_epochs", "2"])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hardware"]["num_processes"] == 2
+    assert results["eval_n_samples"] == 12
+    assert results["test_samples"] == 12 == sum(map(sum, results["test_confusion_matrix"]))
+    with open(out / "test_predictions.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 12
+
+
+def test_decode_tiles_once_with_cache_and_mixed_sizes(tmp_path: Path):
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    from hf_tissue_vit.training import TileCollator, TileDataset, decode_tiles
+    from hf_tissue_vit.transforms import AugmentationConfig, TileTransform
+
+    tiles = [PILImage.new("RGB", (35, 35), (i * 40, 10, 200)) for i in range(3)] + [PILImage.new("RGB", (20, 20))]
+    features = Features({"image": Image(), "label": ClassLabel(names=CLASS_NAMES), "filename": Value("string")})
+    Dataset.from_dict({"image": tiles, "label": [0, 1, 2, 3], "filename": list("abcd")}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    from datasets import load_from_disk
+
+    split = load_from_disk(str(tmp_path / "ds"))
+    pixels = decode_tiles(split, cache=True, cache_dir=tmp_path / "cache")
+    assert pixels.shape == (4, 35, 35, 3) and pixels.dtype == torch.uint8  # the 20 px tile resized to the mode
+    assert pixels[1, 0, 0].tolist() == [40, 10, 200]
+    (cached,) = list((tmp_path / "cache").glob("*.npy"))
+    assert torch.equal(decode_tiles(split, cache=True, cache_dir=tmp_path / "cache"), pixels)
+    # collator: eval deterministic, train seeded by (seed, epoch, indices)
+    train_tf = TileTransform(32, [0.5] * 3, [0.5] * 3, AugmentationConfig())
+    collate = TileCollator(train_tf, TileTransform(32, [0.5] * 3, [0.5] * 3), seed=1)
+    labels = torch.arange(4)
+    train, evaluation = TileDataset(pixels, labels, train=True), TileDataset(pixels, labels)
+    batch = collate([train[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(collate([train[i] for i in range(4)])["pixel_values"], batch["pixel_values"])
+    train.set_epoch(1)
+    assert not torch.equal(collate([train[i] for i in range(4)])["pixel_values"], batch["pixel_values"])
+    assert torch.equal(collate([evaluation[i] for i in range(4)])["pixel_values"], collate([evaluation[i] for i in range(4)])["pixel_values"])
