@@ -1,0 +1,64 @@
+"""Print a ViT's parameter count per component: closed-form formula next to the counted number.
+
+    python scripts/count_parameters.py --model outputs/vit_scratch_cpu
+    python scripts/count_parameters.py --model google/vit-base-patch16-224   # 86,567,656
+
+Only the config is read (local folder, config.json or Hub id); the model is built on the meta device,
+so even ViT-L costs no memory. The last line printed is the total as a plain integer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser
+
+from hf_tissue_vit.interpret import format_parameter_table, parameter_report
+
+
+@dataclass
+class CountArguments:
+    model: str = field(metadata={"help": "Trained output dir, a config.json, or a Hub model id."})
+    num_labels: int | None = field(default=None, metadata={"help": "Count with this many classes instead "
+                                                                     "(e.g. 1000 for the ImageNet head)."})
+
+    def __post_init__(self) -> None:
+        if self.num_labels is not None and self.num_labels < 0:
+            raise ValueError(f"--num_labels must be >= 0, got {self.num_labels}")
+
+
+def load_config(model: str, num_labels: int | None = None):
+    """The model's config (num_labels overridden when given); FileNotFoundError when unreadable."""
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"--model {model!r}: cannot read a model config ({err})") from err
+    if config.model_type != "vit":
+        raise ValueError(f"--model {model!r} is a {config.model_type!r} model; the formulas are for ViT")
+    if num_labels is not None:
+        config.num_labels = num_labels  # rebuilds id2label/label2id
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(CountArguments)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        config = load_config(args.model, args.num_labels)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForImageClassification.from_config(config)
+    rows = parameter_report(config, model)
+    print(format_parameter_table(rows))
+    if rows[-1].expected != rows[-1].counted:
+        print(f"note: closed form {rows[-1].expected:,} differs from the model ({rows[-1].counted:,})")
+    print(rows[-1].counted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Classify tile images in batches and write one CSV row per file.
+
+    python scripts/predict.py --model outputs/vit_scratch_cpu --inputs tiles/ "more/**/*.tif" one.png \
+        --output predictions.csv [--tta] [--batch_size 64] [--top_k 3]
+
+Folders are searched recursively for image files (any case of the extensions in
+hf_tissue_vit.constants.IMAGE_EXTENSIONS); quote glob patterns. CSV columns: file, label, score,
+error (empty when fine), one probability column per class, then top2_label, top2_score, ... when
+--top_k > 1. Unreadable files are rows with `error` set; the exit status stays 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from hf_tissue_vit.predict import TilePredictor, check_inputs, iter_input_files
+
+
+@dataclass
+class PredictArguments:
+    model: str = field(metadata={"help": "Trained output dir or Hub model id."})
+    inputs: list[str] = field(metadata={"help": "Image files, folders (recursive) and/or glob patterns.", "nargs": "+"})
+    output: str = field(default="predictions.csv", metadata={"help": "CSV file to write (atomically)."})
+    tta: bool = field(default=False, metadata={"help": "Average softmax over the 8 dihedral views."})
+    batch_size: int = field(default=64, metadata={"help": "Tiles per forward pass."})
+    top_k: int = field(default=1, metadata={"help": "Also write the top-k labels and scores (k >= 2)."})
+    num_workers: int = field(default=4, metadata={"help": "Image decoding threads (0 = none)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (check predictions first)."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1, got {self.top_k}")
+        if self.num_workers < 0 or (self.num_threads is not None and self.num_threads < 1):
+            raise ValueError("--num_workers must be >= 0 and --num_threads >= 1")
+        check_inputs(self.inputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(PredictArguments)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        # Paths only (not images): gives the progress bar a total and fails early on empty inputs.
+        paths = list(iter_input_files(args.inputs))
+        if not paths:
+            raise FileNotFoundError(f"--inputs {args.inputs}: no image files found")
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        predictor = TilePredictor.from_pretrained(
+            args.model, device=args.device, batch_size=args.batch_size, tta=args.tta,
+            num_workers=args.num_workers, bf16=args.bf16,
+        )
+        summary = predictor.predict_to_csv(paths, args.output, top_k=args.top_k, progress=not args.no_progress,
+                                           total=len(paths))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['files']} predictions to {summary['output']} ({summary['errors']} unreadable files)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Batch prediction (predict.TilePredictor and scripts/predict.py) on a tiny random ViT."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification
+
+from hf_tissue_vit.constants import CLASS_NAMES
+from hf_tissue_vit.predict import TilePredictor, iter_input_files
+from hf_tissue_vit.transforms import dihedral_views, make_image_processor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, id2label=dict(enumerate(CLASS_NAMES)),
+                       label2id={n: i for i, n in enumerate(CLASS_NAMES)})
+    path = tmp_path_factory.mktemp("model")
+    ViTForImageClassification(config).save_pretrained(path)
+    make_image_processor(32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir) -> TilePredictor:
+    return TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=4, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def tile_dir(tmp_path_factory) -> Path:
+    """7 good tiles (35 px, one 40x30 upper-case .TIF in a subfolder, one RGBA), a zero-byte PNG,
+    a corrupt JPEG, and a text file that folder search must skip."""
+    root = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (35, 35, 3), dtype=np.uint8)).save(root / f"tile_{i}.png")
+    Image.fromarray(rng.integers(0, 255, (35, 35, 4), dtype=np.uint8), "RGBA").save(root / "tile_rgba.png")
+    (root / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / "sub" / "odd.TIF")
+    (root / "empty.png").write_bytes(b"")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_folder_input_csv_columns_and_error_rows(model_dir, tile_dir, tmp_path, capsys):
+    script = load_script("predict")
+    out = tmp_path / "pred.csv"
+    assert script.main(["--model", str(model_dir), "--inputs", str(tile_dir), "--output", str(out),
+                        "--batch_size", "3", "--no_progress"]) == 0
+    columns, rows = read_csv(out)
+    assert columns == ["file", "label", "score", "error", *CLASS_NAMES]
+    by_name = {Path(r["file"]).name: r for r in rows}
+    assert set(by_name) == {*(f"tile_{i}.png" for i in range(5)), "tile_rgba.png", "odd.TIF", "empty.png", "broken.jpg"}
+    for name in ("empty.png", "broken.jpg"):
+        assert by_name[name]["error"] and by_name[name]["label"] == "" and by_name[name][CLASS_NAMES[0]] == ""
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 7
+    for row in good:
+        probs = np.array([float(row[c]) for c in CLASS_NAMES])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == CLASS_NAMES[int(probs.argmax())] and float(row["score"]) == pytest.approx(probs.max())
+    assert "2 unreadable" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name != "pred.csv"]  # no temp file left
+
+
+def test_glob_and_file_inputs_and_top_k(model_dir, tile_dir, tmp_path):
+    script = load_script("predict")
+    out = tmp_path / "pred.csv"
+    assert script.main(["--model", str(model_dir), "--inputs", str(tile_dir / "tile_[0-2].png"),
+                        str(tile_dir / "sub" / "odd.TIF"), "--output", str(out), "--top_k", "3", "--no_progress"]) == 0
+    columns, rows = read_csv(out)
+    assert columns[-4:] == ["top2_label", "top2_score", "top3_label", "top3_score"]
+    assert [Path(r["file"]).name for r in rows] == ["tile_0.png", "tile_1.png", "tile_2.png", "odd.TIF"]
+    for row in rows:
+        scores = [float(row["score"]), float(row["top2_score"]), float(row["top3_score"])]
+        assert scores == sorted(scores, reverse=True) and len({row["label"], row["top2_label"], row["top3_label"]}) == 3
+    # recursive glob, extension case is ignored for globs and folders alike
+    assert sorted(Path(p).name for p in iter_input_files([str(tile_dir / "**" / "*.[Tt][Ii][Ff]")])) == ["odd.TIF"]
+
+
+def test_bad_arguments_exit_2(model_dir, tmp_path, capsys):
+    script = load_script("predict")
+    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path / "missing"), "--output", "x.csv"]) == 2
+    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path / "*.png"), "--output", "x.csv"]) == 2
+    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path), "--batch_size", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
+    paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
+    batched = np.stack([r.probs for r in predictor.predict_files(paths)])
+    one = TilePredictor(predictor.model, make_image_processor(32), batch_size=1, num_workers=0)
+    single = np.stack([r.probs for r in one.predict_files(paths)])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    # same preprocessing as the saved processor (the way pipeline() runs the model)
+    processor = make_image_processor(32)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    pixel_values = torch.as_tensor(np.asarray(processor(images)["pixel_values"]))
+    with torch.inference_mode():
+        reference = predictor.model(pixel_values=pixel_values).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(batched, reference, atol=2e-3)
+    assert (batched.argmax(1) == reference.argmax(1)).all()
+
+
+def test_tta_is_mean_over_dihedral_views(model_dir, tile_dir, tmp_path):
+    tta = TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=4, tta=True)
+    paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
+    probs = np.stack([r.probs for r in tta.predict_files(paths)])
+    pixel_values = tta.transform(torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])))
+    plain = TilePredictor(tta.model, make_image_processor(32), batch_size=4)
+    manual = torch.stack([plain.predict_pixel_values(v) for v in dihedral_views(pixel_values)]).mean(0)
+    np.testing.assert_allclose(probs, manual.numpy(), atol=1e-5)
+    assert not np.allclose(probs, plain.predict_pixel_values(pixel_values).numpy(), atol=1e-4)
+    script = load_script("predict")
+    assert script.main(["--model", str(model_dir), "--inputs", *paths, "--output", str(tmp_path / "t.csv"),
+                        "--tta", "--no_progress"]) == 0
+    _, rows = read_csv(tmp_path / "t.csv")
+    np.testing.assert_allclose([[float(r[c]) for c in CLASS_NAMES] for r in rows], probs, atol=2e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_consumes_input_lazily(predictor, tile_dir, workers):
+    """10 000 paths of one small tile: the first rows come out after reading only a prefetch window."""
+    one = str(tile_dir / "tile_0.png")
+    consumed = 0
+
+    def paths():
+        nonlocal consumed
+        for _ in range(10_000):
+            consumed += 1
+            yield one
+
+    stream = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, num_workers=workers)
+    rows = stream.predict_files(paths())
+    first = [next(rows) for _ in range(5)]
+    assert all(r.error == "" for r in first)
+    assert consumed <= 2 * 4 + 2 * 4  # two batches + the prefetch window (two batches), not 10 000
+    rows.close()
+
+
+def test_failed_run_leaves_no_partial_csv(predictor, tile_dir, tmp_path):
+    def paths():
+        yield str(tile_dir / "tile_0.png")
+        raise RuntimeError("disk gone")
+
+    out = tmp_path / "pred.csv"
+    with pytest.raises(RuntimeError, match="disk gone"):
+        predictor.predict_to_csv(paths(), out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_option_runs(predictor, tile_dir):
+    bf16 = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, bf16=True)
+    rows = list(bf16.predict_files([str(tile_dir / "tile_1.png")]))
+    assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)

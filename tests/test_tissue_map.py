@@ -1,0 +1,199 @@
+"""Tissue maps of large images (predict.tissue_map, save_tissue_map, scripts/tissue_map.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification
+
+from conftest import tile_pixels
+from hf_tissue_vit.constants import CLASS_NAMES, KATHER_FOLDERS
+from hf_tissue_vit.predict import (
+    BACKGROUND,
+    TilePredictor,
+    background_fraction,
+    read_large_image,
+    save_tissue_map,
+    tissue_map,
+)
+from hf_tissue_vit.transforms import TileTransform, make_image_processor
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 30
+# Known layout: class ids, BACKGROUND = glass
+LAYOUT = np.array([
+    [0, 1, 2, 3, 4],
+    [5, 0, BACKGROUND, 1, 1],
+    [2, 2, 3, BACKGROUND, 5],
+    [4, 3, 0, 5, 2],
+])
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+class MeanColourClassifier(torch.nn.Module):
+    """A "model" that classifies a tile by the nearest class prototype of its mean colour; it gets
+    every synthetic tile of the conftest styles right, so the map must reproduce the mosaic."""
+
+    def __init__(self, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        self.config = PretrainedConfig(id2label=dict(enumerate(CLASS_NAMES)))
+        self.prototypes = torch.nn.Parameter(prototypes, requires_grad=False)  # [K, 3] in pixel_values space
+
+    def forward(self, pixel_values: torch.Tensor):
+        mean = pixel_values.mean(dim=(2, 3))
+        logits = -50 * torch.cdist(mean, self.prototypes) ** 2
+        return type("Output", (), {"logits": logits})()
+
+
+def glass(size: int, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(rng.normal(245, 4, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def mosaic(layout: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = [np.concatenate([glass(size, rng) if k == BACKGROUND else tile_pixels(CLASS_NAMES[k], size, rng)
+                            for k in row], axis=1) for row in layout]
+    return np.concatenate(rows, axis=0)
+
+
+@pytest.fixture(scope="module")
+def colour_predictor() -> TilePredictor:
+    processor = make_image_processor(32)
+    transform = TileTransform.from_processor(processor)
+    rng = np.random.default_rng(123)
+    tiles = np.stack([tile_pixels(name, TILE, rng) for name in CLASS_NAMES])
+    prototypes = transform(torch.from_numpy(tiles)).mean(dim=(2, 3))
+    # batch 2: 4 windows per strip on a 5-column grid, so strips, batches and row offsets all get exercised
+    return TilePredictor(MeanColourClassifier(prototypes), processor, batch_size=2, num_workers=0)
+
+
+def test_background_fraction():
+    rng = np.random.default_rng(0)
+    black = np.zeros((20, 20, 3), np.uint8)
+    windows = torch.from_numpy(np.stack([glass(20, rng), tile_pixels("Debris", 20, rng), black,
+                                         tile_pixels("Mucosa", 20, rng)]))
+    frac = background_fraction(windows)
+    assert frac[0] == 1.0 and frac[1] < 0.05 and frac[2] == 1.0 and frac[3] < 0.2
+
+
+def test_map_matches_mosaic_and_fractions(colour_predictor):
+    image = mosaic(LAYOUT, TILE)
+    result = tissue_map(colour_predictor, image, tile=TILE, stride=TILE)  # 2 strips of 2 rows
+    np.testing.assert_array_equal(result.labels, LAYOUT)
+    assert np.isnan(result.probs[LAYOUT == BACKGROUND]).all()
+    np.testing.assert_allclose(np.nansum(result.probs, axis=-1)[LAYOUT != BACKGROUND], 1.0, atol=1e-5)
+    fractions = result.area_fractions()
+    tissue = (LAYOUT != BACKGROUND).sum()
+    for k, name in enumerate(CLASS_NAMES):
+        assert fractions["classes"][name]["cells"] == (LAYOUT == k).sum()
+        assert fractions["classes"][name]["fraction_of_tissue"] == pytest.approx((LAYOUT == k).sum() / tissue)
+    assert fractions["background_cells"] == 2 and fractions["grid_rows"] == 4 and fractions["grid_cols"] == 5
+
+
+def test_overlapping_stride_and_margin(colour_predictor):
+    image = mosaic(LAYOUT, TILE)
+    image = np.pad(image, ((0, 7), (0, 11), (0, 0)), constant_values=250)  # margin no full window covers
+    result = tissue_map(colour_predictor, image, tile=TILE, stride=TILE // 2)
+    assert result.labels.shape == (2 * 4 - 1, 2 * 5 - 1)
+    np.testing.assert_array_equal(result.labels[::2, ::2], LAYOUT)  # windows aligned with mosaic tiles
+    assert result.cell_origin() == (TILE / 4, TILE / 4)
+
+
+def test_save_outputs(colour_predictor, tmp_path):
+    image = mosaic(LAYOUT, TILE)
+    result = tissue_map(colour_predictor, image, tile=TILE, stride=TILE)
+    paths = save_tissue_map(result, image, tmp_path / "out", max_side=64)
+    np.testing.assert_array_equal(np.load(paths["label_grid.npy"]), LAYOUT)
+    assert np.load(paths["probabilities.npy"]).shape == (4, 5, len(CLASS_NAMES))
+    data = json.loads(Path(paths["class_fractions.json"]).read_text())
+    assert sum(v["fraction_of_tissue"] for v in data["classes"].values()) == pytest.approx(1.0)
+    lines = Path(paths["class_fractions.csv"]).read_text().splitlines()
+    assert lines[0] == "class,cells,fraction_of_tissue,fraction_of_grid" and lines[-1].startswith("Background,2,")
+    with Image.open(paths["tissue_map.png"]) as im:
+        assert im.size[0] > 200
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(paths)  # no temp files left
+
+
+def test_pil_image_and_file_inputs_give_the_same_map(colour_predictor, tmp_path):
+    image = mosaic(LAYOUT, TILE)
+    Image.fromarray(image).save(tmp_path / "slide.png")
+    from_pil = tissue_map(colour_predictor, Image.fromarray(image), tile=TILE, stride=TILE)  # strips cropped
+    from_file = tissue_map(colour_predictor, tmp_path / "slide.png", tile=TILE, stride=TILE)
+    np.testing.assert_array_equal(from_pil.labels, LAYOUT)
+    np.testing.assert_array_equal(from_file.labels, LAYOUT)
+
+
+def test_pixel_limit_is_reported_and_restored(tmp_path):
+    Image.fromarray(mosaic(LAYOUT, TILE)).save(tmp_path / "slide.png")
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        read_large_image(tmp_path / "slide.png", max_image_pixels=100)
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert read_large_image(tmp_path / "slide.png", max_image_pixels=10**6).shape == (4 * TILE, 5 * TILE, 3)
+
+
+def test_bad_geometry(colour_predictor):
+    with pytest.raises(ValueError, match="smaller"):
+        tissue_map(colour_predictor, np.zeros((20, 50, 3), np.uint8), tile=30)
+    with pytest.raises(ValueError, match="positive"):
+        tissue_map(colour_predictor, np.zeros((60, 60, 3), np.uint8), tile=30, stride=0)
+
+
+def save_tiny_vit(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, id2label=dict(enumerate(CLASS_NAMES)),
+                       label2id={n: i for i, n in enumerate(CLASS_NAMES)})
+    ViTForImageClassification(config).save_pretrained(path)
+    make_image_processor(32).save_pretrained(path)
+    return path
+
+
+def test_script(tmp_path, capsys):
+    script = load_script("tissue_map")
+    model = save_tiny_vit(tmp_path / "model")
+    Image.fromarray(mosaic(LAYOUT, 40)).save(tmp_path / "slide.tif")
+    out = tmp_path / "map"
+    assert script.main(["--model", str(model), "--image", str(tmp_path / "slide.tif"), "--output_dir", str(out),
+                        "--tile", "40", "--stride", "20", "--batch_size", "8"]) == 0
+    labels = np.load(out / "label_grid.npy")
+    assert labels.shape == (7, 9) and labels[2, 4] == BACKGROUND  # the glass tile (1, 2) at stride 20
+    assert (out / "tissue_map.png").is_file() and "background windows" in capsys.readouterr().out
+    assert script.main(["--model", str(model), "--image", str(tmp_path / "slide.tif"), "--output_dir", str(out),
+                        "--tile", "500"]) == 2
+    assert script.main(["--model", str(model), "--image", str(tmp_path / "nope.tif"), "--output_dir", str(out)]) == 2
+    (tmp_path / "bad.tif").write_bytes(b"garbage")
+    assert script.main(["--model", str(model), "--image", str(tmp_path / "bad.tif"), "--output_dir", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+def test_real_tile_mosaic(real_data_dir, tmp_path):
+    """Real 150 px Kather tiles, one per class: none is taken for background, the grid has the
+    mosaic's shape, and the mechanics hold with a (random, untrained) tiny ViT."""
+    folders = list(KATHER_FOLDERS)[:6]
+    tiles = []
+    for folder in folders:
+        path = next(p for p in sorted((real_data_dir / folder).iterdir()) if p.suffix.lower() in (".tif", ".png"))
+        with Image.open(path) as im:
+            tiles.append(np.asarray(im.convert("RGB"))[:150, :150])
+    image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
+    model = save_tiny_vit(tmp_path / "model")
+    predictor = TilePredictor.from_pretrained(str(model), device="cpu", batch_size=8)
+    result = tissue_map(predictor, image, tile=150, stride=150)
+    assert result.labels.shape == (2, 3) and (result.labels != BACKGROUND).all()
+    assert sum(v["fraction_of_tissue"] for v in result.area_fractions()["classes"].values()) == pytest.approx(1.0)
