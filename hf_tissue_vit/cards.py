@@ -9,6 +9,8 @@ from typing import Any
 
 from huggingface_hub import CardData, DatasetCard, ModelCard
 
+from .fileio import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_card"
@@ -76,32 +78,13 @@ def _split_sizes(dataset: dict[str, Any]) -> list[tuple[str, int]]:
     return out
 
 
-def _parameter_table(output_dir: Path) -> str | None:
-    """Markdown parameter table from ``hf_tissue_vit.interpret.parameter_table`` when that module exists."""
-    try:
-        from transformers import AutoConfig
+def _parameter_table(output_dir: Path) -> str:
+    """Markdown table of the ViT's parameters per component: closed form next to the counted number."""
+    from transformers import AutoConfig
 
-        from . import interpret  # written by the APPLY engineer; optional here
+    from .interpret import format_parameter_table, parameter_report_from_config
 
-        table = interpret.parameter_table(AutoConfig.from_pretrained(output_dir))
-    except Exception as e:  # optional section: never fail the card because of it
-        logger.debug("no parameter table in the model card: %s", e)
-        return None
-    if isinstance(table, str):
-        return table
-    import dataclasses
-
-    rows = list(table.items()) if isinstance(table, dict) else list(table or [])
-    rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]
-    if not rows:
-        return None
-    if isinstance(rows[0], dict):
-        keys = [k for k in rows[0] if any(r.get(k) is not None for r in rows)]
-        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    else:
-        lines = ["| part | parameters |", "|---|---:|"] + [f"| {r[0]} | {_fmt(r[1])} |" for r in rows]
-    return "\n".join(lines)
+    return format_parameter_table(parameter_report_from_config(AutoConfig.from_pretrained(output_dir)))
 
 
 def build_model_card(output_dir: str | Path, repo_id: str | None = None, *, license: str = DEFAULT_MODEL_LICENSE,
@@ -204,15 +187,8 @@ def build_model_card(output_dir: str | Path, repo_id: str | None = None, *, lice
 
 def write_model_card(output_dir: str | Path, repo_id: str | None = None, **kwargs: Any) -> Path:
     """Render the model card (see ``build_model_card``) into ``output_dir/README.md`` atomically."""
-    import os
-    import tempfile
-
     output_dir = Path(output_dir)
     card = build_model_card(output_dir, repo_id, **kwargs)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".README.", suffix=".md.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(str(card))
-    path = output_dir / "README.md"
-    os.replace(tmp, path)
+    path = atomic_write_text(output_dir / "README.md", str(card))
     logger.info("wrote model card %s", path)
     return path

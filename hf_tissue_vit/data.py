@@ -56,6 +56,7 @@ from .constants import (
     ZENODO_MD5,
     ZENODO_URL,
 )
+from .fileio import atomic_write_json, atomic_write_text, default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,19 @@ _OFFLINE_HINT = (
 
 
 class DownloadError(ConnectionError):
-    """The Kather zip could not be fetched (offline, server error, connection cut)."""
+    """The Kather zip could not be fetched (offline, server error, connection cut).
+
+    The message is the reason followed by ``hint``, how to avoid the download; the default hint
+    names prepare_dataset.py's ``--source``, callers with other flags swap it with :meth:`with_hint`.
+    """
+
+    def __init__(self, reason: str, hint: str = _OFFLINE_HINT) -> None:
+        super().__init__(f"{reason}. {hint}")
+        self.reason, self.hint = reason, hint
+
+    def with_hint(self, hint: str) -> DownloadError:
+        """The same failure with another hint (e.g. the flags of the script that hit it)."""
+        return DownloadError(self.reason, hint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +128,7 @@ class BuildReport:
     build_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON-ready values."""
         return asdict(self)
 
 
@@ -322,7 +336,9 @@ def _find_layout(files: Sequence[str]) -> tuple[str, str]:
     return "", ""
 
 
-def _class_folders(root: str, subdirs: Iterable[str], class_names: Sequence[str], where: str) -> tuple[dict[str, str], list[str]]:
+def _class_folders(
+    root: str, subdirs: Iterable[str], class_names: Sequence[str], where: str
+) -> tuple[dict[str, str], list[str]]:
     """Map folder -> class for the folders under ``root``; error if a wanted class is missing."""
     mapping: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -371,7 +387,9 @@ def _tree_entries(
             if split is None:
                 continue
             if split in splits:
-                raise ValueError(f"source {source!r}: folders {splits[split]!r} and {folder!r} are both the {split} split")
+                raise ValueError(
+                    f"source {source!r}: folders {splits[split]!r} and {folder!r} are both the {split} split"
+                )
             splits[split] = folder
         missing = [s for s in SPLITS if s not in splits]
         if missing:
@@ -388,7 +406,9 @@ def _tree_entries(
     for split, base in groups:
         below = [p[len(base):] for p in images if p.startswith(base)]
         subdirs = {p.split("/")[0] for p in below if "/" in p}
-        mapping, unknown = _class_folders(base, subdirs, class_names, f"source {source!r}" + (f" split {split!r}" if split else ""))
+        mapping, unknown = _class_folders(
+            base, subdirs, class_names, f"source {source!r}" + (f" split {split!r}" if split else "")
+        )
         if unknown:
             logger.warning("ignoring folder(s) that are no Kather class: %s", ", ".join(base + u for u in unknown))
         for rel in below:
@@ -410,7 +430,9 @@ def _tree_entries(
     report.n_ignored_files = len(ignored)
     report.ignored_examples = ignored[:20]
     if ignored:
-        logger.info("ignored %d file(s) that are not tiles of a class folder (e.g. %s)", len(ignored), ", ".join(ignored[:5]))
+        logger.info(
+            "ignored %d file(s) that are not tiles of a class folder (e.g. %s)", len(ignored), ", ".join(ignored[:5])
+        )
     if report.dropped_classes:
         logger.info("dropped classes not asked for (use --keep_all_classes to keep them): %s", report.dropped_classes)
     report.source_kind = f"{kind}_{container}"
@@ -427,7 +449,9 @@ def _folder_entries(root: Path, class_names: Sequence[str], report: BuildReport,
         for f in filenames:
             files.append(f if rel == "." else f"{rel}/{f}")
     files.sort()
-    return _tree_entries(files, lambda p: (lambda: (root / p).read_bytes()), str(root), class_names, report, "folder", expected_kind)
+    return _tree_entries(
+        files, lambda p: lambda: (root / p).read_bytes(), str(root), class_names, report, "folder", expected_kind
+    )
 
 
 def _zip_entries(zf: zipfile.ZipFile, source: str, class_names: Sequence[str], report: BuildReport,
@@ -473,9 +497,13 @@ def _hub_entries(source: str, class_names: Sequence[str], report: BuildReport) -
         image_col = _pick_column(features, ["image", "img", "tile", "picture"], ImageFeature)
         if image_col is None or not isinstance(features[image_col], ImageFeature):
             raise ValueError(f"Hub dataset {source!r} split {split}: no image column of type Image; columns: {columns}")
-        label_col = _pick_column(features, ["label", "labels", "class", "tissue", "tissue_type", "category", "target"], ClassLabel)
+        label_col = _pick_column(
+            features, ["label", "labels", "class", "tissue", "tissue_type", "category", "target"], ClassLabel
+        )
         if label_col is None:
-            raise ValueError(f"Hub dataset {source!r} split {split}: no label column (label/labels/class...); columns: {columns}")
+            raise ValueError(
+                f"Hub dataset {source!r} split {split}: no label column (label/labels/class...); columns: {columns}"
+            )
         label_feature = features[label_col]
         values = list(ds[label_col])
         if isinstance(label_feature, ClassLabel):
@@ -558,7 +586,7 @@ def download_kather_zip(
         logger.warning("cached %s has the wrong MD5; downloading it again", final)
         final.unlink()
     if _offline():
-        raise DownloadError(f"offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) forbids downloading {url}. {_OFFLINE_HINT}")
+        raise DownloadError(f"offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) forbids downloading {url}")
     cache.mkdir(parents=True, exist_ok=True)
     part = cache / f"{name}.{os.getpid()}.part"
     digest = hashlib.md5()
@@ -578,12 +606,12 @@ def download_kather_zip(
         # URLError wraps the socket error (DNS, refused); HTTPError's own text carries the status code.
         plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
         reason = exc.reason if plain_url_error else exc
-        raise DownloadError(f"could not download {url}: {type(exc).__name__}: {reason}. {_OFFLINE_HINT}") from exc
+        raise DownloadError(f"could not download {url}: {type(exc).__name__}: {reason}") from exc
     if expected is not None and received != expected:
         part.unlink(missing_ok=True)
         raise DownloadError(
             f"download of {url} stopped after {received} of {expected} bytes (connection cut); "
-            f"nothing was cached, run again. {_OFFLINE_HINT}"
+            "nothing was cached, run again"
         )
     if md5 is not None and digest.hexdigest() != md5:
         part.unlink(missing_ok=True)
@@ -598,7 +626,9 @@ def download_kather_zip(
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
-def _stratified_assign(tiles: Sequence[_Tile], groups: Sequence[list[int]], class_names: Sequence[str], seed: int) -> list[str]:
+def _stratified_assign(
+    tiles: Sequence[_Tile], groups: Sequence[list[int]], class_names: Sequence[str], seed: int
+) -> list[str]:
     """Split per class; duplicate groups move as one unit (they belong to their first file's class)."""
     assignment = [""] * len(tiles)
     by_class: dict[str, list[list[int]]] = defaultdict(list)
@@ -620,7 +650,9 @@ def _stratified_assign(tiles: Sequence[_Tile], groups: Sequence[list[int]], clas
     return assignment
 
 
-def _slide_assign(tiles: Sequence[_Tile], groups: Sequence[list[int]], class_names: Sequence[str], seed: int) -> list[str]:
+def _slide_assign(
+    tiles: Sequence[_Tile], groups: Sequence[list[int]], class_names: Sequence[str], seed: int
+) -> list[str]:
     """Slide-disjoint split: whole slides go to one split, chosen to approach 68/16/16 per class.
 
     Slides linked by a duplicate group are merged into one unit. Slides are placed greedily (largest
@@ -648,7 +680,8 @@ def _slide_assign(tiles: Sequence[_Tile], groups: Sequence[list[int]], class_nam
     units = sorted({find(s) for s in parent})
     if len(units) < 3:
         raise ValueError(
-            f"--split_by slide needs at least 3 slides (or groups of slides sharing duplicate tiles); found {len(units)}: "
+            "--split_by slide needs at least 3 slides (or groups of slides sharing duplicate tiles); "
+            f"found {len(units)}: "
             f"{', '.join(sorted(parent))}. Use --split_by stratified."
         )
     unit_index = {u: k for k, u in enumerate(units)}
@@ -767,7 +800,9 @@ def _resolve_source(source: str | os.PathLike | None, source_type: str) -> tuple
         if not zipfile.is_zipfile(path):
             raise ValueError(f"source {text!r} is a file but not a zip archive; pass the release .zip or a folder")
         return "zip", str(path)
-    looks_like_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) is not None and not text.lower().endswith(".zip")
+    looks_like_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) is not None and not text.lower().endswith(
+        ".zip"
+    )
     if source_type == "auto" and looks_like_id and not path.is_absolute() and not text.startswith("."):
         return "hub", text
     raise FileNotFoundError(
@@ -800,8 +835,17 @@ def build_dataset_with_report(
     class_names = list(ALL_CLASS_NAMES if keep_all_classes else CLASS_NAMES)
     kind, where = _resolve_source(source, source_type)
     if kind == "download":
-        where = str(download_kather_zip(url=url, md5=md5 if md5 is not None else (ZENODO_MD5 if url == ZENODO_URL else None),
-                                        cache_dir=cache_dir))
+        if url == ZENODO_URL:
+            # A mirror of the release (or a test server) can stand in for Zenodo without changing code.
+            url = os.environ.get("HF_TISSUE_VIT_KATHER_URL", url)
+            md5 = md5 or os.environ.get("HF_TISSUE_VIT_KATHER_MD5")
+        where = str(
+            download_kather_zip(
+                url=url,
+                md5=md5 if md5 is not None else (ZENODO_MD5 if url == ZENODO_URL else None),
+                cache_dir=cache_dir,
+            )
+        )
         kind = "zip"
     elif kind == "zip" and md5 is not None:
         actual = md5_of_file(where)
@@ -837,7 +881,10 @@ def build_dataset_with_report(
     label_of = {name: k for k, name in enumerate(class_names)}
     splits = {}
     for split in SPLITS:
-        rows = sorted((i for i, s in enumerate(assignment) if s == split), key=lambda i: (label_of[tiles[i].class_name], tiles[i].name))
+        rows = sorted(
+            (i for i, s in enumerate(assignment) if s == split),
+            key=lambda i: (label_of[tiles[i].class_name], tiles[i].name),
+        )
         splits[split] = Dataset.from_dict(
             {
                 "image": [{"bytes": tiles[i].png, "path": None} for i in rows],
@@ -849,7 +896,9 @@ def build_dataset_with_report(
         )
     dataset_dict = DatasetDict(splits)
     report.split_class_counts = split_class_counts(dataset_dict)
-    report.split_slides = {s: sorted({tiles[i].slide for i, a in enumerate(assignment) if a == s} - {""}) for s in SPLITS}
+    report.split_slides = {
+        s: sorted({tiles[i].slide for i, a in enumerate(assignment) if a == s} - {""}) for s in SPLITS
+    }
     report.build_seconds = round(time.perf_counter() - start, 2)
     for split, counts in report.split_class_counts.items():
         logger.info("%s: %d tiles %s%s", split, sum(counts.values()), counts,
@@ -891,8 +940,8 @@ _SPLIT_METHODS = {
     "Tiles with identical pixels are kept in one split.",
     "slide": "Slide-disjoint: every tile of a slide (CRC-Prim-HE-NN, parsed from the file name) is in the same "
     "split, so validation and test measure generalisation to unseen slides. Whole slides are assigned greedily "
-    "(then improved by moves and swaps) to approach 68/16/16% per class; the achieved counts are in the class table above and "
-    "can differ from the targets because slides are few and unevenly sized.",
+    "(then improved by moves and swaps) to approach 68/16/16% per class; the achieved counts are in the class "
+    "table above and can differ from the targets because slides are few and unevenly sized.",
     "given": "The source came already split (train/val/test folders or Hub splits); that split is kept. "
     "Tiles whose pixels also appear in an earlier split were removed.",
 }
@@ -919,22 +968,37 @@ def dataset_card(metadata: dict[str, Any]) -> DatasetCard:
         source_datasets=["original"],
     )
     classes = [
-        {"id": k, "name": name, "folder": _FOLDER_OF_CLASS.get(name, ""), "description": CLASS_DESCRIPTIONS.get(name, ""),
-         "counts": [counts.get(s, {}).get(name, 0) for s in SPLITS]}
+        {
+            "id": k,
+            "name": name,
+            "folder": _FOLDER_OF_CLASS.get(name, ""),
+            "description": CLASS_DESCRIPTIONS.get(name, ""),
+            "counts": [counts.get(s, {}).get(name, 0) for s in SPLITS],
+        }
         for k, name in enumerate(class_names)
     ]
     checks = metadata.get("checks", {})
     return render_card(
-        "dataset_card.md", card_data, kind="dataset",
-        classes=classes, splits=list(SPLITS),
-        split_sizes={s: sum(counts.get(s, {}).values()) for s in SPLITS}, total=total,
-        split_by=metadata["split_by"], split_method=_SPLIT_METHODS.get(metadata["split_by"], ""),
-        seed=metadata.get("seed"), split_slides=metadata.get("split_slides") if metadata["split_by"] == "slide" else None,
+        "dataset_card.md",
+        card_data,
+        kind="dataset",
+        classes=classes,
+        splits=list(SPLITS),
+        split_sizes={s: sum(counts.get(s, {}).values()) for s in SPLITS},
+        total=total,
+        split_by=metadata["split_by"],
+        split_method=_SPLIT_METHODS.get(metadata["split_by"], ""),
+        seed=metadata.get("seed"),
+        split_slides=metadata.get("split_slides") if metadata["split_by"] == "slide" else None,
         # Only the name of a local source: the card is public, the build machine's paths are not.
-        source=_public_source(metadata), source_kind=metadata.get("source_kind"),
-        tile_size=checks.get("tile_size"), checks=checks or None,
-        hub_dataset_id=metadata.get("hub_dataset_id"), version=metadata.get("version"),
-        citation=KATHER_CITATION, bibtex=KATHER_BIBTEX,
+        source=_public_source(metadata),
+        source_kind=metadata.get("source_kind"),
+        tile_size=checks.get("tile_size"),
+        checks=checks or None,
+        hub_dataset_id=metadata.get("hub_dataset_id"),
+        version=metadata.get("version"),
+        citation=KATHER_CITATION,
+        bibtex=KATHER_BIBTEX,
     )
 
 
@@ -978,24 +1042,6 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_extras(folder: Path, metadata: dict[str, Any]) -> None:
     """README.md card and metadata JSON next to the saved arrow files."""
     dataset_card(metadata).save(folder / "README.md")
@@ -1019,7 +1065,7 @@ def save_dataset(
     try:
         dataset_dict.save_to_disk(str(tmp))
         _write_extras(tmp, metadata)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the dataset should not be
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; the dataset should not be
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -1046,8 +1092,8 @@ def record_hub_dataset_id(dataset_dir: str | os.PathLike, hub_dataset_id: str) -
     folder = Path(dataset_dir)
     metadata = read_dataset_metadata(folder)
     metadata["hub_dataset_id"] = hub_dataset_id
-    _write_text_atomic(folder / "README.md", str(dataset_card(metadata)))
-    _write_text_atomic(folder / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(folder / "README.md", str(dataset_card(metadata)))
+    atomic_write_json(folder / METADATA_FILE, metadata)
 
 
 def push_dataset(
@@ -1075,7 +1121,9 @@ def load_tissue_dataset(
     an Image column and ``label`` a ClassLabel, and, when given, that its names equal ``label_names``.
     """
     if (dataset_dir is None) == (dataset_name is None):
-        raise ValueError("pass exactly one of dataset_dir (a folder from prepare_dataset.py) or dataset_name (a Hub id)")
+        raise ValueError(
+            "pass exactly one of dataset_dir (a folder from prepare_dataset.py) or dataset_name (a Hub id)"
+        )
     if dataset_dir is not None:
         path = Path(dataset_dir).expanduser()
         where = f"dataset_dir {str(path)!r}"
@@ -1085,12 +1133,18 @@ def load_tissue_dataset(
                     if partial else "; build it with scripts/prepare_dataset.py --output_dir " + str(path))
             raise FileNotFoundError(f"{where} does not exist{hint}")
         if not (path / "dataset_dict.json").is_file():
-            what = "a single split (Dataset), not train/validation/test" if (path / "state.json").is_file() else "no saved DatasetDict (dataset_dict.json missing)"
+            what = (
+                "a single split (Dataset), not train/validation/test"
+                if (path / "state.json").is_file()
+                else "no saved DatasetDict (dataset_dict.json missing)"
+            )
             raise ValueError(f"{where} holds {what}; build it with scripts/prepare_dataset.py")
         try:
             loaded = load_from_disk(str(path))
         except Exception as exc:
-            raise ValueError(f"{where} could not be loaded ({type(exc).__name__}: {exc}); it may be an incomplete copy, rebuild it") from exc
+            raise ValueError(
+                f"{where} could not be loaded ({type(exc).__name__}: {exc}); it may be an incomplete copy, rebuild it"
+            ) from exc
     else:
         where = f"dataset_name {dataset_name!r}"
         try:
@@ -1120,5 +1174,7 @@ def load_tissue_dataset(
         if label_names is not None and list(names) != list(label_names):
             raise ValueError(f"{where} split {split}: label names {names} differ from the expected {list(label_names)}")
         if names != dataset["train"].features["label"].names:
-            raise ValueError(f"{where}: split {split} has label names {names}, train has {dataset['train'].features['label'].names}")
+            raise ValueError(
+                f"{where}: split {split} has label names {names}, train has {dataset['train'].features['label'].names}"
+            )
     return dataset

@@ -96,8 +96,8 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
     return info.commit_url
 
 
-def push_dataset(dataset_dict: "DatasetDict", repo_id: str, private: bool = False,
-                 card: "DatasetCard | str | None" = None, token: str | None = None,
+def push_dataset(dataset_dict: DatasetDict, repo_id: str, private: bool = False,
+                 card: DatasetCard | str | None = None, token: str | None = None,
                  commit_message: str | None = None) -> str:
     """Push a DatasetDict (parquet shards) and its dataset card to the dataset repo ``repo_id``.
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .fileio import save_figure_atomic
+
+if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
+    from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def _in_total(row: ParameterRow) -> bool:
     return "per block" not in row.component and row.component not in ("encoder block", "total")
 
 
-def parameter_table(config) -> list[ParameterRow]:
+def parameter_table(config: PretrainedConfig) -> list[ParameterRow]:
     """Closed-form parameter count per component of ``ViTForImageClassification(config)``.
 
     Symbols: C channels, P patch size, D hidden size, N = (H/P)(W/P) patches, L layers,
@@ -122,7 +126,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def parameter_report(config, model: torch.nn.Module | None = None) -> list[ParameterRow]:
+def parameter_report(config: PretrainedConfig, model: torch.nn.Module | None = None) -> list[ParameterRow]:
     """:func:`parameter_table` with ``counted`` filled from ``model`` (per block = total / L)."""
     rows = parameter_table(config)
     if model is None:
@@ -152,6 +156,15 @@ def parameter_report(config, model: torch.nn.Module | None = None) -> list[Param
     rows[-1].expected = sum(r.expected for r in rows[:-1] if _in_total(r))
     rows[-1].counted = sum(p.numel() for p in model.parameters())
     return rows
+
+
+def parameter_report_from_config(config: PretrainedConfig) -> list[ParameterRow]:
+    """:func:`parameter_report` counted on a model built from ``config`` on the meta device (no memory)."""
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):  # shapes only, so even ViT-L costs nothing
+        model = AutoModelForImageClassification.from_config(config)
+    return parameter_report(config, model)
 
 
 def format_parameter_table(rows: Sequence[ParameterRow]) -> str:
@@ -263,7 +276,7 @@ def overlay_heatmap(tile: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, c
 
 
 @contextlib.contextmanager
-def eager_attention(model) -> Iterator[None]:
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
     """Switch ``model`` to eager attention inside the block (SDPA does not return weights)."""
     previous = model.config._attn_implementation
     if previous != "eager":
@@ -286,7 +299,7 @@ class AttentionMaps:
 
 @torch.inference_mode()
 def compute_attention_maps(
-    model, pixel_values: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
+    model: PreTrainedModel, pixel_values: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
 ) -> AttentionMaps:
     """Run ``model`` on preprocessed ``pixel_values`` [B, 3, S, S] and return its attention maps."""
     device = next(model.parameters()).device
@@ -321,8 +334,8 @@ class TileAttention:
 
 
 def explain_tiles(
-    model,
-    processor,
+    model: PreTrainedModel,
+    processor: BaseImageProcessor,
     tiles: Sequence[np.ndarray],
     names: Sequence[str] | None = None,
     true_labels: Sequence[str | None] | None = None,
@@ -380,7 +393,7 @@ def save_tile_figure(item: TileAttention, path: str | Path, alpha: float = 0.5) 
         ax.set_title(label, fontsize=8)
         ax.set_axis_off()
     fig.suptitle(_title(item).replace("\n", " · "), fontsize=9)
-    _save_figure(fig, Path(path))
+    save_figure_atomic(fig, path, format="png")
 
 
 def save_attention_grid(
@@ -409,17 +422,5 @@ def save_attention_grid(
             if c == 0:
                 ax.text(-0.08, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=10)
     fig.suptitle("attention rollout (Abnar & Zuidema 2020)", fontsize=11)
-    _save_figure(fig, Path(path))
+    save_figure_atomic(fig, path, format="png")
 
-
-def _save_figure(fig, path: Path) -> None:
-    """Save atomically: temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import save_figure_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -168,21 +169,6 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def _atomic_savefig(figure: Any, path: str | os.PathLike) -> Path:
-    """Save a matplotlib Figure to ``path`` via a temp file in the same folder + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight", format=(path.suffix.lstrip(".") or "png"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _new_figure(width: float, height: float) -> Any:
     # Figure + Agg canvas directly: no pyplot, so no global backend switch and no figure registry.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -214,7 +200,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], label_names: Sequence[str
             colour = "white" if rates[i, j] > 0.5 else "black"
             axes.text(j, i, f"{counts[i, j]}", ha="center", va="center", color=colour, fontsize=8)
     axes.set_title(f"Confusion matrix (n={int(counts.sum())})")
-    return _atomic_savefig(figure, path)
+    return save_figure_atomic(figure, path, dpi=120)
 
 
 def plot_training_curves(
@@ -247,4 +233,4 @@ def plot_training_curves(
     metric_axes.set_xlabel("epoch")
     metric_axes.set_ylabel(metric)
     metric_axes.set_title(f"Validation {metric.removeprefix('eval_')}")
-    return _atomic_savefig(figure, path)
+    return save_figure_atomic(figure, path, dpi=120)

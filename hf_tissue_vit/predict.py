@@ -29,17 +29,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import json
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,7 +45,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .constants import IMAGE_EXTENSIONS
+from .fileio import atomic_write, atomic_write_json, save_figure_atomic
 from .transforms import TileTransform, dihedral_views, image_to_uint8
+
+if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,21 @@ def preprocess_tiles(transform: TileTransform, tiles: Sequence[np.ndarray] | tor
     return out
 
 
-def label_names_of(model) -> list[str]:
+def probability_columns(label_names: Sequence[str], fixed_columns: Sequence[str]) -> list[str]:
+    """CSV header of the per-class probabilities: the plain class names, in label-id order.
+
+    Shared by predict.py's CSV and training's test_predictions.csv. A class named like one of the
+    CSV's ``fixed_columns`` (or two classes with one name) would make a column ambiguous: refused.
+    """
+    names = [str(name) for name in label_names]
+    clashes = sorted({n for n in names if n in fixed_columns or names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"class names {clashes} clash with the CSV columns {list(fixed_columns)} or repeat; "
+                         "rename the classes (config.json id2label)")
+    return names
+
+
+def label_names_of(model: PreTrainedModel) -> list[str]:
     """Class names in label-id order from ``model.config.id2label``."""
     id2label = model.config.id2label
     return [id2label[i] if i in id2label else id2label[str(i)] for i in range(len(id2label))]
@@ -183,7 +199,7 @@ class TilePredictor:
         self.label_names = label_names_of(model)
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> "TilePredictor":
+    def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> TilePredictor:
         """Load a trained model (local folder or Hub id) with :func:`modeling.load_for_inference`."""
         from .modeling import load_for_inference
 
@@ -267,7 +283,7 @@ class TilePredictor:
     def csv_columns(self, top_k: int = 1) -> list[str]:
         """``file, label, score, error``, one probability column per class, then top-2..k label/score."""
         extra = [f"top{k}_{kind}" for k in range(2, top_k + 1) for kind in ("label", "score")]
-        return [*CSV_FIXED_COLUMNS, *self.label_names, *extra]
+        return [*CSV_FIXED_COLUMNS, *probability_columns(self.label_names, (*CSV_FIXED_COLUMNS, *extra)), *extra]
 
     def predict_to_csv(
         self,
@@ -282,25 +298,17 @@ class TilePredictor:
         if not 1 <= top_k <= len(self.label_names):
             raise ValueError(f"top_k must be in 1..{len(self.label_names)}, got {top_k}")
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
         n_files = n_errors = 0
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(self.csv_columns(top_k))
-                bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress)
-                for row in self.predict_files(paths):
-                    writer.writerow(self._csv_row(row, top_k))
-                    n_files += 1
-                    n_errors += bool(row.error)
-                    bar.update(1)
-                bar.close()
-            os.replace(tmp_name, output)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
+        with atomic_write(output, newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.csv_columns(top_k))
+            bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress)
+            for row in self.predict_files(paths):
+                writer.writerow(self._csv_row(row, top_k))
+                n_files += 1
+                n_errors += bool(row.error)
+                bar.update(1)
+            bar.close()
         logger.info("wrote %d predictions (%d unreadable) to %s", n_files, n_errors, output)
         return {"files": n_files, "errors": n_errors, "output": str(output)}
 
@@ -500,19 +508,6 @@ def class_colours(n: int) -> np.ndarray:
     return np.array([cmap(i)[:3] for i in range(n)])
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temp file over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _thumbnail(image: str | os.PathLike | Image.Image | np.ndarray, max_side: int,
                max_image_pixels: int | None = None) -> Image.Image:
     """RGB copy at most ``max_side`` px: integer ``reduce`` first, so no full-size copy is made."""
@@ -547,22 +542,19 @@ def save_tissue_map(
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in
              ("label_grid.npy", "probabilities.npy", "class_fractions.csv", "class_fractions.json", "tissue_map.png")}
-    _atomic_write(paths["label_grid.npy"], lambda p: np.save(p, result.labels))
-    _atomic_write(paths["probabilities.npy"], lambda p: np.save(p, result.probs.astype(np.float16)))
+    with atomic_write(paths["label_grid.npy"], "wb") as handle:
+        np.save(handle, result.labels)
+    with atomic_write(paths["probabilities.npy"], "wb") as handle:
+        np.save(handle, result.probs.astype(np.float16))
     fractions = result.area_fractions()
-    _atomic_write(paths["class_fractions.json"],
-                  lambda p: Path(p).write_text(json.dumps(fractions, indent=2) + "\n", encoding="utf-8"))
-
-    def write_csv(p: str) -> None:
-        with open(p, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["class", "cells", "fraction_of_tissue", "fraction_of_grid"])
-            for name, v in fractions["classes"].items():
-                writer.writerow([name, v["cells"], f"{v['fraction_of_tissue']:.6f}", f"{v['fraction_of_grid']:.6f}"])
-            background = f"{fractions['background_fraction']:.6f}"
-            writer.writerow(["Background", fractions["background_cells"], "", background])
-
-    _atomic_write(paths["class_fractions.csv"], write_csv)
+    atomic_write_json(paths["class_fractions.json"], fractions)
+    with atomic_write(paths["class_fractions.csv"], newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "cells", "fraction_of_tissue", "fraction_of_grid"])
+        for name, v in fractions["classes"].items():
+            writer.writerow([name, v["cells"], f"{v['fraction_of_tissue']:.6f}", f"{v['fraction_of_grid']:.6f}"])
+        background = f"{fractions['background_fraction']:.6f}"
+        writer.writerow(["Background", fractions["background_cells"], "", background])
 
     thumb = _thumbnail(image, max_side, max_image_pixels)
     height, width = result.image_size
@@ -571,24 +563,21 @@ def save_tissue_map(
     rows, cols = result.labels.shape
     masked = np.ma.masked_equal(result.labels.astype(np.int32), BACKGROUND)
 
-    def write_png(p: str) -> None:
-        aspect = height / width
-        fig = Figure(figsize=(10, max(3.0, 10 * aspect)))  # no pyplot: no global figure state
-        ax = fig.add_subplot()
-        ax.imshow(np.asarray(thumb), extent=(0, width, height, 0))
-        ax.imshow(masked, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(colours) - 0.5, alpha=alpha,
-                  interpolation="nearest",
-                  extent=(x0, x0 + cols * result.stride, y0 + rows * result.stride, y0))
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
-        ax.set_axis_off()
-        handles = [Patch(color=colours[k], label=f"{name} ({fractions['classes'][name]['fraction_of_tissue']:.1%})")
-                   for k, name in enumerate(result.label_names)]
-        handles.append(Patch(facecolor="none", edgecolor="grey",
-                             label=f"background ({fractions['background_fraction']:.1%} of windows)"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-        ax.set_title(f"tissue map: {result.tile} px windows, stride {result.stride} px")
-        fig.savefig(p, dpi=100, bbox_inches="tight", format="png")
-
-    _atomic_write(paths["tissue_map.png"], write_png)
+    aspect = height / width
+    fig = Figure(figsize=(10, max(3.0, 10 * aspect)))  # no pyplot: no global figure state
+    ax = fig.add_subplot()
+    ax.imshow(np.asarray(thumb), extent=(0, width, height, 0))
+    ax.imshow(masked, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(colours) - 0.5, alpha=alpha,
+              interpolation="nearest",
+              extent=(x0, x0 + cols * result.stride, y0 + rows * result.stride, y0))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    handles = [Patch(color=colours[k], label=f"{name} ({fractions['classes'][name]['fraction_of_tissue']:.1%})")
+               for k, name in enumerate(result.label_names)]
+    handles.append(Patch(facecolor="none", edgecolor="grey",
+                         label=f"background ({fractions['background_fraction']:.1%} of windows)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    ax.set_title(f"tissue map: {result.tile} px windows, stride {result.stride} px")
+    save_figure_atomic(fig, paths["tissue_map.png"], format="png")
     return {name: str(path) for name, path in paths.items()}

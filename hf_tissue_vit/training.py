@@ -20,7 +20,6 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +38,35 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, check_geometry, check_vit_checkpoint, load_model, scratch_config
-from .transforms import AugmentationConfig, TileTransform, dihedral_views, image_to_uint8, make_image_processor
+from .fileio import atomic_write, atomic_write_json, fix_permissions
+from .modeling import (
+    DEFAULT_BASE_MODEL,
+    MODEL_PRESETS,
+    check_geometry,
+    check_vit_checkpoint,
+    load_model,
+    scratch_config,
+)
+from .predict import probability_columns
+from .transforms import (
+    AugmentationConfig,
+    TileTransform,
+    dihedral_views,
+    image_to_uint8,
+    make_image_processor,
+)
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "hf_tissue_vit_run.json"  # identifies the run that owns an output dir
 DATASET_INFO_FILE = "hf_tissue_vit_dataset.json"  # written by data.save_dataset
 DECODE_CACHE_VERSION = 1
+PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
+NO_DOWNLOAD_HINT = (
+    "To train without a download, build the dataset from a local copy of the Kather 2016 release first "
+    "(python scripts/prepare_dataset.py --source /path/to/Kather_texture_2016_image_tiles_5000 --output_dir DIR) "
+    "and pass --dataset_dir DIR, or pass a Hub dataset with --dataset_name user/name"
+)
 
 
 def _tensorboard_available() -> bool:
@@ -75,7 +95,9 @@ class ModelArguments:
         default=DEFAULT_BASE_MODEL,
         metadata={"help": "ViT checkpoint to fine-tune (local dir or Hub id); ignored with --from_scratch."},
     )
-    from_scratch: bool = field(default=False, metadata={"help": "Train a randomly initialised ViT (see --model_preset)."})
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Train a randomly initialised ViT (see --model_preset)."}
+    )
     model_preset: str = field(
         default="tiny", metadata={"help": f"Preset for --from_scratch: one of {sorted(MODEL_PRESETS)}."}
     )
@@ -128,10 +150,12 @@ class DataArguments:
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
     cache_decoded: bool = field(
-        default=True, metadata={"help": "Keep the decoded uint8 tiles as .npy (keyed by dataset fingerprint) and reuse them."}
+        default=True,
+        metadata={"help": "Keep the decoded uint8 tiles as .npy (keyed by dataset fingerprint) and reuse them."},
     )
     decode_cache_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the decoded-tile cache; default <HF datasets cache>/hf_tissue_vit_decoded."}
+        default=None,
+        metadata={"help": "Folder of the decoded-tile cache; default <HF datasets cache>/hf_tissue_vit_decoded."},
     )
 
     def __post_init__(self) -> None:
@@ -336,19 +360,20 @@ def decode_tiles(split: Any, cache: bool = True, cache_dir: str | os.PathLike | 
     shapes = Counter(t.shape for t in tiles)
     (height, width, _), _ = shapes.most_common(1)[0]
     if len(shapes) > 1:
-        logger.warning("tiles have %d different sizes; resizing them to the most common %dx%d", len(shapes), width, height)
+        logger.warning(
+            "tiles have %d different sizes; resizing them to the most common %dx%d", len(shapes), width, height
+        )
         tiles = [
-            t if t.shape[:2] == (height, width) else np.asarray(Image.fromarray(t).resize((width, height), Image.BILINEAR))
+            t
+            if t.shape[:2] == (height, width)
+            else np.asarray(Image.fromarray(t).resize((width, height), Image.BILINEAR))
             for t in tiles
         ]
     array = np.stack(tiles)
     if cache_path is not None:
         try:  # atomic: concurrent processes either see the whole file or none
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_write(cache_path, "wb") as fh:
                 np.save(fh, array, allow_pickle=False)
-            os.replace(tmp, cache_path)
         except OSError as err:
             logger.info("decode cache not written (%s)", err)
     return torch.from_numpy(array)
@@ -367,6 +392,7 @@ class TileDataset(torch.utils.data.Dataset):
         self.pixels, self.labels, self.train, self.epoch = pixels, labels, train, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Epoch that seeds the next augmentations (set by :class:`EpochCallback`)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -416,6 +442,7 @@ class TissueTrainer(Trainer):
     It also loads checkpoints (resume, best model) through ``from_pretrained``: in transformers 5
     ViT's modules are renamed and ``save_pretrained`` writes the original key names, which the
     Trainer's raw ``load_state_dict(strict=False)`` silently fails to match (missing keys).
+    Saved weights get the usual file permissions (safetensors leaves them 0600).
     """
 
     tta: bool = False
@@ -436,6 +463,11 @@ class TissueTrainer(Trainer):
             return super()._load_best_model()
         logger.info("loading the best model %s (%s)", self.state.best_model_checkpoint, self.state.best_metric)
         self._load_weights_from(self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            fix_permissions(output_dir if output_dir is not None else self.args.output_dir)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
         if not self.tta:
@@ -462,7 +494,11 @@ _SIGNATURE_TRAINING_FIELDS = (
 
 def run_signature(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """What makes a run the same run (for resume / refusing a foreign output dir)."""
-    data = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in ("config", "cache_decoded", "decode_cache_dir")}
+    data = {
+        k: v
+        for k, v in dataclasses.asdict(data_args).items()
+        if k not in ("config", "cache_decoded", "decode_cache_dir")
+    }
     if data.get("dataset_dir"):
         data["dataset_dir"] = str(Path(data["dataset_dir"]).resolve())
     training = {k: getattr(training_args, k) for k in _SIGNATURE_TRAINING_FIELDS}
@@ -539,7 +575,9 @@ def prepare_output_dir(signature: dict, training_args: TissueTrainingArguments) 
             raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint in {out}")
     elif isinstance(resume, str):
         if not Path(resume, "trainer_state.json").is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no trainer_state.json)")
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume}: not a checkpoint folder (no trainer_state.json)"
+            )
     elif not training_args.overwrite_output_dir:
         resume = last_complete_checkpoint(out)
         if resume:
@@ -556,13 +594,8 @@ def prepare_output_dir(signature: dict, training_args: TissueTrainingArguments) 
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-        fh.write("\n")
-    _publish(tmp, path)
+    """Write JSON to ``path`` atomically; numpy scalars/arrays and enums are converted."""
+    atomic_write_json(path, data, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:
@@ -579,14 +612,11 @@ def write_predictions_csv(
     path: str | os.PathLike, filenames: list[str], labels: np.ndarray, probs: np.ndarray, label_names: list[str]
 ) -> None:
     """``filename,label,prediction,<prob per class>`` (names, not ids), written atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["filename", "label", "prediction", *label_names])
+        writer.writerow([*PREDICTION_COLUMNS, *probability_columns(label_names, PREDICTION_COLUMNS)])
         for name, label, row in zip(filenames, labels, probs):
             writer.writerow([name, label_names[int(label)], label_names[int(row.argmax())], *(f"{p:.6f}" for p in row)])
-    _publish(tmp, path)
 
 
 def _figure(path: Path, draw: Any, *args: Any, **kwargs: Any) -> None:
@@ -595,14 +625,6 @@ def _figure(path: Path, draw: Any, *args: Any, **kwargs: Any) -> None:
         draw(*args, str(path), **kwargs)
     except Exception as err:  # noqa: BLE001 - matplotlib failures vary
         logger.warning("could not write %s: %s", path, err)
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give a mkstemp file (0600) the usual permissions, then move it into place atomically."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def hardware_info(training_args: TrainingArguments) -> dict[str, Any]:
@@ -663,7 +685,9 @@ def _processor_stats(model_args: ModelArguments) -> tuple[list[float], list[floa
             processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
             return list(processor.image_mean), list(processor.image_std)
         except (OSError, ValueError, AttributeError):
-            logger.info("no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD)
+            logger.info(
+                "no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+            )
     return list(DEFAULT_IMAGE_MEAN), list(DEFAULT_IMAGE_STD)
 
 
@@ -684,7 +708,10 @@ def load_dataset_for_training(data_args: DataArguments, label_names: list[str] |
     default_dir = data.default_cache_dir().parent / "kather2016_stratified"
     if not (default_dir / "dataset_dict.json").is_file():
         logger.info("no --dataset_dir/--dataset_name: building the default dataset into %s", default_dir)
-        data.save_dataset(data.build_dataset(None), default_dir)
+        try:
+            data.save_dataset(data.build_dataset(None), default_dir)
+        except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
+            raise err.with_hint(NO_DOWNLOAD_HINT) from err
     data_args.dataset_dir = str(default_dir)
     return data.load_tissue_dataset(dataset_dir=default_dir, label_names=label_names)
 
@@ -757,7 +784,9 @@ def run_finetune(
     def tiles(name: str, train: bool = False) -> TileDataset:
         split = dataset[name]
         labels = torch.as_tensor(np.asarray(split["label"]), dtype=torch.long)
-        return TileDataset(decode_tiles(split, data_args.cache_decoded, data_args.decode_cache_dir), labels, train=train)
+        return TileDataset(
+            decode_tiles(split, data_args.cache_decoded, data_args.decode_cache_dir), labels, train=train
+        )
 
     train_ds, eval_ds = tiles("train", train=True), tiles("validation")
     base_metrics = tissue_metrics.make_compute_metrics(label_names)
@@ -789,7 +818,9 @@ def run_finetune(
     results.update(trainer.evaluate(metric_key_prefix="eval"))
 
     if "test" in dataset:
-        results.update(_evaluate_test(trainer, dataset["test"], tiles("test"), label_names, training_args, tissue_metrics))
+        results.update(
+            _evaluate_test(trainer, dataset["test"], tiles("test"), label_names, training_args, tissue_metrics)
+        )
     else:
         logger.warning("the dataset has no 'test' split: no test metrics")
 
@@ -824,7 +855,9 @@ def _hyperparameters(data_args: DataArguments, args: TissueTrainingArguments) ->
     keys = _SIGNATURE_TRAINING_FIELDS + ("per_device_eval_batch_size", "bf16", "tta", "early_stopping_patience")
     values = {k: getattr(args, k) for k in keys}
     values = {k: v.value if hasattr(v, "value") else v for k, v in values.items()}  # enums -> str
-    values["total_train_batch_size"] = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    values["total_train_batch_size"] = (
+        args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    )
     values["augmentation"] = dataclasses.asdict(data_args.augmentation())
     return values
 
@@ -862,7 +895,9 @@ def _evaluate_test(
         out["test_samples"] = int(len(y_true))
         if args.n_bootstrap:
             for metric in ("accuracy", "macro_f1"):
-                low, high = metrics_mod.bootstrap_ci(y_true, y_pred, metric=metric, n_boot=args.n_bootstrap, seed=args.seed)
+                low, high = metrics_mod.bootstrap_ci(
+                    y_true, y_pred, metric=metric, n_boot=args.n_bootstrap, seed=args.seed
+                )
                 out[f"test_{metric}_ci95"] = [float(low), float(high)]
         out["test_per_class"] = report["per_class"]
         out["test_confusion_matrix"] = np.asarray(report["confusion_matrix"]).tolist()
@@ -880,7 +915,12 @@ def _write_outputs(trainer: TissueTrainer, results: dict[str, Any], predictions:
     label_names = results["label_names"]
     if predictions is not None:
         write_predictions_csv(out / "test_predictions.csv", *predictions, label_names)
-        _figure(out / "confusion_matrix.png", tissue_metrics.plot_confusion_matrix, results["test_confusion_matrix"], label_names)
+        _figure(
+            out / "confusion_matrix.png",
+            tissue_metrics.plot_confusion_matrix,
+            results["test_confusion_matrix"],
+            label_names,
+        )
     metric = trainer.args.metric_for_best_model or "macro_f1"
     _figure(
         out / "training_curves.png",
@@ -889,10 +929,7 @@ def _write_outputs(trainer: TissueTrainer, results: dict[str, Any], predictions:
         metric=metric if metric.startswith("eval_") else f"eval_{metric}",
     )
     write_json_atomic(out / "all_results.json", results)
-    if hasattr(cards, "write_model_card"):
-        cards.write_model_card(out)
-    else:
-        logger.warning("hf_tissue_vit.cards.write_model_card is missing: no README.md model card written")
+    cards.write_model_card(out)
     if push:
         from . import hub
 

@@ -240,7 +240,7 @@ class TileTransform:
         self._shift = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)]).view(1, 3, 1, 1)
 
     @classmethod
-    def from_processor(cls, processor: Any, augmentation: AugmentationConfig | None = None) -> "TileTransform":
+    def from_processor(cls, processor: Any, augmentation: AugmentationConfig | None = None) -> TileTransform:
         """Build from a (ViT) image processor, checking it is a square resize + 1/255 rescale."""
         size = getattr(processor, "size", None) or {}
         if not isinstance(size, dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
+from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.constants import KATHER_FOLDERS
 from hf_tissue_vit.interpret import HEAD_FUSIONS, explain_tiles, save_attention_grid, save_tile_figure
 from hf_tissue_vit.predict import check_inputs, iter_input_files, label_names_of, read_large_image
@@ -73,26 +74,22 @@ def tiles_from_dataset(args: AttentionArguments) -> tuple[list[np.ndarray], list
     return [image_to_uint8(r["image"]) for r in rows], [Path(f).stem for f in files], [names[k] for k in rows["label"]]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(AttentionArguments)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-        if args.dataset_dir is not None:
-            tiles, names, truths = tiles_from_dataset(args)
-        from hf_tissue_vit.modeling import load_for_inference
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.dataset_dir is not None:
+        tiles, names, truths = tiles_from_dataset(args)
+    from hf_tissue_vit.modeling import load_for_inference
 
-        model, processor = load_for_inference(args.model, device=args.device)
-        label_names = label_names_of(model)
-        if args.images is not None:
-            paths = list(iter_input_files(args.images))
-            tiles = [read_large_image(p) for p in paths]
-            names, truths = [Path(p).stem for p in paths], [label_from_path(p, label_names) for p in paths]
-        if not tiles:
-            raise ValueError("no tiles found to explain")
-        items = explain_tiles(model, processor, tiles, names, truths, args.head_fusion, args.discard_ratio)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, processor = load_for_inference(args.model, device=args.device)
+    label_names = label_names_of(model)
+    if args.images is not None:
+        paths = list(iter_input_files(args.images))
+        tiles = [read_large_image(p) for p in paths]
+        names, truths = [Path(p).stem for p in paths], [label_from_path(p, label_names) for p in paths]
+    if not tiles:
+        raise ValueError("no tiles found to explain")
+    items = explain_tiles(model, processor, tiles, names, truths, args.head_fusion, args.discard_ratio)
     out = Path(args.output_dir)
     per_row: dict[str, int] = {}
     grid_items = []
@@ -107,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     known = sum(i.true_label is not None for i in items)
     print(f"wrote {out / 'attention_grid.png'} and {len(items)} tile figures ({correct}/{known} correct)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Explain the tiles and write the attention figures; 2 on bad input."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
-from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
 
-from hf_tissue_vit.interpret import format_parameter_table, parameter_report
+from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.interpret import format_parameter_table, parameter_report_from_config
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CountArguments:
             raise ValueError(f"--num_labels must be >= 0, got {self.num_labels}")
 
 
-def load_config(model: str, num_labels: int | None = None):
+def load_config(model: str, num_labels: int | None = None) -> PretrainedConfig:
     """The model's config (num_labels overridden when given); FileNotFoundError when unreadable."""
     try:
         config = AutoConfig.from_pretrained(model)
@@ -42,22 +42,21 @@ def load_config(model: str, num_labels: int | None = None):
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(CountArguments)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-        config = load_config(args.model, args.num_labels)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with torch.device("meta"):  # shapes only, no memory
-        model = AutoModelForImageClassification.from_config(config)
-    rows = parameter_report(config, model)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    config = load_config(args.model, args.num_labels)
+    rows = parameter_report_from_config(config)  # the model is built on the meta device: no memory
     print(format_parameter_table(rows))
     if rows[-1].expected != rows[-1].counted:
         print(f"note: closed form {rows[-1].expected:,} differs from the model ({rows[-1].counted:,})")
     print(rows[-1].counted)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the parameter table and the total; 2 on an unreadable or non-ViT model."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

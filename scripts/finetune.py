@@ -24,6 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
+from hf_tissue_vit.cli import run_main
+
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "scratch_cpu.yaml"
 SUMMARY_KEYS = (
     "train_runtime", "train_samples_per_second", "eval_accuracy", "eval_macro_f1", "test_accuracy",
@@ -31,22 +33,22 @@ SUMMARY_KEYS = (
 )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, train, evaluate and write the output dir; 2 on bad input."""
+def _run(argv: list[str] | None) -> int:
     from hf_tissue_vit.training import parse_args, run_finetune
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        model_args, data_args, training_args = parse_args(argv, default_config=str(DEFAULT_RECIPE))
-        results = run_finetune(model_args, data_args, training_args)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: data.DownloadError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model_args, data_args, training_args = parse_args(argv, default_config=str(DEFAULT_RECIPE))
+    results = run_finetune(model_args, data_args, training_args)
     if training_args.process_index == 0:
         summary = {k: results[k] for k in SUMMARY_KEYS if k in results}
         print(json.dumps(summary, indent=2))
         print(f"outputs written to {training_args.output_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, train, evaluate and write the output dir; 2 on bad input."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
+from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.predict import TilePredictor, check_inputs, iter_input_files
 
 
@@ -44,27 +45,28 @@ class PredictArguments:
         check_inputs(self.inputs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(PredictArguments)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-        # Paths only (not images): gives the progress bar a total and fails early on empty inputs.
-        paths = list(iter_input_files(args.inputs))
-        if not paths:
-            raise FileNotFoundError(f"--inputs {args.inputs}: no image files found")
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        predictor = TilePredictor.from_pretrained(
-            args.model, device=args.device, batch_size=args.batch_size, tta=args.tta,
-            num_workers=args.num_workers, bf16=args.bf16,
-        )
-        summary = predictor.predict_to_csv(paths, args.output, top_k=args.top_k, progress=not args.no_progress,
-                                           total=len(paths))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    # Paths only (not images): gives the progress bar a total and fails early on empty inputs.
+    paths = list(iter_input_files(args.inputs))
+    if not paths:
+        raise FileNotFoundError(f"--inputs {args.inputs}: no image files found")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    predictor = TilePredictor.from_pretrained(
+        args.model, device=args.device, batch_size=args.batch_size, tta=args.tta,
+        num_workers=args.num_workers, bf16=args.bf16,
+    )
+    summary = predictor.predict_to_csv(paths, args.output, top_k=args.top_k, progress=not args.no_progress,
+                                       total=len(paths))
     print(f"wrote {summary['files']} predictions to {summary['output']} ({summary['errors']} unreadable files)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Classify the input tiles into the CSV; 2 on bad input."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.constants import ZENODO_URL
 from hf_tissue_vit.data import (
     SOURCE_TYPES,
@@ -47,10 +48,12 @@ class PrepareArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Push the dataset and its card to --hub_dataset_id."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, user/name."})
     private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
-    url: str = field(default=ZENODO_URL, metadata={"help": "Where to download the release zip when --source is omitted."})
+    url: str = field(default=ZENODO_URL, metadata={
+        "help": "Where to download the release zip when --source is omitted."})
     md5: str | None = field(default=None, metadata={
         "help": "Expected MD5 of the zip (download or local --source zip); the Zenodo MD5 for the default --url."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Download cache (default $HF_HOME/hf_tissue_vit/downloads)."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Download cache (default $HF_HOME/hf_tissue_vit/downloads)."})
 
     def __post_init__(self) -> None:
         if self.split_by not in SPLIT_MODES:
@@ -69,28 +72,29 @@ class PrepareArguments:
             self.md5 = self.md5.lower()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
-        check_output_dir(args.output_dir)  # refuse before any decoding
-        dataset, report = build_dataset_with_report(
-            args.source, split_by=args.split_by, seed=args.seed, keep_all_classes=args.keep_all_classes,
-            skip_bad_files=args.skip_bad_files, source_type=args.source_type, md5=args.md5, url=args.url,
-            cache_dir=args.cache_dir,
-        )
-        output_dir = save_dataset(dataset, args.output_dir, report=report)
-        if args.push_to_hub:
-            url = push_dataset(dataset, args.hub_dataset_id, metadata=read_dataset_metadata(output_dir),
-                               private=args.private)
-            record_hub_dataset_id(output_dir, args.hub_dataset_id)
-            print(f"pushed to {url}")
-    except (ValueError, FileNotFoundError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    check_output_dir(args.output_dir)  # refuse before any decoding
+    dataset, report = build_dataset_with_report(
+        args.source, split_by=args.split_by, seed=args.seed, keep_all_classes=args.keep_all_classes,
+        skip_bad_files=args.skip_bad_files, source_type=args.source_type, md5=args.md5, url=args.url,
+        cache_dir=args.cache_dir,
+    )
+    output_dir = save_dataset(dataset, args.output_dir, report=report)
+    if args.push_to_hub:
+        url = push_dataset(dataset, args.hub_dataset_id, metadata=read_dataset_metadata(output_dir),
+                           private=args.private)
+        record_hub_dataset_id(output_dir, args.hub_dataset_id)
+        print(f"pushed to {url}")
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in report.split_class_counts.items())
     print(f"saved {output_dir} ({sizes}; split by {report.split_by}, {report.build_seconds:.1f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, save (and optionally push) the dataset; 2 on bad input."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.hub import HubAuthError, push_output_dir
 
 
@@ -35,23 +36,21 @@ class PushArguments:
             raise ValueError("--revision must be a branch name")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(PushArguments)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):  # OUTPUT_DIR given positionally, as documented
         argv = ["--output_dir", *argv]
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-        url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
-                              commit_message=args.commit_message, license=args.license)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except HubAuthError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
+                          commit_message=args.commit_message, license=args.license)
     print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Push the output dir; 2 on bad input, 1 when the Hub refuses the token."""
+    return run_main(_run, argv, exit_codes={HubAuthError: 1})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
+from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.predict import TilePredictor, open_large_image, save_tissue_map, tissue_map
 
 
@@ -44,29 +45,30 @@ class TissueMapArguments:
             raise ValueError(f"--background_threshold must be in (0, 1], got {self.background_threshold}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(TissueMapArguments)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-        with open_large_image(args.image, args.max_image_pixels) as image:  # fails before loading the model
-            if min(image.size) < args.tile:
-                raise ValueError(f"--image {args.image!r} ({image.width}x{image.height} px) is smaller than "
-                                 f"--tile {args.tile}")
-            if args.num_threads:
-                torch.set_num_threads(args.num_threads)
-            predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
-                                                      tta=args.tta)
-            result = tissue_map(predictor, image, tile=args.tile, stride=args.stride,
-                                background_threshold=args.background_threshold, progress=True)
-            paths = save_tissue_map(result, image, args.output_dir, max_side=args.max_side)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    with open_large_image(args.image, args.max_image_pixels) as image:  # fails before loading the model
+        if min(image.size) < args.tile:
+            raise ValueError(f"--image {args.image!r} ({image.width}x{image.height} px) is smaller than "
+                             f"--tile {args.tile}")
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+                                                  tta=args.tta)
+        result = tissue_map(predictor, image, tile=args.tile, stride=args.stride,
+                            background_threshold=args.background_threshold, progress=True)
+        paths = save_tissue_map(result, image, args.output_dir, max_side=args.max_side)
     fractions = result.area_fractions()
     print(json.dumps({name: round(v["fraction_of_tissue"], 4) for name, v in fractions["classes"].items()}))
     print(f"background windows: {fractions['background_cells']} of {fractions['cells']}; "
           f"wrote {paths['tissue_map.png']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Classify the image window by window and write the map; 2 on bad input."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

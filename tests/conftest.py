@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic Kather-style tiles (folders, zip, split layout) and a tiny prepared dataset.
+"""Shared fixtures: synthetic Kather-style tiles (folders, zip, split layout), a tiny prepared dataset,
+a tiny random ViT saved like a training output, and ``load_script`` to call ``scripts/*.py`` main().
 
 Each class gets its own colour and texture, so a tiny model can learn it in a few steps, and
 every tile carries random noise, so no two tiles share pixels unless a test copies one.
@@ -6,16 +7,19 @@ every tile carries random noise, so no two tiles share pixels unless a test copi
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hf_tissue_vit.constants import KATHER_FOLDERS
+from hf_tissue_vit.constants import CLASS_NAMES, KATHER_FOLDERS
 
 ALL_FOLDERS: list[str] = list(KATHER_FOLDERS)
 SIX_FOLDERS: list[str] = ALL_FOLDERS[:6]
@@ -185,5 +189,46 @@ def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_data_dir() -> Path:
     """``../shared/data/kather2016_6class``; skips the test when it is absent."""
     if not REAL_DATA_DIR.is_dir():
-        pytest.skip(f"real Kather data not found at {REAL_DATA_DIR} (needs ../shared/data/kather2016_6class next to the repo)")
+        pytest.skip(
+            f"real Kather data not found at {REAL_DATA_DIR} (needs ../shared/data/kather2016_6class next to the repo)"
+        )
     return REAL_DATA_DIR
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` as a module, so tests call its ``main([...])`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+# hidden 32, 2 layers, 4 heads: a forward pass over a few 32 px tiles takes milliseconds
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def tiny_vit(image_size: int = 32, patch_size: int = 8, seed: int = 0, label_names: Sequence[str] = CLASS_NAMES):
+    """A random tiny ``ViTForImageClassification`` (eval mode) with ``label_names`` as its labels."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(**TINY_VIT, image_size=image_size, patch_size=patch_size,
+                       id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    return ViTForImageClassification(config).eval()
+
+
+def save_model_dir(model, path: Path) -> Path:
+    """Save ``model`` (safetensors) and a matching image processor into ``path``, like a training run."""
+    from hf_tissue_vit.transforms import make_image_processor
+
+    model.save_pretrained(path)
+    make_image_processor(model.config.image_size).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_vit()`` saved with its processor (32 px, patch 8, the 6 classes). Read-only for tests."""
+    return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ def git_blob_sha1(content: bytes) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @dataclass
@@ -153,7 +153,7 @@ class HubError(Exception):
 
 class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "HubServer"
+    server: HubServer
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -300,7 +300,7 @@ class HubHandler(BaseHTTPRequestHandler):
     # ----------------------------------------------------------------- endpoints
     def _validate_yaml(self, payload: dict) -> None:
         content = payload.get("content", "")
-        match = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.S)
+        match = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.DOTALL)
         if match:
             try:
                 import yaml  # PyYAML ships with huggingface_hub's dependencies

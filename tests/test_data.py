@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import json
 import shutil
-import sys
 import threading
 import zipfile
 from collections import Counter
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, make_split_layout, make_tiles, zip_folder
+from conftest import load_script, make_split_layout, make_tiles, zip_folder
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from huggingface_hub import DatasetCard
@@ -301,9 +299,15 @@ def test_non_rgb_images_are_converted(release_dir: Path) -> None:
     rng = np.random.default_rng(1)
     rgba = np.dstack([rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), np.full((40, 40), 255, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(folder / "a_CRC-Prim-HE-01_1.tif_Row_1_Col_1.png")
-    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(folder / "b_CRC-Prim-HE-01_1.tif_Row_1_Col_2.tif")
-    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).quantize(16).save(folder / "c_CRC-Prim-HE-01_1.tif_Row_1_Col_3.png")
-    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("CMYK").save(folder / "d_CRC-Prim-HE-01_1.tif_Row_1_Col_4.tif")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(
+        folder / "b_CRC-Prim-HE-01_1.tif_Row_1_Col_2.tif"
+    )
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).quantize(16).save(
+        folder / "c_CRC-Prim-HE-01_1.tif_Row_1_Col_3.png"
+    )
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("CMYK").save(
+        folder / "d_CRC-Prim-HE-01_1.tif_Row_1_Col_4.tif"
+    )
     grey16 = np.full((40, 40), 65535, np.uint16)
     grey16[:20] = 256 * 100
     Image.fromarray(grey16).save(folder / "e_CRC-Prim-HE-01_1.tif_Row_1_Col_5.png")
@@ -331,8 +335,14 @@ def test_duplicates_are_reported_and_kept_in_one_split(release_dir: Path, split_
     copies = [source.with_name(f"COPY{k}_CRC-Prim-HE-0{k % 2 + 1}_9.tif_Row_1_Col_1.tif") for k in range(3)]
     for copy in copies:
         shutil.copy(source, copy)
-    Image.open(source).save(release_dir / "02_STROMA" / "X_CRC-Prim-HE-02_1.tif_Row_1_Col_1.png")  # same pixels, other class
-    group = {f"01_TUMOR/{source.name}", *(f"01_TUMOR/{c.name}" for c in copies), "02_STROMA/X_CRC-Prim-HE-02_1.tif_Row_1_Col_1.png"}
+    Image.open(source).save(
+        release_dir / "02_STROMA" / "X_CRC-Prim-HE-02_1.tif_Row_1_Col_1.png"
+    )  # same pixels, other class
+    group = {
+        f"01_TUMOR/{source.name}",
+        *(f"01_TUMOR/{c.name}" for c in copies),
+        "02_STROMA/X_CRC-Prim-HE-02_1.tif_Row_1_Col_1.png",
+    }
     for seed in range(4):
         dataset, report = build_dataset_with_report(release_dir, split_by=split_by, seed=seed)
         assert [set(g) for g in report.duplicate_groups] == [group]
@@ -436,7 +446,7 @@ def test_load_tissue_dataset_errors(tiny_dataset_dir: Path, tmp_path: Path) -> N
 
 def test_push_dataset_sends_card_with_repo_id(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
     # The HTTP round trip is tested against the Hub emulator in test_hub.py; here: what data.py hands over.
-    import hf_tissue_vit.hub as hub
+    from hf_tissue_vit import hub
 
     dataset, report = build_dataset_with_report(release_dir)
     out = save_dataset(dataset, tmp_path / "out", report=report)
@@ -534,16 +544,8 @@ def test_offline_fails_fast_with_hint(zip_server, tmp_path: Path, monkeypatch) -
 # ------------------------------------------------------------------------------------------
 # Script
 # ------------------------------------------------------------------------------------------
-def _script():
-    spec = importlib.util.spec_from_file_location("prepare_dataset", REPO_ROOT / "scripts" / "prepare_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_end_to_end(release_zip: Path, tmp_path: Path, capsys) -> None:
-    main = _script().main
+    main = load_script("prepare_dataset").main
     out = tmp_path / "kather6"
     assert main(["--source", str(release_zip), "--output_dir", str(out), "--split_by", "slide", "--seed", "3"]) == 0
     loaded = load_from_disk(str(out))
@@ -561,7 +563,7 @@ def test_script_end_to_end(release_zip: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_script_push(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    module = _script()
+    module = load_script("prepare_dataset")
     pushed = []
     monkeypatch.setattr(module, "push_dataset", lambda ds, repo, **kw: pushed.append((repo, kw["private"])) or f"https://hub/{repo}")
     out = tmp_path / "out"
@@ -577,7 +579,7 @@ def test_script_push(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_real_kather_6class(real_data_dir: Path, tmp_path: Path) -> None:
-    main = _script().main
+    main = load_script("prepare_dataset").main
     assert main(["--source", str(real_data_dir), "--output_dir", str(tmp_path / "real")]) == 0
     first = load_tissue_dataset(tmp_path / "real", label_names=CLASS_NAMES)
     expected = {"train": 357, "validation": 84, "test": 84}

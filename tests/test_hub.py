@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import load_script  # noqa: E402
 from hub_emulator import start_hub  # noqa: E402
 
 from hf_tissue_vit.constants import CLASS_DESCRIPTIONS, CLASS_NAMES  # noqa: E402
@@ -178,7 +179,7 @@ DOWNLOAD_CHECK = """
 @pytest.fixture(scope="module")
 def pushed_model(hub, output_dir, tmp_path_factory):
     """Push with the package's command as alice, then pull in a fresh cache with no token."""
-    url, server = hub
+    url, _server = hub
     proc = run_push(url, fresh_home(tmp_path_factory), [str(output_dir), "--repo_id", "alice/tiny"], ALICE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     code = DOWNLOAD_CHECK.format(repo="alice/tiny", local=str(output_dir), size=IMAGE_SIZE, names=CLASS_NAMES)
@@ -203,6 +204,11 @@ def test_model_card_content(output_dir):
     assert "| train | 2550 |" in text and "1 h 02 min 05 s" in text and "device: cpu" in text
     assert 'pipeline("image-classification", model="alice/tiny")' in text
     assert "Not for diagnosis" in text and "dosovitskiy2021an" in text and "kather2016multi" in text
+    # interpret's parameter table: closed form and the count of the saved ViT agree on the total
+    from transformers import ViTForImageClassification
+
+    total = ViTForImageClassification.from_pretrained(output_dir).num_parameters()
+    assert "### Parameters" in text and f"| total | sum of the above | {total:,} | {total:,} |" in text
 
 
 def test_model_card_omits_unknown_values(output_dir, tmp_path):
@@ -226,7 +232,7 @@ def test_model_card_omits_unknown_values(output_dir, tmp_path):
 
 # --------------------------------------------------------------------------- model push round trip
 def test_push_uploads_only_model_files(hub, pushed_model):
-    url, server = hub
+    _url, server = hub
     files = server.state.main_files("model", "alice/tiny")
     assert set(files) == PUSHED_FILES
     repo = server.state.repos[("model", "alice/tiny")]
@@ -316,7 +322,7 @@ def test_private_repo_needs_the_owner_token(hub, auth_pushes, tmp_path_factory):
 
 
 def test_wrong_token_is_refused_with_a_clear_message(hub, auth_pushes):
-    url, server = hub
+    _url, server = hub
     result = auth_pushes[1]
     assert result["rc"] == 1
     assert "401" in result["stderr"] and "HF_TOKEN" in result["stderr"] and "hf auth login" in result["stderr"]
@@ -326,7 +332,7 @@ def test_wrong_token_is_refused_with_a_clear_message(hub, auth_pushes):
 
 
 def test_other_users_repo_is_refused(hub, pushed_model, auth_pushes):
-    url, server = hub
+    _url, server = hub
     result = auth_pushes[2]
     assert result["rc"] == 1 and "403" in result["stderr"] and "write access" in result["stderr"]
     repo = server.state.repos[("model", "alice/tiny")]
@@ -396,33 +402,24 @@ def test_dataset_push_and_load_dataset(hub, tmp_path, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- real training output
-def test_push_real_finetune_output(hub, request, tmp_path, tmp_path_factory):
-    """When TRAINING's finetune script and DATA's fixture exist: push a real tiny run and pull it."""
-    script = REPO_ROOT / "scripts" / "finetune.py"
-    if not script.is_file():
-        pytest.skip("scripts/finetune.py is not written yet")
-    import importlib.util
-
-    for module in ("training", "modeling", "transforms", "metrics", "data"):
-        if importlib.util.find_spec(f"hf_tissue_vit.{module}") is None:
-            pytest.skip(f"hf_tissue_vit.{module} is not written yet")
-    try:
-        dataset_dir = request.getfixturevalue("tiny_dataset_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("the tiny_dataset_dir fixture (tests/conftest.py) is not available")
-    spec = importlib.util.spec_from_file_location("finetune_script", script)
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+def test_push_real_finetune_output(hub, tiny_dataset_dir, tmp_path, tmp_path_factory):
+    """A real tiny finetune.py run, pushed and pulled back: same weights, labels and test metrics."""
     out = tmp_path / "run"
-    rc = finetune.main(["--dataset_dir", str(dataset_dir), "--output_dir", str(out), "--from_scratch",
-                        "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--max_steps", "2",
-                        "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu"])
+    rc = load_script("finetune").main([
+        "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out), "--from_scratch", "--model_preset", "tiny",
+        "--image_size", "32", "--patch_size", "8", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--use_cpu",
+    ])  # fmt: skip
     assert rc == 0
-    url, server = hub
+    url, _server = hub
     proc = run_push(url, fresh_home(tmp_path_factory), [str(out), "--repo_id", "alice/real"], ALICE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = run_python(url, fresh_home(tmp_path_factory),
-                        DOWNLOAD_CHECK.format(repo="alice/real", local=str(out), size=32, names=CLASS_NAMES), token=None)
+    result = run_python(
+        url,
+        fresh_home(tmp_path_factory),
+        DOWNLOAD_CHECK.format(repo="alice/real", local=str(out), size=32, names=CLASS_NAMES),
+        token=None,
+    )
     assert sorted(result["labels"]) == sorted(CLASS_NAMES) and result["max_abs_diff"] == 0.0
     results = json.loads((out / "all_results.json").read_text())
     metrics = {m["type"]: m["value"] for m in result["metadata"]["model-index"][0]["results"][0]["metrics"]}

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT as TINY
+from conftest import load_script, tiny_vit
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_tissue_vit import interpret
 from hf_tissue_vit.constants import CLASS_NAMES
 from hf_tissue_vit.transforms import make_image_processor
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_model(image_size: int = 32, patch_size: int = 8, seed: int = 0) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(**TINY, image_size=image_size, patch_size=patch_size, id2label=dict(enumerate(CLASS_NAMES)),
-                       label2id={n: i for i, n in enumerate(CLASS_NAMES)})
-    return ViTForImageClassification(config).eval()
-
-
-def save_model(model, path: Path) -> Path:
-    model.save_pretrained(path)
-    make_image_processor(model.config.image_size).save_pretrained(path)
-    return path
 
 
 # --- parameter count ------------------------------------------------------------------------
@@ -79,15 +53,14 @@ def test_closed_form_without_model_vit_b16():
     assert rows["total"].expected == 86_567_656
 
 
-def test_count_parameters_script(tmp_path, capsys):
+def test_count_parameters_script(tmp_path, capsys, tiny_model_dir):
     script = load_script("count_parameters")
     ViTConfig().save_pretrained(tmp_path / "b16")  # config only: the script builds on the meta device
     assert script.main(["--model", str(tmp_path / "b16"), "--num_labels", "1000"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "86567656" and "| total |" in "\n".join(lines)
-    model_dir = save_model(tiny_model(), tmp_path / "tiny")
-    assert script.main(["--model", str(model_dir)]) == 0
-    assert int(capsys.readouterr().out.strip().splitlines()[-1]) == sum(p.numel() for p in tiny_model().parameters())
+    assert script.main(["--model", str(tiny_model_dir)]) == 0
+    assert int(capsys.readouterr().out.strip().splitlines()[-1]) == sum(p.numel() for p in tiny_vit().parameters())
     assert script.main(["--model", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
 
@@ -153,7 +126,7 @@ def test_upsample_and_overlay_have_tile_size():
 def forced_attention_model(target_patch: int) -> ViTForImageClassification:
     """Every query is the same bias vector that matches only the key of ``target_patch``, whose
     position embedding is huge: all tokens, CLS included, attend to that patch in every layer."""
-    model = tiny_model()
+    model = tiny_vit()
     hidden = model.config.hidden_size
     # ±1 alternating: zero mean, unit variance (LayerNorm leaves it unchanged), equal weight in every head
     direction = torch.tensor([1.0, -1.0]).repeat(hidden // 2)
@@ -187,9 +160,8 @@ def test_forced_model_attention_map_peaks_on_patch():
     assert 8 <= y <= 18 and 17 <= x <= 27
 
 
-def test_attention_maps_script_images(tmp_path, capsys):
+def test_attention_maps_script_images(tmp_path, capsys, tiny_model_dir):
     script = load_script("attention_maps")
-    model_dir = save_model(tiny_model(), tmp_path / "model")
     rng = np.random.default_rng(0)
     for folder, n in (("01_TUMOR", 2), ("04_LYMPHO", 1)):
         (tmp_path / "tiles" / folder).mkdir(parents=True)
@@ -197,25 +169,24 @@ def test_attention_maps_script_images(tmp_path, capsys):
             tile = rng.integers(0, 255, (35, 35, 3), dtype=np.uint8)
             Image.fromarray(tile).save(tmp_path / "tiles" / folder / f"{i}.png")
     out = tmp_path / "att"
-    assert script.main(["--model", str(model_dir), "--images", str(tmp_path / "tiles"), "--output_dir", str(out),
+    assert script.main(["--model", str(tiny_model_dir), "--images", str(tmp_path / "tiles"), "--output_dir", str(out),
                         "--n_per_class", "1", "--head_fusion", "max"]) == 0
     assert (out / "attention_grid.png").is_file()
     names = sorted(p.name for p in (out / "tiles").glob("*.png"))
     assert len(names) == 3 and names[0].startswith("Lympho_001") and names[1].startswith("Tumor_001")
     with Image.open(out / "attention_grid.png") as im:
         assert im.size[0] > 100
-    assert script.main(["--model", str(model_dir), "--output_dir", str(out)]) == 2  # neither input
+    assert script.main(["--model", str(tiny_model_dir), "--output_dir", str(out)]) == 2  # neither input
     missing = str(tmp_path / "nope.png")
-    assert script.main(["--model", str(model_dir), "--images", missing, "--output_dir", str(out)]) == 2
+    assert script.main(["--model", str(tiny_model_dir), "--images", missing, "--output_dir", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
 
 
-def test_attention_maps_script_dataset(tmp_path, tiny_dataset_dir):
+def test_attention_maps_script_dataset(tmp_path, tiny_dataset_dir, tiny_model_dir):
     script = load_script("attention_maps")
-    model_dir = save_model(tiny_model(), tmp_path / "model")
     out = tmp_path / "att"
-    assert script.main(["--model", str(model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "test",
+    assert script.main(["--model", str(tiny_model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "test",
                         "--output_dir", str(out), "--n_per_class", "1"]) == 0
     assert len(list((out / "tiles").glob("*.png"))) == len(CLASS_NAMES)
-    assert script.main(["--model", str(model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "nope",
+    assert script.main(["--model", str(tiny_model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "nope",
                         "--output_dir", str(out)]) == 2

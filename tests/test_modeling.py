@@ -68,7 +68,9 @@ def test_scratch_config_rejects_bad_values(kwargs, message):
 
 
 def test_load_model_from_scratch_has_our_labels():
-    model = load_model(None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=32, patch_size=8, overrides=TINY)
+    model = load_model(
+        None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=32, patch_size=8, overrides=TINY
+    )
     assert model.config.num_labels == 6
     assert model.vit.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
     out = model(pixel_values=torch.randn(2, 3, 32, 32))
@@ -114,7 +116,9 @@ def test_resize_position_embeddings_smooth_grid():
 
 
 def test_finetune_refuses_other_checkpoints(tmp_path: Path, pretrained_dir: Path):
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
     with pytest.raises(ValueError, match="not a ViT image-classification model"):
         load_model(str(tmp_path / "bert"), id2label=CLASS_NAMES)
     with pytest.raises(FileNotFoundError, match="cannot read a model config"):

@@ -3,46 +3,22 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification
 
 from hf_tissue_vit.constants import CLASS_NAMES
-from hf_tissue_vit.predict import TilePredictor, iter_input_files
+from hf_tissue_vit.predict import TilePredictor, iter_input_files, probability_columns
 from hf_tissue_vit.transforms import dihedral_views, make_image_processor
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=32, patch_size=8, id2label=dict(enumerate(CLASS_NAMES)),
-                       label2id={n: i for i, n in enumerate(CLASS_NAMES)})
-    path = tmp_path_factory.mktemp("model")
-    ViTForImageClassification(config).save_pretrained(path)
-    make_image_processor(32).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def predictor(model_dir) -> TilePredictor:
-    return TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=4, num_workers=2)
+def predictor(tiny_model_dir) -> TilePredictor:
+    return TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, num_workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +44,10 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames), list(reader)
 
 
-def test_folder_input_csv_columns_and_error_rows(model_dir, tile_dir, tmp_path, capsys):
+def test_folder_input_csv_columns_and_error_rows(tiny_model_dir, tile_dir, tmp_path, capsys):
     script = load_script("predict")
     out = tmp_path / "pred.csv"
-    assert script.main(["--model", str(model_dir), "--inputs", str(tile_dir), "--output", str(out),
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tile_dir), "--output", str(out),
                         "--batch_size", "3", "--no_progress"]) == 0
     columns, rows = read_csv(out)
     assert columns == ["file", "label", "score", "error", *CLASS_NAMES]
@@ -89,10 +65,10 @@ def test_folder_input_csv_columns_and_error_rows(model_dir, tile_dir, tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name != "pred.csv"]  # no temp file left
 
 
-def test_glob_and_file_inputs_and_top_k(model_dir, tile_dir, tmp_path):
+def test_glob_and_file_inputs_and_top_k(tiny_model_dir, tile_dir, tmp_path):
     script = load_script("predict")
     out = tmp_path / "pred.csv"
-    assert script.main(["--model", str(model_dir), "--inputs", str(tile_dir / "tile_[0-2].png"),
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tile_dir / "tile_[0-2].png"),
                         str(tile_dir / "sub" / "odd.TIF"), "--output", str(out), "--top_k", "3", "--no_progress"]) == 0
     columns, rows = read_csv(out)
     assert columns[-4:] == ["top2_label", "top2_score", "top3_label", "top3_score"]
@@ -104,11 +80,13 @@ def test_glob_and_file_inputs_and_top_k(model_dir, tile_dir, tmp_path):
     assert sorted(Path(p).name for p in iter_input_files([str(tile_dir / "**" / "*.[Tt][Ii][Ff]")])) == ["odd.TIF"]
 
 
-def test_bad_arguments_exit_2(model_dir, tmp_path, capsys):
+def test_bad_arguments_exit_2(tiny_model_dir, tmp_path, capsys):
     script = load_script("predict")
-    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path / "missing"), "--output", "x.csv"]) == 2
-    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path / "*.png"), "--output", "x.csv"]) == 2
-    assert script.main(["--model", str(model_dir), "--inputs", str(tmp_path), "--batch_size", "0"]) == 2
+    assert (
+        script.main(["--model", str(tiny_model_dir), "--inputs", str(tmp_path / "missing"), "--output", "x.csv"]) == 2
+    )
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tmp_path / "*.png"), "--output", "x.csv"]) == 2
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tmp_path), "--batch_size", "0"]) == 2
     assert "error:" in capsys.readouterr().err
 
 
@@ -128,8 +106,8 @@ def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
     assert (batched.argmax(1) == reference.argmax(1)).all()
 
 
-def test_tta_is_mean_over_dihedral_views(model_dir, tile_dir, tmp_path):
-    tta = TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=4, tta=True)
+def test_tta_is_mean_over_dihedral_views(tiny_model_dir, tile_dir, tmp_path):
+    tta = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, tta=True)
     paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
     probs = np.stack([r.probs for r in tta.predict_files(paths)])
     pixel_values = tta.transform(torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])))
@@ -138,7 +116,7 @@ def test_tta_is_mean_over_dihedral_views(model_dir, tile_dir, tmp_path):
     np.testing.assert_allclose(probs, manual.numpy(), atol=1e-5)
     assert not np.allclose(probs, plain.predict_pixel_values(pixel_values).numpy(), atol=1e-4)
     script = load_script("predict")
-    assert script.main(["--model", str(model_dir), "--inputs", *paths, "--output", str(tmp_path / "t.csv"),
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", *paths, "--output", str(tmp_path / "t.csv"),
                         "--tta", "--no_progress"]) == 0
     _, rows = read_csv(tmp_path / "t.csv")
     np.testing.assert_allclose([[float(r[c]) for c in CLASS_NAMES] for r in rows], probs, atol=2e-6)
@@ -179,3 +157,14 @@ def test_bf16_option_runs(predictor, tile_dir):
     bf16 = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, bf16=True)
     rows = list(bf16.predict_files([str(tile_dir / "tile_1.png")]))
     assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_probability_columns_are_plain_class_names(predictor):
+    from hf_tissue_vit.training import PREDICTION_COLUMNS
+
+    assert probability_columns(CLASS_NAMES, PREDICTION_COLUMNS) == CLASS_NAMES  # training's test_predictions.csv
+    assert predictor.csv_columns(2)[4:-2] == CLASS_NAMES  # predict.py: file, label, score, error, classes, top2
+    with pytest.raises(ValueError, match="clash"):
+        probability_columns(["Tumor", "label"], PREDICTION_COLUMNS)
+    with pytest.raises(ValueError, match="clash"):
+        probability_columns(["Tumor", "Tumor"], PREDICTION_COLUMNS)

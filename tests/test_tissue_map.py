@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script, tile_pixels
 from PIL import Image
-from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification
+from transformers import PretrainedConfig
 
-from conftest import tile_pixels
 from hf_tissue_vit.constants import CLASS_NAMES, KATHER_FOLDERS
 from hf_tissue_vit.predict import (
     BACKGROUND,
@@ -34,14 +32,6 @@ LAYOUT = np.array([
     [2, 2, 3, BACKGROUND, 5],
     [4, 3, 0, 5, 2],
 ])
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
 
 
 class MeanColourClassifier(torch.nn.Module):
@@ -153,36 +143,28 @@ def test_bad_geometry(colour_predictor):
         tissue_map(colour_predictor, np.zeros((60, 60, 3), np.uint8), tile=30, stride=0)
 
 
-def save_tiny_vit(path: Path) -> Path:
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=32, patch_size=8, id2label=dict(enumerate(CLASS_NAMES)),
-                       label2id={n: i for i, n in enumerate(CLASS_NAMES)})
-    ViTForImageClassification(config).save_pretrained(path)
-    make_image_processor(32).save_pretrained(path)
-    return path
-
-
-def test_script(tmp_path, capsys):
+def test_script(tmp_path, capsys, tiny_model_dir):
     script = load_script("tissue_map")
-    model = save_tiny_vit(tmp_path / "model")
     Image.fromarray(mosaic(LAYOUT, 40)).save(tmp_path / "slide.tif")
     out = tmp_path / "map"
-    assert script.main(["--model", str(model), "--image", str(tmp_path / "slide.tif"), "--output_dir", str(out),
-                        "--tile", "40", "--stride", "20", "--batch_size", "8"]) == 0
+
+    def run(image: str, *extra: str) -> int:
+        return script.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / image), "--output_dir", str(out),
+                            *extra])
+
+    assert run("slide.tif", "--tile", "40", "--stride", "20", "--batch_size", "8") == 0
     labels = np.load(out / "label_grid.npy")
     assert labels.shape == (7, 9) and labels[2, 4] == BACKGROUND  # the glass tile (1, 2) at stride 20
     assert (out / "tissue_map.png").is_file() and "background windows" in capsys.readouterr().out
-    assert script.main(["--model", str(model), "--image", str(tmp_path / "slide.tif"), "--output_dir", str(out),
-                        "--tile", "500"]) == 2
-    assert script.main(["--model", str(model), "--image", str(tmp_path / "nope.tif"), "--output_dir", str(out)]) == 2
+    assert run("slide.tif", "--tile", "500") == 2
+    assert run("nope.tif") == 2
     (tmp_path / "bad.tif").write_bytes(b"garbage")
-    assert script.main(["--model", str(model), "--image", str(tmp_path / "bad.tif"), "--output_dir", str(out)]) == 2
+    assert run("bad.tif") == 2
     assert "error:" in capsys.readouterr().err
 
 
 @pytest.mark.real_data
-def test_real_tile_mosaic(real_data_dir, tmp_path):
+def test_real_tile_mosaic(real_data_dir, tiny_model_dir):
     """Real 150 px Kather tiles, one per class: none is taken for background, the grid has the
     mosaic's shape, and the mechanics hold with a (random, untrained) tiny ViT."""
     folders = list(KATHER_FOLDERS)[:6]
@@ -192,8 +174,7 @@ def test_real_tile_mosaic(real_data_dir, tmp_path):
         with Image.open(path) as im:
             tiles.append(np.asarray(im.convert("RGB"))[:150, :150])
     image = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
-    model = save_tiny_vit(tmp_path / "model")
-    predictor = TilePredictor.from_pretrained(str(model), device="cpu", batch_size=8)
+    predictor = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=8)
     result = tissue_map(predictor, image, tile=150, stride=150)
     assert result.labels.shape == (2, 3) and (result.labels != BACKGROUND).all()
     assert sum(v["fraction_of_tissue"] for v in result.area_fractions()["classes"].values()) == pytest.approx(1.0)

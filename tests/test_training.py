@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -14,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
+from test_modeling import make_pretrained_checkpoint
 
 from hf_tissue_vit.constants import CLASS_NAMES
+from hf_tissue_vit.fileio import default_mode
 from hf_tissue_vit.training import parse_args
-from test_modeling import make_pretrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
@@ -35,14 +36,7 @@ FAST = [
 ]  # fmt: skip
 
 
-def _load_main():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-main = _load_main()
+main = load_script("finetune").main
 
 
 def _env() -> dict[str, str]:
@@ -68,8 +62,11 @@ def test_scratch_run_writes_every_output(scratch_run):
     out, code = scratch_run
     assert code == 0
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "all_results.json",
-                 "test_predictions.csv", "confusion_matrix.png", "training_curves.png", "trainer_state.json"):  # fmt: skip
+                 "test_predictions.csv", "confusion_matrix.png", "training_curves.png",
+                 "trainer_state.json"):  # fmt: skip
         assert (out / name).is_file(), name
+    for name in ("model.safetensors", "README.md", "all_results.json", "test_predictions.csv", "confusion_matrix.png"):
+        assert (out / name).stat().st_mode & 0o777 == default_mode(), f"{name} has private (mkstemp) permissions"
     results = json.loads((out / "all_results.json").read_text())
     for key in ("train_samples_per_second", "train_runtime", "train_loss", "eval_accuracy", "eval_macro_f1",
                 "test_accuracy", "test_macro_f1", "test_accuracy_tta", "test_macro_f1_tta", "test_per_class",
@@ -103,7 +100,8 @@ def test_scratch_run_learns(scratch_run):
     out, _ = scratch_run
     set_seed(0)  # the run seeds the same way before building the model
     init = load_model(None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=32, patch_size=8,
-                      overrides=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))  # fmt: skip
+                      overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                 "intermediate_size": 64})  # fmt: skip
     trained = ViTForImageClassification.from_pretrained(out).state_dict()
     changed = [k for k, v in init.state_dict().items() if not torch.equal(v, trained[k])]
     assert len(changed) == len(trained)
@@ -141,7 +139,8 @@ def test_finetune_pretrained_checkpoint(tiny_dataset_dir: Path, tmp_path: Path):
     ckpt = make_pretrained_checkpoint(tmp_path / "imagenet-vit")
     out = tmp_path / "finetuned"
     code = main(["--model_name_or_path", str(ckpt), "--image_size", "48", *FAST, "--dataset_dir",
-                 str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2", "--n_bootstrap", "0"])  # fmt: skip
+                 str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
+                 "--n_bootstrap", "0"])  # fmt: skip
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 48 and config["patch_size"] == 16
@@ -210,7 +209,9 @@ def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, 
         "foreign_output_dir": [*TINY_MODEL, *dataset, "--output_dir", str(tmp_path / "foreign")],
         "recipe_key": [*TINY_MODEL, *dataset, *out, "--config", str(tmp_path / "bad.yaml")],
     }[case]
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
@@ -227,6 +228,19 @@ def _resume_args(dataset_dir: Path, out: Path) -> list[str]:
             str(out), "--num_train_epochs", "5", "--eval_strategy", "steps", "--save_strategy", "steps",
             "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--logging_strategy", "steps",
             "--hidden_dropout_prob", "0.1", "--data_seed", "3"]  # fmt: skip
+
+
+def test_offline_without_dataset_names_finetune_flags(tmp_path: Path, monkeypatch, capsys):
+    """No --dataset_dir/--dataset_name and no download allowed: the error says what finetune.py accepts."""
+    from hf_tissue_vit import data
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path / "hf_home" / "downloads")  # nothing cached
+    assert main([*TINY_MODEL, *FAST, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "offline mode" in err and "--dataset_dir DIR" in err and "--dataset_name" in err
+    assert "prepare_dataset.py --source" in err  # --source only as part of the prepare_dataset.py command
+
 
 
 def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_path: Path):
@@ -289,16 +303,16 @@ def test_decode_tiles_once_with_cache_and_mixed_sizes(tmp_path: Path):
 
     tiles = [PILImage.new("RGB", (35, 35), (i * 40, 10, 200)) for i in range(3)] + [PILImage.new("RGB", (20, 20))]
     features = Features({"image": Image(), "label": ClassLabel(names=CLASS_NAMES), "filename": Value("string")})
-    Dataset.from_dict({"image": tiles, "label": [0, 1, 2, 3], "filename": list("abcd")}, features=features).save_to_disk(
-        str(tmp_path / "ds")
-    )
+    Dataset.from_dict(
+        {"image": tiles, "label": [0, 1, 2, 3], "filename": list("abcd")}, features=features
+    ).save_to_disk(str(tmp_path / "ds"))
     from datasets import load_from_disk
 
     split = load_from_disk(str(tmp_path / "ds"))
     pixels = decode_tiles(split, cache=True, cache_dir=tmp_path / "cache")
     assert pixels.shape == (4, 35, 35, 3) and pixels.dtype == torch.uint8  # the 20 px tile resized to the mode
     assert pixels[1, 0, 0].tolist() == [40, 10, 200]
-    (cached,) = list((tmp_path / "cache").glob("*.npy"))
+    (_cached,) = list((tmp_path / "cache").glob("*.npy"))
     assert torch.equal(decode_tiles(split, cache=True, cache_dir=tmp_path / "cache"), pixels)
     # collator: eval deterministic, train seeded by (seed, epoch, indices)
     train_tf = TileTransform(32, [0.5] * 3, [0.5] * 3, AugmentationConfig())
@@ -310,4 +324,7 @@ def test_decode_tiles_once_with_cache_and_mixed_sizes(tmp_path: Path):
     assert torch.equal(collate([train[i] for i in range(4)])["pixel_values"], batch["pixel_values"])
     train.set_epoch(1)
     assert not torch.equal(collate([train[i] for i in range(4)])["pixel_values"], batch["pixel_values"])
-    assert torch.equal(collate([evaluation[i] for i in range(4)])["pixel_values"], collate([evaluation[i] for i in range(4)])["pixel_values"])
+    assert torch.equal(
+        collate([evaluation[i] for i in range(4)])["pixel_values"],
+        collate([evaluation[i] for i in range(4)])["pixel_values"],
+    )

@@ -1,0 +1,86 @@
+"""The commands README.md shows, run as a user would type them (tiny data, tiny settings where the
+command takes flags)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TILES = ROOT.parent / "shared" / "data" / "kather2016_6class"
+TINY_MODEL = ["--image_size", "32", "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "2",
+              "--num_attention_heads", "2", "--intermediate_size", "64", "--report_to", "none"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ACCELERATE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+@pytest.fixture
+def served_release_zip(release_zip: Path):
+    """The synthetic release zip on a loopback HTTP server, standing in for Zenodo."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(release_zip.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{release_zip.name}", hashlib.md5(release_zip.read_bytes()).hexdigest()
+    server.shutdown()
+    server.server_close()
+
+
+def test_main_job_on_its_defaults(served_release_zip, tmp_path: Path) -> None:
+    """README setup step 2: ``python scripts/finetune.py`` with no arguments: default recipe, default
+    source (the release zip, downloaded, checked and built into the HF cache)."""
+    url, md5 = served_release_zip
+    env = _env(tmp_path, HF_TISSUE_VIT_KATHER_URL=url, HF_TISSUE_VIT_KATHER_MD5=md5)
+    _run([sys.executable, str(ROOT / "scripts" / "finetune.py")], cwd=tmp_path, env=env)
+    out = tmp_path / "outputs" / "vit-scratch-cpu"
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["label_names"] == ["Tumor", "Stroma", "Complex", "Lympho", "Debris", "Mucosa"]
+    assert results["hyperparameters"]["num_train_epochs"] == 30  # the recipe's value: no flag was given
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "test_predictions.csv"):
+        assert (out / name).is_file(), name
+
+
+def test_accelerate_launch_with_the_shipped_config(tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    """README: ``accelerate launch --config_file accelerate_config.yaml scripts/finetune.py ...``, with the
+    process count changed on the command line as README explains (CPU here: 2 processes)."""
+    out = tmp_path / "out"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+          "--num_processes", "2", "scripts/finetune.py", "--config", "scripts/recipes/scratch_cpu.yaml",
+          "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
+          "--use_cpu", "true", *TINY_MODEL], cwd=ROOT, env=_env(tmp_path))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hardware"]["num_processes"] == 2
+    assert results["test_samples"] == 12  # every test tile counted once across the two processes
+
+
+@pytest.mark.real_data
+def test_prepare_dataset_on_the_shared_tiles(tmp_path: Path) -> None:
+    """README: ``python scripts/prepare_dataset.py --source ../shared/data/kather2016_6class --output_dir ...``."""
+    if not SHARED_TILES.is_dir():
+        pytest.skip(f"real Kather tiles not found at {SHARED_TILES}")
+    from datasets import load_from_disk
+
+    _run([sys.executable, "scripts/prepare_dataset.py", "--source", "../shared/data/kather2016_6class",
+          "--output_dir", str(tmp_path / "kather6")], cwd=ROOT, env=_env(tmp_path))
+    dataset = load_from_disk(str(tmp_path / "kather6"))
+    assert {s: len(dataset[s]) for s in dataset} == {"train": 2142, "validation": 504, "test": 504}
+    assert dataset["train"].features["label"].names == ["Tumor", "Stroma", "Complex", "Lympho", "Debris", "Mucosa"]
