@@ -57,10 +57,8 @@ import torch
 from transformers import TrainerCallback
 
 from .constants import CLASS_NAMES, IMAGE_EXTENSIONS, KATHER_FOLDERS
-from .fileio import atomic_write_json, atomic_write_text
-from .training import (
-    _auto_num_workers,  # the package's default dataloader_num_workers (finetune.py's -1)
-)
+from .fileio import atomic_write_json, atomic_write_text, fix_permissions
+from .hardware import auto_num_workers, cpu_info, cpu_supports_bf16, default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +68,41 @@ DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "kather2016_6class"
 SCRATCH_RECIPE = REPO_ROOT / "scripts" / "recipes" / "scratch_cpu.yaml"
 # Used when the recipe file is not next to the package (e.g. an installed wheel): its model block.
 _FALLBACK_SMALL_MODEL = {
-    "model_preset": "tiny", "image_size": 72, "patch_size": 8, "hidden_size": 192, "num_hidden_layers": 6,
-    "num_attention_heads": 3, "intermediate_size": 576,
+    "model_preset": "tiny",
+    "image_size": 72,
+    "patch_size": 8,
+    "hidden_size": 192,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "intermediate_size": 576,
 }
-_MODEL_KEYS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_MODEL_KEYS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
 # Quick mode: a tiny ViT at 32 px so the whole benchmark runs in seconds (tests).
-_QUICK_MODEL = {"model_preset": "tiny", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "intermediate_size": 64}
-_QUICK_BASE_MODEL = {"model_preset": "tiny", "image_size": 32, "patch_size": 16, "hidden_size": 48,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96}
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+_QUICK_MODEL = {
+    "model_preset": "tiny",
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+_QUICK_BASE_MODEL = {
+    "model_preset": "tiny",
+    "image_size": 32,
+    "patch_size": 16,
+    "hidden_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 96,
+}
 GOALS = {"data": 5.0, "train_small": 1.5, "infer_single": 5.0, "infer_batched": 1.5}
 
 
@@ -92,26 +115,56 @@ class BenchmarkConfig:
 
     sections: str = field(default="data,train,infer", metadata={"help": f"Comma-separated subset of {SECTIONS}."})
     quick: bool = field(default=False, metadata={"help": "Tiny sizes (a tiny ViT, few tiles): seconds, for tests."})
-    repeats: int = field(default=5, metadata={"help": "Timed repeats per figure (after a warm-up); at least 5 for reports."})
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads for every run (default: torch's)."})
-    image_size: int | None = field(
-        default=None, metadata={"help": "Resolution of the small model (default: the scratch_cpu recipe's, 32 with --quick)."}
+    repeats: int = field(
+        default=5, metadata={"help": "Timed repeats per figure (after a warm-up); at least 5 for reports."}
     )
-    batch_size: int | None = field(default=None, metadata={"help": "Batch size of the data and small-model train runs (default 64, 8 with --quick)."})
-    base_image_size: int | None = field(default=None, metadata={"help": "Resolution of the ViT-B/16-shaped model (default 224)."})
-    base_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the ViT-B/16 train runs (default 8)."})
-    infer_batch_size: int | None = field(default=None, metadata={"help": "Batch size of TilePredictor and pipeline(batch_size=) (default 64)."})
-    num_tiles: int | None = field(default=None, metadata={"help": "Tiles taken from the source (default 768, 48 with --quick)."})
-    infer_tiles: int | None = field(default=None, metadata={"help": "PNG files classified per inference repeat (default 256)."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch intra-op threads for every run (default: torch's)."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Resolution of the small model (default: the scratch_cpu recipe's, 32 with --quick)."},
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the data and small-model train runs (default 64, 8 with --quick)."},
+    )
+    base_image_size: int | None = field(
+        default=None, metadata={"help": "Resolution of the ViT-B/16-shaped model (default 224)."}
+    )
+    base_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of the ViT-B/16 train runs (default 8)."}
+    )
+    infer_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of TilePredictor and pipeline(batch_size=) (default 64)."}
+    )
+    num_tiles: int | None = field(
+        default=None, metadata={"help": "Tiles taken from the source (default 768, 48 with --quick)."}
+    )
+    infer_tiles: int | None = field(
+        default=None, metadata={"help": "PNG files classified per inference repeat (default 256)."}
+    )
     data_batches: int | None = field(default=None, metadata={"help": "Batches per data-pipeline repeat (default 8)."})
-    train_steps: int | None = field(default=None, metadata={"help": "Small model: Trainer steps per timed repeat (default 4)."})
-    base_train_steps: int | None = field(default=None, metadata={"help": "ViT-B/16: Trainer steps per timed repeat (default 1)."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Trainer steps run before timing starts (default 3)."})
-    skip_base: bool = field(default=False, metadata={"help": "Leave out the ViT-B/16-shaped train runs (the slowest part)."})
+    train_steps: int | None = field(
+        default=None, metadata={"help": "Small model: Trainer steps per timed repeat (default 4)."}
+    )
+    base_train_steps: int | None = field(
+        default=None, metadata={"help": "ViT-B/16: Trainer steps per timed repeat (default 1)."}
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Trainer steps run before timing starts (default 3)."}
+    )
+    skip_base: bool = field(
+        default=False, metadata={"help": "Leave out the ViT-B/16-shaped train runs (the slowest part)."}
+    )
     variants: bool = field(default=True, metadata={"help": "Measure the speed-setting variants table."})
-    measure_compile: bool = field(default=True, metadata={"help": "Include torch.compile in the variants (full mode only; slow to compile)."})
+    measure_compile: bool = field(
+        default=True, metadata={"help": "Include torch.compile in the variants (full mode only; slow to compile)."}
+    )
     dataset_dir: str | None = field(default=None, metadata={"help": "A dataset saved by scripts/prepare_dataset.py."})
-    data_dir: str | None = field(default=None, metadata={"help": "A folder of class subfolders of tiles (e.g. the Kather release)."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "A folder of class subfolders of tiles (e.g. the Kather release)."}
+    )
     synthetic: bool = field(default=False, metadata={"help": "Use synthetic tiles even when real ones are available."})
     seed: int = field(default=0, metadata={"help": "Seed of the tile subset, model init and augmentation."})
 
@@ -119,11 +172,24 @@ class BenchmarkConfig:
         names = self.section_list()
         unknown = sorted(set(names) - set(SECTIONS))
         if unknown or not names:
-            raise ValueError(f"--sections {self.sections!r}: unknown {unknown or 'empty'}; use a comma list of {SECTIONS}")
+            raise ValueError(
+                f"--sections {self.sections!r}: unknown {unknown or 'empty'}; use a comma list of {SECTIONS}"
+            )
         if self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
-        for name in ("threads", "image_size", "batch_size", "base_image_size", "base_batch_size", "infer_batch_size",
-                     "num_tiles", "infer_tiles", "data_batches", "train_steps", "base_train_steps"):
+        for name in (
+            "threads",
+            "image_size",
+            "batch_size",
+            "base_image_size",
+            "base_batch_size",
+            "infer_batch_size",
+            "num_tiles",
+            "infer_tiles",
+            "data_batches",
+            "train_steps",
+            "base_train_steps",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -136,16 +202,34 @@ class BenchmarkConfig:
             if value and not Path(value).is_dir():
                 raise FileNotFoundError(f"--{name} {value}: no such folder")
         if self.quick:
-            quick = {"batch_size": 8, "base_batch_size": 4, "infer_batch_size": 8, "num_tiles": 48, "infer_tiles": 16,
-                     "data_batches": 3, "train_steps": 1, "base_train_steps": 1, "warmup_steps": 1}
+            quick = {
+                "batch_size": 8,
+                "base_batch_size": 4,
+                "infer_batch_size": 8,
+                "num_tiles": 48,
+                "infer_tiles": 16,
+                "data_batches": 3,
+                "train_steps": 1,
+                "base_train_steps": 1,
+                "warmup_steps": 1,
+            }
             for key, value in quick.items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
             self.measure_compile = False
             if self.threads is None:  # tiny ops: one thread avoids OpenMP stalls on a busy machine
                 self.threads = 1
-        full = {"batch_size": 64, "base_batch_size": 8, "infer_batch_size": 64, "num_tiles": 768, "infer_tiles": 256,
-                "data_batches": 8, "train_steps": 4, "base_train_steps": 1, "warmup_steps": 3}
+        full = {
+            "batch_size": 64,
+            "base_batch_size": 8,
+            "infer_batch_size": 64,
+            "num_tiles": 768,
+            "infer_tiles": 256,
+            "data_batches": 8,
+            "train_steps": 4,
+            "base_train_steps": 1,
+            "warmup_steps": 3,
+        }
         for key, value in full.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -154,7 +238,9 @@ class BenchmarkConfig:
         self.small_model = self._small_model()
         if self.image_size is not None:
             self.small_model["image_size"] = self.image_size
-        self.base_model = dict(_QUICK_BASE_MODEL) if self.quick else {"model_preset": "base", "image_size": 224, "patch_size": 16}
+        self.base_model = (
+            dict(_QUICK_BASE_MODEL) if self.quick else {"model_preset": "base", "image_size": 224, "patch_size": 16}
+        )
         if self.base_image_size is not None:
             self.base_model["image_size"] = self.base_image_size
         from .modeling import check_geometry
@@ -200,8 +286,13 @@ class BenchmarkConfig:
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """Median / min / max of per-repeat throughputs (plus the raw values)."""
     values = [float(v) for v in values]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "repeats": len(values), "values": [round(v, 3) for v in values]}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "repeats": len(values),
+        "values": [round(v, 3) for v in values],
+    }
 
 
 def time_repeats(run: Callable[[], int], repeats: int, warmup: int = 1) -> list[float]:
@@ -235,8 +326,9 @@ def _row(label: str, rates: Sequence[float], **extra: Any) -> dict[str, Any]:
     return {"label": label, **extra, **summarize(rates)}
 
 
-def _ratio(name: str, rows: dict[str, dict[str, Any]], numerator: str, denominator: str,
-           goal: float | None = None) -> dict[str, Any]:
+def _ratio(
+    name: str, rows: dict[str, dict[str, Any]], numerator: str, denominator: str, goal: float | None = None
+) -> dict[str, Any]:
     value = rows[numerator]["median"] / rows[denominator]["median"]
     out = {"name": name, "numerator": numerator, "denominator": denominator, "ratio": value}
     if goal is not None:
@@ -247,25 +339,6 @@ def _ratio(name: str, rows: dict[str, dict[str, Any]], numerator: str, denominat
 # --------------------------------------------------------------------------------------------
 # Machine facts
 # --------------------------------------------------------------------------------------------
-def cpu_info() -> dict[str, Any]:
-    """CPU model name and the instruction-set flags that matter for bf16/AMX speed (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return {"model": model, "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags]}
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
-    flags = set(cpu_info()["flags"])
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
 def machine_info() -> dict[str, Any]:
     """CPU, cores, threads, load and versions: everything a reader needs to judge the numbers."""
     import datasets
@@ -402,7 +475,9 @@ def prepare_data(config: BenchmarkConfig, workdir: Path) -> BenchData:
         files = _subset_folder(source, folder, config.num_tiles, config.seed)
     logger.info("building the package dataset from %d tiles in %s", len(files), folder)
     dataset = _flatten_splits(data.build_dataset(folder, seed=config.seed))
-    return BenchData(folder, dataset, files, {"kind": kind, "path": str(source) if source else None, "tiles": len(files)})
+    return BenchData(
+        folder, dataset, files, {"kind": kind, "path": str(source) if source else None, "tiles": len(files)}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +554,9 @@ def example_train_transforms(image_processor: Any) -> Callable[[dict[str, list]]
         return tensor.sub_(mean).div_(std)  # Normalize(mean, std) (on a copy, as F.normalize)
 
     def train_transforms(example_batch: dict[str, list]) -> dict[str, list]:
-        example_batch["pixel_values"] = [_train_transforms(pil_img.convert("RGB")) for pil_img in example_batch["image"]]
+        example_batch["pixel_values"] = [
+            _train_transforms(pil_img.convert("RGB")) for pil_img in example_batch["image"]
+        ]
         return example_batch
 
     return train_transforms
@@ -523,8 +600,9 @@ def package_pipeline(bench: BenchData, processor: Any, augmentation: Any, seed: 
     decode_seconds = time.perf_counter() - start
     labels = torch.as_tensor(np.asarray(bench.dataset["label"]), dtype=torch.long)
     dataset = TileDataset(pixels, labels, train=True)
-    collator = TileCollator(TileTransform.from_processor(processor, augmentation), TileTransform.from_processor(processor),
-                            seed=seed)
+    collator = TileCollator(
+        TileTransform.from_processor(processor, augmentation), TileTransform.from_processor(processor), seed=seed
+    )
     return PackagePipeline(dataset, collator, decode_seconds)
 
 
@@ -534,7 +612,9 @@ def _make_model(spec: dict[str, Any], seed: int, attn: str | None = None) -> Any
     from .modeling import scratch_config
 
     set_seed(seed)
-    config = scratch_config(spec["model_preset"], list(CLASS_NAMES), **{k: spec[k] for k in spec if k != "model_preset"})
+    config = scratch_config(
+        spec["model_preset"], list(CLASS_NAMES), **{k: spec[k] for k in spec if k != "model_preset"}
+    )
     model = ViTForImageClassification(config)
     if attn:
         model.set_attn_implementation(attn)
@@ -563,40 +643,64 @@ def _iterate_batches(loader: Any, n_batches: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-def bench_data(config: BenchmarkConfig, bench: BenchData, processor: Any, package: PackagePipeline,
-               baseline_ds: Any, workers: int) -> dict[str, Any]:
+def bench_data(
+    config: BenchmarkConfig, bench: BenchData, processor: Any, package: PackagePipeline, baseline_ds: Any, workers: int
+) -> dict[str, Any]:
     """Data pipeline images/s: example (imagefolder + set_transform + collate_fn) vs the package."""
     from torch.utils.data import DataLoader
 
     def loader(dataset: Any, collate: Callable, num_workers: int) -> DataLoader:
         g = torch.Generator().manual_seed(config.seed)
-        return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-                          num_workers=num_workers, generator=g, persistent_workers=num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=num_workers,
+            generator=g,
+            persistent_workers=num_workers > 0,
+        )
 
     base_loader = loader(baseline_ds, example_collate_fn, 0)  # Trainer's default: no workers
     pkg_loader = loader(package.dataset, package.collator, workers)
-    rates = time_interleaved({"baseline": lambda: _iterate_batches(base_loader, config.data_batches),
-                              "package": lambda: _iterate_batches(pkg_loader, config.data_batches)}, config.repeats)
+    rates = time_interleaved(
+        {
+            "baseline": lambda: _iterate_batches(base_loader, config.data_batches),
+            "package": lambda: _iterate_batches(pkg_loader, config.data_batches),
+        },
+        config.repeats,
+    )
     rows = {
-        "baseline": _row("transformers example (imagefolder + per-sample PIL transforms)", rates["baseline"],
-                         dataloader_num_workers=0),
-        "package": _row("package (decoded-once uint8 tiles + batched TileTransform collator)", rates["package"],
-                        dataloader_num_workers=workers),
+        "baseline": _row(
+            "transformers example (imagefolder + per-sample PIL transforms)",
+            rates["baseline"],
+            dataloader_num_workers=0,
+        ),
+        "package": _row(
+            "package (decoded-once uint8 tiles + batched TileTransform collator)",
+            rates["package"],
+            dataloader_num_workers=workers,
+        ),
     }
     # One-time decode (the package decodes each tile once, then reuses the uint8 array every epoch).
     n = len(package.dataset)
     decode_rate = n / max(package.decode_seconds, 1e-9)
     rows["package_first_epoch"] = _row(
         "package first epoch incl. the one-time decode (derived per repeat: 1/(1/decode + 1/steady))",
-        [1 / (1 / decode_rate + 1 / v) for v in rows["package"]["values"]], decode_tiles_per_s=decode_rate)
+        [1 / (1 / decode_rate + 1 / v) for v in rows["package"]["values"]],
+        decode_tiles_per_s=decode_rate,
+    )
     return {
         "title": "Data pipeline: decode + augment + collate into pixel_values",
         "unit": "images/s",
-        "batch_size": config.batch_size, "batches_per_repeat": config.data_batches,
+        "batch_size": config.batch_size,
+        "batches_per_repeat": config.data_batches,
         "image_size": config.small_model["image_size"],
         "rows": rows,
-        "ratios": [_ratio("package / example", rows, "package", "baseline", GOALS["data"]),
-                   _ratio("package first epoch / example", rows, "package_first_epoch", "baseline")],
+        "ratios": [
+            _ratio("package / example", rows, "package", "baseline", GOALS["data"]),
+            _ratio("package first epoch / example", rows, "package_first_epoch", "baseline"),
+        ],
     }
 
 
@@ -626,15 +730,37 @@ def _training_args(output_dir: Path, batch: int, max_steps: int, seed: int, **ex
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(output_dir), use_cpu=not torch.cuda.is_available(), per_device_train_batch_size=batch,
-        max_steps=max_steps, report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=seed, remove_unused_columns=False, **extra,
+        output_dir=str(output_dir),
+        use_cpu=not torch.cuda.is_available(),
+        per_device_train_batch_size=batch,
+        max_steps=max_steps,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+        remove_unused_columns=False,
+        **extra,
     )
 
 
-def train_run(kind: str, spec: dict[str, Any], dataset: Any, collator: Any, batch: int, warmup: int, steps: int,
-              repeats: int, seed: int, workdir: Path, *, bf16: bool = False, workers: int = 0,
-              attn: str | None = None) -> tuple[list[float], Any]:
+def train_run(
+    kind: str,
+    spec: dict[str, Any],
+    dataset: Any,
+    collator: Any,
+    batch: int,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    seed: int,
+    workdir: Path,
+    *,
+    bf16: bool = False,
+    workers: int = 0,
+    attn: str | None = None,
+) -> tuple[list[float], Any]:
     """One ``trainer.train()`` of ``warmup + repeats * steps`` steps; returns per-window images/s and the model."""
     from transformers import Trainer
 
@@ -645,15 +771,23 @@ def train_run(kind: str, spec: dict[str, Any], dataset: Any, collator: Any, batc
     trainer_cls = TissueTrainer if kind == "package" else Trainer
     # The example needs remove_unused_columns=False (its README passes --remove_unused_columns False:
     # set_transform reads the `image` column the Trainer would otherwise drop); the package sets it too.
-    args = _training_args(workdir / f"trainer_{kind}", batch, warmup + repeats * steps, seed, bf16=bf16,
-                          dataloader_num_workers=workers)
+    args = _training_args(
+        workdir / f"trainer_{kind}", batch, warmup + repeats * steps, seed, bf16=bf16, dataloader_num_workers=workers
+    )
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[timer])
     trainer.train()
     return _window_rates(timer.times, warmup, steps, repeats, batch), trainer.model
 
 
-def bench_train(config: BenchmarkConfig, bench: BenchData, processors: dict[str, Any], packages: dict[str, PackagePipeline],
-                baselines: dict[str, Any], settings: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], Any]:
+def bench_train(
+    config: BenchmarkConfig,
+    bench: BenchData,
+    processors: dict[str, Any],
+    packages: dict[str, PackagePipeline],
+    baselines: dict[str, Any],
+    settings: dict[str, Any],
+    workdir: Path,
+) -> tuple[dict[str, Any], Any]:
     """Trainer images/s per model: example pipeline (fp32 defaults) vs the package (its speed settings)."""
     rows: dict[str, dict[str, Any]] = {}
     ratios = []
@@ -663,31 +797,74 @@ def bench_train(config: BenchmarkConfig, bench: BenchData, processors: dict[str,
         models.append(("base", config.base_model, config.base_batch_size, config.base_train_steps))
     for name, spec, batch, steps in models:
         logger.info("train benchmark: %s model (%s), batch %d", name, _model_label(spec), batch)
-        base_rates, _ = train_run("baseline", spec, baselines[name], example_collate_fn, batch, config.warmup_steps,
-                                  steps, config.repeats, config.seed, workdir)
-        pkg_rates, model = train_run("package", spec, packages[name].dataset, packages[name].collator, batch,
-                                     config.warmup_steps, steps, config.repeats, config.seed, workdir,
-                                     bf16=settings["train_bf16"], workers=settings["train_dataloader_num_workers"],
-                                     attn=settings["attn_implementation"])
+        base_rates, _ = train_run(
+            "baseline",
+            spec,
+            baselines[name],
+            example_collate_fn,
+            batch,
+            config.warmup_steps,
+            steps,
+            config.repeats,
+            config.seed,
+            workdir,
+        )
+        pkg_rates, model = train_run(
+            "package",
+            spec,
+            packages[name].dataset,
+            packages[name].collator,
+            batch,
+            config.warmup_steps,
+            steps,
+            config.repeats,
+            config.seed,
+            workdir,
+            bf16=settings["train_bf16"],
+            workers=settings["train_dataloader_num_workers"],
+            attn=settings["attn_implementation"],
+        )
         label = _model_label(spec, model)
-        rows[f"{name}_baseline"] = _row("transformers example + Trainer defaults (fp32)", base_rates, model=label, batch_size=batch)
+        rows[f"{name}_baseline"] = _row(
+            "transformers example + Trainer defaults (fp32)", base_rates, model=label, batch_size=batch
+        )
         rows[f"{name}_package"] = _row(
             f"package (bf16 autocast={settings['train_bf16']}, attn={settings['attn_implementation']}, "
-            f"workers={settings['train_dataloader_num_workers']})", pkg_rates, model=label, batch_size=batch)
-        ratios.append(_ratio(f"{name}: package / example", rows, f"{name}_package", f"{name}_baseline",
-                             GOALS["train_small"] if name == "small" else None))
+            f"workers={settings['train_dataloader_num_workers']})",
+            pkg_rates,
+            model=label,
+            batch_size=batch,
+        )
+        ratios.append(
+            _ratio(
+                f"{name}: package / example",
+                rows,
+                f"{name}_package",
+                f"{name}_baseline",
+                GOALS["train_small"] if name == "small" else None,
+            )
+        )
         if name == "small":
             trained = model
     return {
         "title": "Training steps through Trainer (forward + backward + AdamW)",
         "unit": "images/s",
-        "warmup_steps": config.warmup_steps, "steps_per_repeat": {"small": config.train_steps, "base": config.base_train_steps},
-        "rows": rows, "ratios": ratios,
+        "warmup_steps": config.warmup_steps,
+        "steps_per_repeat": {"small": config.train_steps, "base": config.base_train_steps},
+        "rows": rows,
+        "ratios": ratios,
     }, trained
 
 
-def bench_infer(config: BenchmarkConfig, bench: BenchData, model: Any, processor: Any, workdir: Path,
-                model_state: str, use_bf16: bool) -> dict[str, Any]:
+def bench_infer(
+    config: BenchmarkConfig,
+    bench: BenchData,
+    model: Any,
+    processor: Any,
+    workdir: Path,
+    model_state: str,
+    use_bf16: bool,
+) -> dict[str, Any]:
     """tiles/s over PNG files: TilePredictor (fp32, and bf16 autocast when ``use_bf16``) vs pipeline()
     per image and pipeline(batch_size=); interleaved repeats. Goals are judged on the bf16 predictor
     when it is used (its predictions were checked against fp32 in the variants)."""
@@ -701,9 +878,17 @@ def bench_infer(config: BenchmarkConfig, bench: BenchData, model: Any, processor
     files = [str(p) for p in bench.files[: config.infer_tiles]]
     while len(files) < config.infer_tiles:  # small sources: cycle through the files
         files += [str(p) for p in bench.files[: config.infer_tiles - len(files)]]
-    predictor = TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=config.infer_batch_size)
-    predictor_bf16 = TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=config.infer_batch_size,
-                                                   bf16=True) if use_bf16 else None
+    fix_permissions(model_dir)
+    # Explicit precisions: TilePredictor's default (bf16=None) follows the hardware. Attention stays
+    # "auto" (SDPA for fp32, eager for bf16 on CPU), as predict.py runs it.
+    predictor = TilePredictor.from_pretrained(
+        str(model_dir), device="cpu", batch_size=config.infer_batch_size, bf16=False
+    )
+    predictor_bf16 = (
+        TilePredictor.from_pretrained(str(model_dir), device="cpu", batch_size=config.infer_batch_size, bf16=True)
+        if use_bf16
+        else None
+    )
     pipe = pipeline("image-classification", model=str(model_dir), device="cpu")
     bs = config.infer_batch_size
     runs = {"package": lambda: sum(1 for _ in predictor.predict_files(files))}
@@ -718,27 +903,57 @@ def bench_infer(config: BenchmarkConfig, bench: BenchData, model: Any, processor
     runs["pipeline_single"] = run_single
     runs["pipeline_batched"] = lambda: len(pipe(files, batch_size=bs))
     rates = time_interleaved(runs, config.repeats)
-    rows = {"package": _row(f"TilePredictor, default fp32 (batch {bs}, {predictor.num_workers} decode threads)", rates["package"])}
+    rows = {
+        "package": _row(
+            f"TilePredictor(bf16=False) / predict.py --bf16 false, {predictor.attn_implementation} "
+            f"(batch {bs}, {predictor.num_workers} decode threads)",
+            rates["package"],
+        )
+    }
     if predictor_bf16 is not None:
-        rows["package_bf16"] = _row(f"TilePredictor(bf16=True) / predict.py --bf16 (batch {bs})", rates["package_bf16"])
+        rows["package_bf16"] = _row(
+            f"TilePredictor(bf16=True) / predict.py --bf16 true, {predictor_bf16.attn_implementation} (batch {bs})",
+            rates["package_bf16"],
+        )
     rows["pipeline_single"] = _row("pipeline('image-classification') one image at a time", rates["pipeline_single"])
-    rows["pipeline_batched"] = _row(f"pipeline('image-classification', batch_size={bs}) over the list", rates["pipeline_batched"])
+    rows["pipeline_batched"] = _row(
+        f"pipeline('image-classification', batch_size={bs}) over the list", rates["pipeline_batched"]
+    )
     chosen = "package_bf16" if predictor_bf16 is not None else "package"
     ratios = []
     for key in rows:
         if key.startswith("package"):
             goal = key == chosen
-            ratios += [_ratio(f"{key} / pipeline one at a time", rows, key, "pipeline_single", GOALS["infer_single"] if goal else None),
-                       _ratio(f"{key} / pipeline batch_size={bs}", rows, key, "pipeline_batched", GOALS["infer_batched"] if goal else None)]
+            ratios += [
+                _ratio(
+                    f"{key} / pipeline one at a time",
+                    rows,
+                    key,
+                    "pipeline_single",
+                    GOALS["infer_single"] if goal else None,
+                ),
+                _ratio(
+                    f"{key} / pipeline batch_size={bs}",
+                    rows,
+                    key,
+                    "pipeline_batched",
+                    GOALS["infer_batched"] if goal else None,
+                ),
+            ]
     ours = [predictor.label_names[int(r.probs.argmax())] for r in predictor.predict_files(files)]
     theirs = [out[0]["label"] for out in pipe(files, batch_size=bs)]
     agreement = sum(a == b for a, b in zip(ours, theirs)) / len(files)
     return {
         "title": "Inference over PNG files (decode + preprocess + forward)",
-        "unit": "tiles/s", "tiles_per_repeat": len(files), "batch_size": bs,
-        "model": _model_label(config.small_model, model), "model_state": model_state,
+        "unit": "tiles/s",
+        "tiles_per_repeat": len(files),
+        "batch_size": bs,
+        "model": _model_label(config.small_model, model),
+        "model_state": model_state,
         "top1_agreement_package_vs_pipeline": agreement,
-        "package_setting_for_goals": chosen, "rows": rows, "ratios": ratios,
+        "package_setting_for_goals": chosen,
+        "rows": rows,
+        "ratios": ratios,
     }
 
 
@@ -749,8 +964,9 @@ def _autocast(bf16: bool) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _forward_rates(model: Any, pixel_values: torch.Tensor, repeats: int, *, bf16: bool = False,
-                   grad_mode: str = "inference_mode") -> list[float]:
+def _forward_rates(
+    model: Any, pixel_values: torch.Tensor, repeats: int, *, bf16: bool = False, grad_mode: str = "inference_mode"
+) -> list[float]:
     ctx = torch.inference_mode if grad_mode == "inference_mode" else torch.no_grad
 
     def run() -> int:
@@ -761,7 +977,9 @@ def _forward_rates(model: Any, pixel_values: torch.Tensor, repeats: int, *, bf16
     return time_repeats(run, repeats)
 
 
-def _train_step_rates(model: Any, pixel_values: torch.Tensor, labels: torch.Tensor, repeats: int, bf16: bool) -> list[float]:
+def _train_step_rates(
+    model: Any, pixel_values: torch.Tensor, labels: torch.Tensor, repeats: int, bf16: bool
+) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
@@ -787,11 +1005,15 @@ def _agreement(model: Any, pixel_values: torch.Tensor, batch: int) -> dict[str, 
             with _autocast(True):
                 bf16.append(model(pixel_values=chunk).logits.float().softmax(-1))
     a, b = torch.cat(fp32), torch.cat(bf16)
-    return {"top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-            "max_abs_prob_diff": float((a - b).abs().max())}
+    return {
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "max_abs_prob_diff": float((a - b).abs().max()),
+    }
 
 
-def bench_variants(config: BenchmarkConfig, package: PackagePipeline, eval_pixels: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+def bench_variants(
+    config: BenchmarkConfig, package: PackagePipeline, eval_pixels: torch.Tensor
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Measure the candidate speed settings; returns the table and the settings chosen from it."""
     from torch.utils.data import DataLoader
 
@@ -807,31 +1029,52 @@ def bench_variants(config: BenchmarkConfig, package: PackagePipeline, eval_pixel
             model = _make_model(spec, config.seed, attn)
             rows[f"train_{attn}_{'bf16' if bf16 else 'fp32'}"] = _row(
                 f"train step, {attn} attention, {'bf16 autocast' if bf16 else 'fp32'}",
-                _train_step_rates(model, train_px, train_labels, repeats, bf16), unit="images/s")
+                _train_step_rates(model, train_px, train_labels, repeats, bf16),
+                unit="images/s",
+            )
     # Inference forward at the inference batch size.
     infer_px = eval_pixels[: config.infer_batch_size]
     for attn in ("eager", "sdpa"):
         model = _make_model(spec, config.seed, attn).eval()
-        rows[f"infer_{attn}_fp32"] = _row(f"inference forward, {attn}, fp32, inference_mode",
-                                          _forward_rates(model, infer_px, repeats), unit="images/s")
+        rows[f"infer_{attn}_fp32"] = _row(
+            f"inference forward, {attn}, fp32, inference_mode",
+            _forward_rates(model, infer_px, repeats),
+            unit="images/s",
+        )
     model = _make_model(spec, config.seed, "sdpa").eval()
-    rows["infer_sdpa_fp32_no_grad"] = _row("inference forward, sdpa, fp32, no_grad",
-                                           _forward_rates(model, infer_px, repeats, grad_mode="no_grad"), unit="images/s")
-    rows["infer_sdpa_bf16"] = _row("inference forward, sdpa, bf16 autocast, inference_mode",
-                                   _forward_rates(model, infer_px, repeats, bf16=True), unit="images/s")
+    rows["infer_sdpa_fp32_no_grad"] = _row(
+        "inference forward, sdpa, fp32, no_grad",
+        _forward_rates(model, infer_px, repeats, grad_mode="no_grad"),
+        unit="images/s",
+    )
+    rows["infer_sdpa_bf16"] = _row(
+        "inference forward, sdpa, bf16 autocast, inference_mode",
+        _forward_rates(model, infer_px, repeats, bf16=True),
+        unit="images/s",
+    )
     eager = _make_model(spec, config.seed, "eager").eval()
-    rows["infer_eager_bf16"] = _row("inference forward, eager, bf16 autocast, inference_mode",
-                                    _forward_rates(eager, infer_px, repeats, bf16=True), unit="images/s")
+    rows["infer_eager_bf16"] = _row(
+        "inference forward, eager, bf16 autocast, inference_mode",
+        _forward_rates(eager, infer_px, repeats, bf16=True),
+        unit="images/s",
+    )
     del eager
     if config.measure_compile:
         rows.update(_compile_variant(model, infer_px, repeats))
     # DataLoader workers for the package collator (2 cores: 0 or 1 worker is the real choice).
     for workers in sorted({0, 1, min(2, max(0, (os.cpu_count() or 1) - 1))}):
-        loader = DataLoader(package.dataset, batch_size=batch, shuffle=True, collate_fn=package.collator,
-                            num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(
+            package.dataset,
+            batch_size=batch,
+            shuffle=True,
+            collate_fn=package.collator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         rates = time_repeats(functools.partial(_iterate_batches, loader, config.data_batches), repeats)
-        rows[f"data_workers_{workers}"] = _row(f"package data pipeline, dataloader_num_workers={workers}", rates,
-                                               unit="images/s")
+        rows[f"data_workers_{workers}"] = _row(
+            f"package data pipeline, dataloader_num_workers={workers}", rates, unit="images/s"
+        )
         del loader  # stops its worker processes before the next measurement
     # Only a check here (a random-init model has near-tied logits); the trained model's agreement is
     # added by run_benchmark after the train section.
@@ -841,16 +1084,31 @@ def bench_variants(config: BenchmarkConfig, package: PackagePipeline, eval_pixel
         return max(keys, key=lambda k: rows[k]["median"])
 
     best_train = fastest([k for k in rows if k.startswith("train_")])
-    train_bf16 = cpu_supports_bf16() and rows[f"train_{best_train.split('_')[1]}_bf16"]["median"] > \
-        rows[f"train_{best_train.split('_')[1]}_fp32"]["median"]
-    attn = fastest([f"train_eager_{'bf16' if train_bf16 else 'fp32'}", f"train_sdpa_{'bf16' if train_bf16 else 'fp32'}"]).split("_")[1]
+    train_bf16 = (
+        cpu_supports_bf16()
+        and rows[f"train_{best_train.split('_')[1]}_bf16"]["median"]
+        > rows[f"train_{best_train.split('_')[1]}_fp32"]["median"]
+    )
+    attn = fastest(
+        [f"train_eager_{'bf16' if train_bf16 else 'fp32'}", f"train_sdpa_{'bf16' if train_bf16 else 'fp32'}"]
+    ).split("_")[1]
     workers = int(fastest([k for k in rows if k.startswith("data_workers_")]).rsplit("_", 1)[1])
-    settings = {"attn_implementation": attn, "train_bf16": bool(train_bf16), "dataloader_num_workers": workers,
-                "train_dataloader_num_workers": _auto_num_workers(),
-                "cpu_supports_bf16": cpu_supports_bf16(), "bf16_vs_fp32": agreement}
-    table = {"title": "Speed-setting variants (small model; picked by measurement for the package runs)",
-             "unit": "images/s", "batch_size": batch, "infer_batch_size": config.infer_batch_size,
-             "rows": rows, "chosen": settings}
+    settings = {
+        "attn_implementation": attn,
+        "train_bf16": bool(train_bf16),
+        "dataloader_num_workers": workers,
+        "train_dataloader_num_workers": auto_num_workers(),
+        "cpu_supports_bf16": cpu_supports_bf16(),
+        "bf16_vs_fp32": agreement,
+    }
+    table = {
+        "title": "Speed-setting variants (small model; picked by measurement for the package runs)",
+        "unit": "images/s",
+        "batch_size": batch,
+        "infer_batch_size": config.infer_batch_size,
+        "rows": rows,
+        "chosen": settings,
+    }
     return table, settings
 
 
@@ -862,20 +1120,38 @@ def _compile_variant(model: Any, pixel_values: torch.Tensor, repeats: int) -> di
         with torch.inference_mode():
             compiled(pixel_values=pixel_values)
         compile_s = time.perf_counter() - start
-        return {"infer_sdpa_fp32_compiled": _row(
-            "inference forward, sdpa, fp32, torch.compile (after compiling)",
-            _forward_rates(compiled, pixel_values, repeats), unit="images/s", compile_seconds=round(compile_s, 1))}
+        return {
+            "infer_sdpa_fp32_compiled": _row(
+                "inference forward, sdpa, fp32, torch.compile (after compiling)",
+                _forward_rates(compiled, pixel_values, repeats),
+                unit="images/s",
+                compile_seconds=round(compile_s, 1),
+            )
+        }
     except Exception as err:  # noqa: BLE001 - inductor needs a compiler toolchain; record why it failed
         logger.warning("torch.compile variant failed: %s", err)
-        return {"infer_sdpa_fp32_compiled": {"label": f"torch.compile failed: {type(err).__name__}: {err}"[:300],
-                                             "median": None, "min": None, "max": None, "repeats": 0}}
+        return {
+            "infer_sdpa_fp32_compiled": {
+                "label": f"torch.compile failed: {type(err).__name__}: {err}"[:300],
+                "median": None,
+                "min": None,
+                "max": None,
+                "repeats": 0,
+            }
+        }
 
 
 def _default_settings() -> dict[str, Any]:
     """Package speed settings when the variants are not measured."""
-    return {"attn_implementation": "sdpa", "train_bf16": cpu_supports_bf16(), "dataloader_num_workers": 0,
-            "train_dataloader_num_workers": _auto_num_workers(),
-            "cpu_supports_bf16": cpu_supports_bf16(), "bf16_vs_fp32": None}
+    bf16 = cpu_supports_bf16()
+    return {
+        "attn_implementation": default_attn_implementation("cpu", bf16),
+        "train_bf16": bf16,
+        "dataloader_num_workers": 0,
+        "train_dataloader_num_workers": auto_num_workers(),
+        "cpu_supports_bf16": cpu_supports_bf16(),
+        "bf16_vs_fp32": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,7 +1167,9 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_benchmark(config: BenchmarkConfig, command: str = "", workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+def run_benchmark(
+    config: BenchmarkConfig, command: str = "", workdir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Run the configured sections and return the results (JSON-ready dict)."""
     from .transforms import make_image_processor
 
@@ -899,10 +1177,17 @@ def run_benchmark(config: BenchmarkConfig, command: str = "", workdir: str | os.
     sections = config.section_list()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_threads(config.threads))
-        tmp = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_tissue_vit_bench_")))
+        tmp = (
+            Path(workdir)
+            if workdir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_tissue_vit_bench_")))
+        )
         results: dict[str, Any] = {
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "command": command, "machine": machine_info(), "settings": _settings_dict(config), "sections": {},
+            "command": command,
+            "machine": machine_info(),
+            "settings": _settings_dict(config),
+            "sections": {},
         }
         bench = prepare_data(config, tmp)
         results["data_source"] = bench.source
@@ -925,8 +1210,9 @@ def run_benchmark(config: BenchmarkConfig, command: str = "", workdir: str | os.
             logger.info("data pipeline benchmark")
             mark = time.perf_counter()
             baseline = load_example_dataset(bench.folder, processors["small"], tmp / "hf_cache")
-            results["sections"]["data"] = bench_data(config, bench, processors["small"], packages["small"], baseline,
-                                                     settings["dataloader_num_workers"])
+            results["sections"]["data"] = bench_data(
+                config, bench, processors["small"], packages["small"], baseline, settings["dataloader_num_workers"]
+            )
             timings["data"] = round(time.perf_counter() - mark, 1)
         trained = None
         if "train" in sections:
@@ -935,7 +1221,9 @@ def run_benchmark(config: BenchmarkConfig, command: str = "", workdir: str | os.
             for name in names:
                 packages.setdefault(name, package_pipeline(bench, processors[name], augmentation, config.seed))
             baselines = {name: load_example_dataset(bench.folder, processors[name], tmp / "hf_cache") for name in names}
-            results["sections"]["train"], trained = bench_train(config, bench, processors, packages, baselines, settings, tmp)
+            results["sections"]["train"], trained = bench_train(
+                config, bench, processors, packages, baselines, settings, tmp
+            )
             if trained is not None:
                 # A clean copy: accelerate wraps the trained model's forward in its mixed-precision autocast.
                 clean = _make_model(config.small_model, config.seed)
@@ -948,17 +1236,25 @@ def run_benchmark(config: BenchmarkConfig, command: str = "", workdir: str | os.
             logger.info("inference benchmark")
             mark = time.perf_counter()
             model = trained if trained is not None else _make_model(config.small_model, config.seed)
-            state = (f"trained {config.warmup_steps + config.repeats * config.train_steps} steps by the package train run"
-                     if trained is not None else "random init")
+            state = (
+                f"trained {config.warmup_steps + config.repeats * config.train_steps} steps by the package train run"
+                if trained is not None
+                else "random init"
+            )
             check = settings.get("bf16_vs_fp32_trained") or settings.get("bf16_vs_fp32")
             vrows = results.get("variants", {}).get("rows", {})
-            faster = bool(vrows) and vrows["infer_sdpa_bf16"]["median"] > vrows["infer_sdpa_fp32"]["median"]
-            # TilePredictor runs SDPA; bf16 only where it is faster here and agrees with fp32.
+            # TilePredictor's auto attention: SDPA in fp32, eager under bf16 on CPU (hardware.py); the bf16 row
+            # is shown only where that pair is faster here and bf16 agrees with fp32.
+            bf16_key = f"infer_{default_attn_implementation('cpu', True)}_bf16"
+            fp32_key = f"infer_{default_attn_implementation('cpu', False)}_fp32"
+            faster = bool(vrows) and vrows[bf16_key]["median"] > vrows[fp32_key]["median"]
             use_bf16 = bool(settings["cpu_supports_bf16"] and faster and check and check["top1_agreement"] >= 0.99)
             settings["infer_bf16"] = use_bf16
             results["sections"]["infer"] = bench_infer(config, bench, model, processors["small"], tmp, state, use_bf16)
             timings["infer"] = round(time.perf_counter() - mark, 1)
-        results["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+        results["machine"]["load_average_end"] = (
+            [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+        )
         results["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -984,8 +1280,14 @@ def _rows_table(rows: dict[str, dict[str, Any]], unit: str, extra: Sequence[str]
     head = ["what", *extra, f"median {unit}", "min", "max", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows.values():
-        cells = [row["label"], *(_fmt(row.get(e, "")) for e in extra), _fmt(row["median"]), _fmt(row["min"]),
-                 _fmt(row["max"]), str(row.get("repeats", ""))]
+        cells = [
+            row["label"],
+            *(_fmt(row.get(e, "")) for e in extra),
+            _fmt(row["median"]),
+            _fmt(row["min"]),
+            _fmt(row["max"]),
+            str(row.get("repeats", "")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -993,15 +1295,23 @@ def _rows_table(rows: dict[str, dict[str, Any]], unit: str, extra: Sequence[str]
 def to_markdown(results: dict[str, Any]) -> str:
     """The results as Markdown: machine, one table per section with its ratios, the variants."""
     m = results["machine"]
-    out = ["# hf_tissue_vit speed benchmark", "",
-           f"- date: {results['date']}", f"- command: `{results['command']}`",
-           (f"- machine: {m['cpu_model']}, {m['cpu_count']} cores, torch threads {results['settings']['threads']}, "
+    shown_settings = {k: v for k, v in results["package_settings"].items() if not k.startswith("bf16_vs")}
+    out = [
+        "# hf_tissue_vit speed benchmark",
+        "",
+        f"- date: {results['date']}",
+        f"- command: `{results['command']}`",
+        (
+            f"- machine: {m['cpu_model']}, {m['cpu_count']} cores, torch threads {results['settings']['threads']}, "
             f"flags {', '.join(m['cpu_flags']) or 'none'}; load average at start {m['load_average_1_5_15']}, "
-            f"end {m.get('load_average_end')}"),
-           f"- versions: torch {m['torch']}, transformers {m['transformers']}, datasets {m['datasets']}, python {m['python']}",
-           f"- tiles: {results['data_source']}",
-           f"- package settings (measured): {json.dumps({k: v for k, v in results['package_settings'].items() if not k.startswith('bf16_vs')})}",
-           ""]
+            f"end {m.get('load_average_end')}"
+        ),
+        f"- versions: torch {m['torch']}, transformers {m['transformers']}, datasets {m['datasets']}, "
+        f"python {m['python']}",
+        f"- tiles: {results['data_source']}",
+        f"- package settings (measured): {json.dumps(shown_settings)}",
+        "",
+    ]
     for name, section in results["sections"].items():
         out += [f"## {name}: {section['title']}", ""]
         extra = ("model", "batch_size") if name == "train" else ()
@@ -1012,9 +1322,14 @@ def to_markdown(results: dict[str, Any]) -> str:
             met = ("yes" if r["met"] else "no") if "met" in r else ""
             out.append(f"| {r['name']} | {r['ratio']:.2f}x | {goal} | {met} |")
         if name == "infer":
-            out += ["", (f"Model: {section['model']} ({section['model_state']}); top-1 agreement TilePredictor vs "
-                         f"pipeline: {section['top1_agreement_package_vs_pipeline']:.3f}; goals judged on "
-                         f"`{section['package_setting_for_goals']}`.")]
+            out += [
+                "",
+                (
+                    f"Model: {section['model']} ({section['model_state']}); top-1 agreement TilePredictor vs "
+                    f"pipeline: {section['top1_agreement_package_vs_pipeline']:.3f}; goals judged on "
+                    f"`{section['package_setting_for_goals']}`."
+                ),
+            ]
         out.append("")
     if "variants" in results:
         v = results["variants"]
@@ -1024,8 +1339,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         for key in ("bf16_vs_fp32", "bf16_vs_fp32_trained"):
             if settings.get(key):
                 a = settings[key]
-                out.append(f"\nbf16 autocast vs fp32 ({key.replace('bf16_vs_fp32', '').strip('_') or 'random-init model'}): "
-                           f"top-1 agreement {a['top1_agreement']:.3f}, max |Δprob| {a['max_abs_prob_diff']:.4f}")
+                out.append(
+                    f"\nbf16 autocast vs fp32 ({key.replace('bf16_vs_fp32', '').strip('_') or 'random-init model'}): "
+                    f"top-1 agreement {a['top1_agreement']:.3f}, max |Δprob| {a['max_abs_prob_diff']:.4f}"
+                )
         out.append("")
     out.append(f"Total benchmark time: {results.get('elapsed_seconds')} s ({results.get('section_seconds')}).")
     return "\n".join(out) + "\n"

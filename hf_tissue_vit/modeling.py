@@ -136,9 +136,32 @@ def load_model(
     image_size: int | None = None,
     patch_size: int | None = None,
     overrides: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
 ) -> ViTForImageClassification:
     """A ViT classifier for ``id2label``: a fresh preset (``from_scratch``) or a checkpoint with its
-    head swapped for a new ``len(id2label)``-way head and position embeddings resized to ``image_size``."""
+    head swapped for a new ``len(id2label)``-way head and position embeddings resized to ``image_size``.
+
+    ``attn_implementation`` ("eager" / "sdpa"; None = transformers' default, SDPA) selects the attention
+    kernel (see :func:`hardware.default_attn_implementation` for which is faster where). It is a runtime
+    setting: ``save_pretrained`` does not write it into config.json.
+    """
+    if attn_implementation is not None and attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be 'eager' or 'sdpa' (or None), got {attn_implementation!r}")
+    model = _build_model(model_name_or_path, from_scratch, preset, id2label, image_size, patch_size, overrides)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def _build_model(
+    model_name_or_path: str | None,
+    from_scratch: bool,
+    preset: str,
+    id2label: dict[int, str] | list[str],
+    image_size: int | None,
+    patch_size: int | None,
+    overrides: dict[str, Any] | None,
+) -> ViTForImageClassification:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     id2label, label2id = _label_maps(id2label)
     if from_scratch:

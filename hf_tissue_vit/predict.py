@@ -4,8 +4,10 @@
 prefetch window needs them), decodes them in a thread pool (PIL releases the GIL), preprocesses
 whole batches with the eval path of :class:`~hf_tissue_vit.transforms.TileTransform` (the same
 resize/rescale/normalise as the saved image processor, without a per-image processor call), and runs
-the model under ``torch.inference_mode`` with SDPA attention. Unreadable files become rows with
-``error`` set. Memory is bounded by ``batch_size`` + the prefetch window, whatever the number of files.
+the model under ``torch.inference_mode`` (by default with bf16 autocast where the hardware has native
+bf16, and the attention kernel that is fastest for that precision: see :mod:`hf_tissue_vit.hardware`).
+Unreadable files become rows with ``error`` set. Memory is bounded by ``batch_size`` + the prefetch
+window, whatever the number of files.
 
 :func:`tissue_map` classifies a large image window by window: row strips of windows are cut with
 ``Tensor.unfold`` (a view), mostly-background windows (near-white or black glass, see
@@ -44,6 +46,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import hardware
 from .constants import IMAGE_EXTENSIONS
 from .fileio import atomic_write, atomic_write_json, save_figure_atomic
 from .transforms import TileTransform, dihedral_views, image_to_uint8
@@ -164,14 +167,18 @@ class TilePredictor:
     """Batched, streaming tile classifier around a ``ViTForImageClassification`` and its processor.
 
     Args:
-        model: classifier returning ``.logits``; switched to eval mode and, when it supports it,
-            SDPA attention (much faster than eager on CPU; attention maps use their own eager switch).
+        model: classifier returning ``.logits``; switched to eval mode and, when it is a transformers
+            model, to ``attn_implementation`` (the model is changed in place).
         processor: the saved image processor; only its size/mean/std are used (through TileTransform).
         device: default the model's device.
         batch_size: tiles per forward pass.
         tta: average softmax over the 8 dihedral views (8x the compute).
         num_workers: decoding threads (0 = decode in the calling thread).
-        bf16: run the forward under bf16 autocast (off by default: check predictions on your data).
+        bf16: run the forward under bf16 autocast. None (default) = where the device supports it natively
+            (:func:`hardware.bf16_supported`: a bf16 GPU, or a CPU with AMX-BF16/AVX512-BF16; measured +46%
+            tiles/s on CPU with 99.6% of predictions equal to fp32). Pass False for fp32-exact numbers.
+        attn_implementation: "eager", "sdpa" or "auto" (default: :func:`hardware.default_attn_implementation`,
+            eager on CPU with bf16, where SDPA is much slower, else SDPA).
     """
 
     def __init__(
@@ -182,20 +189,26 @@ class TilePredictor:
         batch_size: int = 64,
         tta: bool = False,
         num_workers: int | None = None,
-        bf16: bool = False,
+        bf16: bool | None = None,
+        attn_implementation: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        if hasattr(model, "set_attn_implementation") and model.config._attn_implementation == "eager":
-            with contextlib.suppress(ValueError, ImportError):  # keep eager where SDPA is unavailable
-                model.set_attn_implementation("sdpa")
+        self.bf16 = hardware.bf16_supported(self.device) if bf16 is None else bool(bf16)
+        self.attn_implementation = hardware.resolve_attn_implementation(attn_implementation, self.device, self.bf16)
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if hasattr(model, "set_attn_implementation") and current != self.attn_implementation:
+            try:
+                model.set_attn_implementation(self.attn_implementation)
+            except (ValueError, ImportError) as err:  # e.g. SDPA unavailable: keep what the model has
+                logger.warning("keeping %s attention (%s)", current, err)
+                self.attn_implementation = current
         self.transform = TileTransform.from_processor(processor)
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
-        self.bf16 = bool(bf16)
         self.label_names = label_names_of(model)
 
     @classmethod

@@ -38,7 +38,9 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import hardware
 from .fileio import atomic_write, atomic_write_json, fix_permissions
+from .hardware import hardware_info
 from .modeling import (
     DEFAULT_BASE_MODEL,
     MODEL_PRESETS,
@@ -77,11 +79,6 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def _auto_num_workers() -> int:
-    # One core stays with the training process; the augmentation is batched, so few workers suffice.
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
-
-
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
@@ -112,10 +109,19 @@ class ModelArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "Override: MLP size (from scratch)."})
     hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Override: dropout."})
     attention_probs_dropout_prob: float | None = field(default=None, metadata={"help": "Override: attention dropout."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel for training: auto, eager or sdpa. auto = eager on CPU with bf16 (measured on a "
+            "2-core AMX Xeon: bf16 eager 116 images/s vs bf16 SDPA 63, fp32 both ~49), sdpa otherwise.",
+            "choices": list(hardware.ATTN_IMPLEMENTATIONS),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.from_scratch and self.model_preset not in MODEL_PRESETS:
             raise ValueError(f"unknown --model_preset {self.model_preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        hardware.check_attn_implementation(self.attn_implementation)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -197,7 +203,11 @@ class TissueTrainingArguments(TrainingArguments):
         metadata={"help": "Expected class names in label order; training refuses a dataset whose names differ."},
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it, else off."}
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision; default: on when the GPU supports it, or, training on CPU, when the "
+            "CPU has native bf16 (AMX-BF16/AVX512-BF16: ~2.4x faster training measured); --bf16 false turns it off."
+        },
     )
     dataloader_num_workers: int = field(
         default=-1, metadata={"help": "DataLoader worker processes; -1 = min(4, cpus - 1)."}
@@ -237,11 +247,14 @@ class TissueTrainingArguments(TrainingArguments):
             logger.warning("remove_unused_columns is ignored: the package's collator provides the model inputs")
             self.remove_unused_columns = False
         if self.bf16 is None:
-            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            self.bf16 = hardware.default_training_bf16(self.use_cpu)
+            if self.bf16 and not self.use_cpu and not hardware.has_accelerator():
+                # transformers accepts bf16 without a GPU only with use_cpu; the run is on the CPU anyway
+                self.use_cpu = True
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns otherwise)
         if self.dataloader_num_workers < 0:
-            self.dataloader_num_workers = _auto_num_workers()
+            self.dataloader_num_workers = hardware.auto_num_workers()
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:
@@ -501,9 +514,11 @@ def run_signature(model_args: ModelArguments, data_args: DataArguments, training
     }
     if data.get("dataset_dir"):
         data["dataset_dir"] = str(Path(data["dataset_dir"]).resolve())
+    # The attention kernel changes speed, not what is learned: left out, so a run resumes under either.
+    model = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "attn_implementation"}
     training = {k: getattr(training_args, k) for k in _SIGNATURE_TRAINING_FIELDS}
     training = {k: (v.value if hasattr(v, "value") else v) for k, v in training.items()}
-    return json.loads(json.dumps({"model": dataclasses.asdict(model_args), "data": data, "training": training}))
+    return json.loads(json.dumps({"model": model, "data": data, "training": training}))
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -625,21 +640,6 @@ def _figure(path: Path, draw: Any, *args: Any, **kwargs: Any) -> None:
         draw(*args, str(path), **kwargs)
     except Exception as err:  # noqa: BLE001 - matplotlib failures vary
         logger.warning("could not write %s: %s", path, err)
-
-
-def hardware_info(training_args: TrainingArguments) -> dict[str, Any]:
-    """Device, process count and threads, for all_results.json and the model card."""
-    info: dict[str, Any] = {
-        "device": str(training_args.device.type),
-        "num_processes": training_args.world_size,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "mixed_precision": "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else "no"),
-    }
-    if training_args.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(training_args.device)
-    return info
 
 
 def versions() -> dict[str, str]:
@@ -766,6 +766,9 @@ def run_finetune(
     _check_label_names(label_names, training_args.expected_label_names, "the dataset")
     resume = prepare_output_dir(signature, training_args)
 
+    attn_implementation = hardware.resolve_attn_implementation(
+        model_args.attn_implementation, training_args.device, bool(training_args.bf16)
+    )
     set_seed(training_args.seed)  # the same random init for the same seed
     model = load_model(
         model_args.model_name_or_path,
@@ -775,6 +778,7 @@ def run_finetune(
         image_size=model_args.image_size,
         patch_size=model_args.patch_size,
         overrides=model_args.overrides(),
+        attn_implementation=attn_implementation,
     )
     mean, std = _processor_stats(model_args)
     processor = make_image_processor(model.config.image_size, mean, std)
@@ -842,6 +846,7 @@ def run_finetune(
             "num_attention_heads": model.config.num_attention_heads,
             "intermediate_size": model.config.intermediate_size,
             "num_parameters": trainer.model.num_parameters(),
+            "attn_implementation": attn_implementation,
         },
         recipe=data_args.config,
     )

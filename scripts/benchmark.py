@@ -2,7 +2,8 @@
 the transformers example pipeline (run_image_classification.py) and pipeline("image-classification").
 
     python scripts/benchmark.py --output_dir outputs/benchmark
-    python scripts/benchmark.py --sections data,infer --repeats 7 --threads 2 --data_dir ../shared/data/kather2016_6class
+    python scripts/benchmark.py --sections data,infer --repeats 7 --threads 2 \
+        --data_dir ../shared/data/kather2016_6class
     python scripts/benchmark.py --quick --synthetic            # tiny sizes, seconds (what the tests run)
 
 Tiles: --dataset_dir (prepared dataset) or --data_dir (class subfolders), else the real Kather tiles
@@ -33,9 +34,12 @@ from hf_tissue_vit.cli import run_main
 
 @dataclass
 class OutputArguments:
-    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Folder for benchmark.json and benchmark.md."})
+    output_dir: str = field(
+        default="outputs/benchmark", metadata={"help": "Folder for benchmark.json and benchmark.md."}
+    )
     workdir: str | None = field(
-        default=None, metadata={"help": "Keep the temporary tiles, caches and saved model here (default: a temp dir, removed)."}
+        default=None,
+        metadata={"help": "Keep the temporary tiles, caches and saved model here (default: a temp dir, removed)."},
     )
     quiet: bool = field(default=False, metadata={"help": "Log warnings only (default: progress at INFO level)."})
 
@@ -49,8 +53,10 @@ def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((BenchmarkConfig, OutputArguments))
     config, output = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    logging.basicConfig(level=logging.WARNING if output.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if output.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     command = ("python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in argv)).strip()
     results = run_benchmark(config, command=command, workdir=output.workdir)
     paths = write_results(results, output.output_dir)

@@ -1,7 +1,7 @@
 """Classify a large H&E image window by window and draw a colour-coded tissue map.
 
     python scripts/tissue_map.py --model outputs/vit_scratch_cpu --image CRC-Prim-HE-01.tif \
-        --output_dir tissue_map_01 [--tile 150] [--stride 150|75] [--background_threshold 0.8]
+        --output_dir tissue_map_01 [--tile 150] [--stride 150|75] [--background_threshold 0.8] [--bf16 auto]
 
 Writes tissue_map.png (class colours over the downscaled image, legend with area fractions),
 class_fractions.csv/.json, label_grid.npy (int16, -1 = background window) and probabilities.npy.
@@ -18,6 +18,7 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.hardware import parse_bf16_flag
 from hf_tissue_vit.predict import TilePredictor, open_large_image, save_tissue_map, tissue_map
 
 
@@ -35,6 +36,9 @@ class TissueMapArguments:
     max_side: int = field(default=1024, metadata={"help": "Longest side of the picture's background image."})
     max_image_pixels: int | None = field(default=None, metadata={"help": "Raise PIL's decompression-bomb limit "
                                                                            "(default about 89 Mpx)."})
+    bf16: str = field(default="auto", metadata={
+        "help": "bf16 autocast: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
+        "nargs": "?", "const": "true"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
 
@@ -43,6 +47,7 @@ class TissueMapArguments:
             raise ValueError("--tile, --stride and --batch_size must be >= 1 and --max_side >= 16")
         if not 0 < self.background_threshold <= 1:
             raise ValueError(f"--background_threshold must be in (0, 1], got {self.background_threshold}")
+        parse_bf16_flag(self.bf16)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -55,7 +60,7 @@ def _run(argv: list[str] | None) -> int:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
-                                                  tta=args.tta)
+                                                  tta=args.tta, bf16=parse_bf16_flag(args.bf16))
         result = tissue_map(predictor, image, tile=args.tile, stride=args.stride,
                             background_threshold=args.background_threshold, progress=True)
         paths = save_tissue_map(result, image, args.output_dir, max_side=args.max_side)

@@ -3,29 +3,18 @@ example-baseline transforms (shapes, normalisation) it is compared against."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from hf_tissue_vit import benchmark
 from hf_tissue_vit.transforms import make_image_processor
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _check_stats(row: dict, where: str) -> None:
@@ -39,7 +28,8 @@ def _check_stats(row: dict, where: str) -> None:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, float, str]:
     out = tmp_path_factory.mktemp("bench_out")
     start = time.perf_counter()
-    rc = _script().main(["--quick", "--synthetic", "--repeats", "3", "--output_dir", str(out), "--quiet"])
+    args = ["--quick", "--synthetic", "--repeats", "3", "--output_dir", str(out), "--quiet"]
+    rc = load_script("benchmark").main(args)
     return rc, out, time.perf_counter() - start, ""
 
 
@@ -92,7 +82,7 @@ def test_quick_run_variants_and_markdown(quick_run) -> None:
 
 
 def test_sections_subset_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    main = _script().main
+    main = load_script("benchmark").main
     assert main(["--sections", "data,bogus", "--output_dir", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["--quick", "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path)]) == 2
@@ -126,7 +116,8 @@ def test_example_transforms_match_torchvision_semantics() -> None:
         assert pv.shape == (3, 24, 24) and pv.dtype == torch.float32
         expected = (torch.tensor([51, 102, 204]) / 255 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.2, 0.25, 0.5])
         assert torch.allclose(pv.mean(dim=(1, 2)), expected, atol=1e-5)
-    collated = benchmark.example_collate_fn([{"pixel_values": pv, "label": i} for i, pv in enumerate(batch["pixel_values"])])
+    examples = [{"pixel_values": pv, "label": i} for i, pv in enumerate(batch["pixel_values"])]
+    collated = benchmark.example_collate_fn(examples)
     assert collated["pixel_values"].shape == (2, 3, 24, 24) and collated["labels"].tolist() == [0, 1]
 
 

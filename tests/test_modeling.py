@@ -77,6 +77,21 @@ def test_load_model_from_scratch_has_our_labels():
     assert out.logits.shape == (2, 6)
 
 
+def test_load_model_sets_the_attention_implementation(pretrained_dir: Path):
+    common = dict(id2label=CLASS_NAMES, image_size=32, patch_size=8, overrides=TINY)
+    eager = load_model(None, from_scratch=True, preset="tiny", attn_implementation="eager", **common)
+    sdpa = load_model(None, from_scratch=True, preset="tiny", attn_implementation="sdpa", **common)
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    x = torch.randn(2, 3, 32, 32)
+    sdpa.load_state_dict(eager.state_dict())
+    with torch.no_grad():  # the same function, another kernel
+        torch.testing.assert_close(eager(pixel_values=x).logits, sdpa(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
+    tuned = load_model(str(pretrained_dir), id2label=CLASS_NAMES, attn_implementation="eager")
+    assert tuned.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        load_model(None, from_scratch=True, preset="tiny", attn_implementation="auto", **common)
+
+
 def test_finetune_swaps_head_and_resizes_position_embeddings(pretrained_dir: Path, tmp_path: Path):
     original = ViTForImageClassification.from_pretrained(pretrained_dir)
     model = load_model(str(pretrained_dir), id2label=CLASS_NAMES, image_size=48)

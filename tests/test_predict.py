@@ -18,7 +18,8 @@ from hf_tissue_vit.transforms import dihedral_views, make_image_processor
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir) -> TilePredictor:
-    return TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, num_workers=2)
+    # bf16=False: these tests compare probabilities to fp32 references within 1e-5
+    return TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, num_workers=2, bf16=False)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_bad_arguments_exit_2(tiny_model_dir, tmp_path, capsys):
 def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
     paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
     batched = np.stack([r.probs for r in predictor.predict_files(paths)])
-    one = TilePredictor(predictor.model, make_image_processor(32), batch_size=1, num_workers=0)
+    one = TilePredictor(predictor.model, make_image_processor(32), batch_size=1, num_workers=0, bf16=False)
     single = np.stack([r.probs for r in one.predict_files(paths)])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     # same preprocessing as the saved processor (the way pipeline() runs the model)
@@ -107,17 +108,17 @@ def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
 
 
 def test_tta_is_mean_over_dihedral_views(tiny_model_dir, tile_dir, tmp_path):
-    tta = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, tta=True)
+    tta = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, tta=True, bf16=False)
     paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
     probs = np.stack([r.probs for r in tta.predict_files(paths)])
     pixel_values = tta.transform(torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])))
-    plain = TilePredictor(tta.model, make_image_processor(32), batch_size=4)
+    plain = TilePredictor(tta.model, make_image_processor(32), batch_size=4, bf16=False)
     manual = torch.stack([plain.predict_pixel_values(v) for v in dihedral_views(pixel_values)]).mean(0)
     np.testing.assert_allclose(probs, manual.numpy(), atol=1e-5)
     assert not np.allclose(probs, plain.predict_pixel_values(pixel_values).numpy(), atol=1e-4)
     script = load_script("predict")
     assert script.main(["--model", str(tiny_model_dir), "--inputs", *paths, "--output", str(tmp_path / "t.csv"),
-                        "--tta", "--no_progress"]) == 0
+                        "--tta", "--no_progress", "--bf16", "false"]) == 0
     _, rows = read_csv(tmp_path / "t.csv")
     np.testing.assert_allclose([[float(r[c]) for c in CLASS_NAMES] for r in rows], probs, atol=2e-6)
 
@@ -155,8 +156,52 @@ def test_failed_run_leaves_no_partial_csv(predictor, tile_dir, tmp_path):
 
 def test_bf16_option_runs(predictor, tile_dir):
     bf16 = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, bf16=True)
+    assert bf16.bf16 and bf16.attn_implementation == "eager"  # SDPA under bf16 is much slower on CPU
     rows = list(bf16.predict_files([str(tile_dir / "tile_1.png")]))
     assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)
+    fp32 = list(predictor.predict_files([str(tile_dir / "tile_1.png")]))
+    np.testing.assert_allclose(rows[0].probs, fp32[0].probs, atol=0.05)
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_bf16_and_attention_auto_follow_the_hardware(predictor, monkeypatch, cpu_bf16):
+    from hf_tissue_vit import hardware
+
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: cpu_bf16)
+    auto = TilePredictor(predictor.model, make_image_processor(32), device="cpu")
+    assert auto.bf16 is cpu_bf16
+    assert auto.attn_implementation == ("eager" if cpu_bf16 else "sdpa")
+    assert predictor.model.config._attn_implementation == auto.attn_implementation
+    forced = TilePredictor(predictor.model, make_image_processor(32), device="cpu", bf16=False,
+                           attn_implementation="eager")
+    assert not forced.bf16 and forced.attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        TilePredictor(predictor.model, make_image_processor(32), attn_implementation="flash")
+    TilePredictor(predictor.model, make_image_processor(32), bf16=False)  # back to fp32 + SDPA for other tests
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--bf16"], True), (["--bf16", "false"], False),
+                                            (["--bf16", "TRUE"], True), (["--bf16", "auto"], None)])
+def test_script_bf16_flag(flag, expected, tiny_model_dir, tile_dir, tmp_path, monkeypatch):
+    script = load_script("predict")
+    seen = {}
+    original = TilePredictor.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen["bf16"] = kwargs.get("bf16")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TilePredictor, "from_pretrained", classmethod(spy))
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tile_dir / "tile_0.png"), "--output",
+                        str(tmp_path / "p.csv"), "--no_progress", *flag]) == 0
+    assert seen["bf16"] is expected
+
+
+def test_script_bad_bf16_value_exits_2(tiny_model_dir, tile_dir, tmp_path, capsys):
+    script = load_script("predict")
+    assert script.main(["--model", str(tiny_model_dir), "--inputs", str(tile_dir), "--output", str(tmp_path / "p.csv"),
+                        "--bf16", "maybe"]) == 2
+    assert "--bf16 must be auto, true or false" in capsys.readouterr().err
 
 
 def test_probability_columns_are_plain_class_names(predictor):

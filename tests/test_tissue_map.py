@@ -68,7 +68,8 @@ def colour_predictor() -> TilePredictor:
     tiles = np.stack([tile_pixels(name, TILE, rng) for name in CLASS_NAMES])
     prototypes = transform(torch.from_numpy(tiles)).mean(dim=(2, 3))
     # batch 2: 4 windows per strip on a 5-column grid, so strips, batches and row offsets all get exercised
-    return TilePredictor(MeanColourClassifier(prototypes), processor, batch_size=2, num_workers=0)
+    # fp32: the labels follow from exact colour distances
+    return TilePredictor(MeanColourClassifier(prototypes), processor, batch_size=2, num_workers=0, bf16=False)
 
 
 def test_background_fraction():

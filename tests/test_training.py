@@ -17,9 +17,10 @@ from conftest import load_script
 from safetensors.torch import load_file
 from test_modeling import make_pretrained_checkpoint
 
+from hf_tissue_vit import hardware
 from hf_tissue_vit.constants import CLASS_NAMES
 from hf_tissue_vit.fileio import default_mode
-from hf_tissue_vit.training import parse_args
+from hf_tissue_vit.training import parse_args, run_signature
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
@@ -80,6 +81,11 @@ def test_scratch_run_writes_every_output(scratch_run):
     assert sum(map(sum, results["test_confusion_matrix"])) == results["test_samples"] == 12
     assert results["eval_n_samples"] == 12
     assert results["model"]["image_size"] == 32 and results["model"]["from_scratch"] is True
+    # --bf16 and --attn_implementation left to auto: the resolved values are recorded
+    bf16 = results["hyperparameters"]["bf16"]
+    assert bf16 is hardware.cpu_supports_bf16() and results["hardware"]["mixed_precision"] == ("bf16" if bf16 else "no")
+    assert results["model"]["attn_implementation"] == hardware.default_attn_implementation("cpu", bf16)
+    assert results["hardware"]["cpu"] == hardware.cpu_info()["model"]
     with open(out / "test_predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["filename", "label", "prediction", *CLASS_NAMES]
@@ -168,6 +174,40 @@ def test_recipe_values_are_defaults_that_flags_override(tmp_path: Path):
     assert model_args.from_scratch and training_args.learning_rate == 1e-3
     for recipe_name in ("scratch_cpu.yaml", "finetune_vit_base.yaml"):
         parse_args(["--config", str(REPO / "scripts/recipes" / recipe_name)])
+
+
+@pytest.mark.parametrize(
+    "cpu_bf16, flags, expected",
+    [
+        (True, ["--use_cpu", "true"], True),
+        (False, ["--use_cpu", "true"], False),
+        (True, ["--use_cpu", "true", "--bf16", "false"], False),
+        (False, ["--use_cpu", "true", "--bf16", "true"], True),
+        (True, [], True),  # no --use_cpu, but no GPU here either: still a CPU run
+    ],
+)
+def test_bf16_default_follows_the_cpu_and_the_flag_wins(cpu_bf16, flags, expected, monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: cpu_bf16)
+    if not flags and hardware.has_accelerator():
+        pytest.skip("this machine has an accelerator: a run without --use_cpu is not a CPU run")
+    _, _, training_args = parse_args(["--output_dir", str(tmp_path), *flags])
+    assert training_args.bf16 is expected and training_args.device.type == "cpu"
+
+
+def test_attn_implementation_flag_and_run_signature(tmp_path: Path, monkeypatch):
+    args = [*TINY_MODEL, "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "true"]
+    auto = parse_args(args)
+    eager = parse_args([*args, "--attn_implementation", "eager"])
+    assert auto[0].attn_implementation == "auto" and eager[0].attn_implementation == "eager"
+    assert hardware.resolve_attn_implementation("auto", auto[2].device, auto[2].bf16) == "eager"  # CPU + bf16
+    assert hardware.resolve_attn_implementation("auto", "cpu", False) == "sdpa"
+    # the kernel changes speed, not the run: output dirs written with either resume under the other
+    assert run_signature(*auto) == run_signature(*eager)
+    assert "attn_implementation" not in run_signature(*auto)["model"]
+    with pytest.raises(SystemExit):  # argparse choices
+        parse_args([*args, "--attn_implementation", "flash"])
+    with pytest.raises(ValueError, match="--attn_implementation"):
+        type(auto[0])(attn_implementation="flash")
 
 
 def _no_label_dataset(folder: Path) -> Path:
