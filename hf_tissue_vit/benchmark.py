@@ -1245,8 +1245,8 @@ def run_benchmark(
             vrows = results.get("variants", {}).get("rows", {})
             # TilePredictor's auto attention: SDPA in fp32, eager under bf16 on CPU (hardware.py); the bf16 row
             # is shown only where that pair is faster here and bf16 agrees with fp32.
-            bf16_key = f"infer_{default_attn_implementation('cpu', True)}_bf16"
-            fp32_key = f"infer_{default_attn_implementation('cpu', False)}_fp32"
+            bf16_key = f"infer_{default_attn_implementation('cpu', True, training=False)}_bf16"
+            fp32_key = f"infer_{default_attn_implementation('cpu', False, training=False)}_fp32"
             faster = bool(vrows) and vrows[bf16_key]["median"] > vrows[fp32_key]["median"]
             use_bf16 = bool(settings["cpu_supports_bf16"] and faster and check and check["top1_agreement"] >= 0.99)
             settings["infer_bf16"] = use_bf16

@@ -168,7 +168,7 @@ def build_model_card(output_dir: str | Path, repo_id: str | None = None, *, lice
                  enumerate(label_names)],
         split_by=split_by, split_description=split_description, split_sizes=_split_sizes(dataset) or None,
         image_size=image_size, patch_size=model_info.get("patch_size") or config.get("patch_size"),
-        hyperparameters=[(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in hyper.items()] or None,
+        hyperparameters=_hyperparameter_rows(hyper) or None,
         hardware=hardware or None,
         wall_time=_wall_time(results["train_runtime"]) if results.get("train_runtime") is not None else None,
         samples_per_second=_fmt(results["train_samples_per_second"], 1)
@@ -192,3 +192,16 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, **kwarg
     path = atomic_write_text(output_dir / "README.md", str(card))
     logger.info("wrote model card %s", path)
     return path
+
+
+def _hyperparameter_rows(hyper: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(name, value) rows for the card; unset values (None) are left out, nested groups flattened."""
+    rows: list[tuple[str, str]] = []
+    for key, value in hyper.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            rows += _hyperparameter_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append((prefix + key, f"{value:.6g}" if isinstance(value, float) else str(value)))
+    return rows

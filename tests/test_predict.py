@@ -156,7 +156,7 @@ def test_failed_run_leaves_no_partial_csv(predictor, tile_dir, tmp_path):
 
 def test_bf16_option_runs(predictor, tile_dir):
     bf16 = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, bf16=True)
-    assert bf16.bf16 and bf16.attn_implementation == "eager"  # SDPA under bf16 is much slower on CPU
+    assert bf16.bf16 and bf16.attn_implementation == "sdpa"  # measured faster for inference, fp32 and bf16
     rows = list(bf16.predict_files([str(tile_dir / "tile_1.png")]))
     assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)
     fp32 = list(predictor.predict_files([str(tile_dir / "tile_1.png")]))
@@ -170,7 +170,7 @@ def test_bf16_and_attention_auto_follow_the_hardware(predictor, monkeypatch, cpu
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: cpu_bf16)
     auto = TilePredictor(predictor.model, make_image_processor(32), device="cpu")
     assert auto.bf16 is cpu_bf16
-    assert auto.attn_implementation == ("eager" if cpu_bf16 else "sdpa")
+    assert auto.attn_implementation == "sdpa"
     assert predictor.model.config._attn_implementation == auto.attn_implementation
     forced = TilePredictor(predictor.model, make_image_processor(32), device="cpu", bf16=False,
                            attn_implementation="eager")
