@@ -59,6 +59,7 @@ from transformers import TrainerCallback
 from .constants import CLASS_NAMES, IMAGE_EXTENSIONS, KATHER_FOLDERS
 from .fileio import atomic_write_json, atomic_write_text, fix_permissions
 from .hardware import auto_num_workers, cpu_info, cpu_supports_bf16, default_attn_implementation
+from .modeling import OVERRIDABLE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +70,14 @@ SCRATCH_RECIPE = REPO_ROOT / "scripts" / "recipes" / "scratch_cpu.yaml"
 # Used when the recipe file is not next to the package (e.g. an installed wheel): its model block.
 _FALLBACK_SMALL_MODEL = {
     "model_preset": "tiny",
-    "image_size": 72,
-    "patch_size": 8,
+    "image_size": 112,
+    "patch_size": 16,
     "hidden_size": 192,
     "num_hidden_layers": 6,
     "num_attention_heads": 3,
     "intermediate_size": 576,
 }
-_MODEL_KEYS = (
-    "image_size",
-    "patch_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
+_MODEL_KEYS = tuple(k for k in OVERRIDABLE_FIELDS if not k.endswith("_prob"))  # architecture, not dropout
 # Quick mode: a tiny ViT at 32 px so the whole benchmark runs in seconds (tests).
 _QUICK_MODEL = {
     "model_preset": "tiny",

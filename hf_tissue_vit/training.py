@@ -259,6 +259,14 @@ class TissueTrainingArguments(TrainingArguments):
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:
             raise ValueError(f"--n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        # Checked here, not at the push after training: hub.push_output_dir needs USER/NAME.
+        hub_id = self.hub_model_id or ""
+        if self.push_to_hub and (hub_id.count("/") != 1 or not all(hub_id.split("/"))):
+            raise ValueError(f"--push_to_hub needs --hub_model_id USER/NAME (got {self.hub_model_id!r})")
+        if self.hub_token:
+            # Trainer pickles its arguments into training_args.bin (and every checkpoint): a token there leaks.
+            raise ValueError("--hub_token is not accepted (it would be saved with the run); set HF_TOKEN or run "
+                             "`hf auth login` instead")
         super().__post_init__()
         if self.early_stopping_patience and not self.load_best_model_at_end:
             raise ValueError("--early_stopping_patience needs --load_best_model_at_end true")
@@ -750,7 +758,8 @@ def run_finetune(
         # mpirun); torchrun-based `accelerate launch --multi_gpu --num_processes N` works on CPU too.
         logger.warning(
             "accelerate launch --cpu started a single process; for N CPU processes use "
-            "`accelerate launch --multi_gpu --num_processes N scripts/finetune.py --use_cpu true ...`"
+            "`accelerate launch --config_file accelerate_config.yaml --num_processes N scripts/finetune.py "
+            "--use_cpu true ...` (or --multi_gpu instead of --config_file)"
         )
     _validate_model_args(model_args)
     with training_args.main_process_first(desc="dataset"):

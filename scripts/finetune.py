@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.hub import HubAuthError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "scratch_cpu.yaml"
 SUMMARY_KEYS = (
@@ -48,7 +49,8 @@ def _run(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, evaluate and write the output dir; 2 on bad input."""
-    return run_main(_run, argv)
+    # A refused push comes after training; the outputs are on disk and the message says how to retry.
+    return run_main(_run, argv, exit_codes={HubAuthError: 1})
 
 
 if __name__ == "__main__":

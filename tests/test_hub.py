@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import load_script  # noqa: E402
+from conftest import load_script, make_tiles, tile_pixels  # noqa: E402
 from hub_emulator import start_hub  # noqa: E402
 
 from hf_tissue_vit.constants import CLASS_DESCRIPTIONS, CLASS_NAMES  # noqa: E402
@@ -402,15 +402,81 @@ def test_dataset_push_and_load_dataset(hub, tmp_path, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- real training output
-def test_push_real_finetune_output(hub, tiny_dataset_dir, tmp_path, tmp_path_factory):
-    """A real tiny finetune.py run, pushed and pulled back: same weights, labels and test metrics."""
-    out = tmp_path / "run"
-    rc = load_script("finetune").main([
-        "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out), "--from_scratch", "--model_preset", "tiny",
-        "--image_size", "32", "--patch_size", "8", "--max_steps", "2", "--per_device_train_batch_size", "4",
-        "--report_to", "none", "--use_cpu",
-    ])  # fmt: skip
-    assert rc == 0
+FINETUNE_TINY = [
+    "--from_scratch", "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+    "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64", "--max_steps", "2",
+    "--per_device_train_batch_size", "4", "--n_bootstrap", "50", "--dataloader_num_workers", "0",
+    "--report_to", "none", "--use_cpu", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finetune_pushed(hub, tiny_dataset_dir, tmp_path_factory):
+    """``finetune.py --push_to_hub`` as alice into the private repo alice/pushed, run as a user would.
+
+    The one real training run of this file; the tests below share its output dir (read-only but for
+    README.md, which ``push_to_hub.py`` re-renders for another repo id).
+    """
+    url, _server = hub
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--dataset_dir", str(tiny_dataset_dir),
+         "--output_dir", str(out), *FINETUNE_TINY,
+         "--push_to_hub", "--hub_model_id", "alice/pushed", "--hub_private_repo", "true"],
+        env=client_env(url, fresh_home(tmp_path_factory), ALICE), capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"finetune failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out, proc
+
+
+def test_finetune_push_to_hub(hub, finetune_pushed):
+    """--push_to_hub --hub_model_id --hub_private_repo: model + card pushed at the end, private, no token leak."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import ModelCard
+
+    url, server = hub
+    out, proc = finetune_pushed
+    repo = server.state.repos[("model", "alice/pushed")]
+    assert repo.private and repo.owner == "alice"
+    files = server.state.main_files("model", "alice/pushed")
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"} <= set(
+        files)
+    assert not [f for f in files if f.startswith("checkpoint-") or f.endswith((".bin", ".pt", ".pth"))], sorted(files)
+    # the run really had local-only files to leave out
+    assert list(out.glob("checkpoint-*")) and (out / "training_args.bin").is_file()
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+    def status(token: str | None) -> int:
+        request = urllib.request.Request(f"{url}/api/models/alice/pushed")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert (status(None), status(BOB), status(ALICE)) == (401, 404, 200)
+
+    card = ModelCard(files["README.md"].decode())
+    (entry,) = card.data.to_dict()["model-index"]
+    assert entry["name"] == "alice/pushed"
+    results = json.loads((out / "all_results.json").read_text())
+    metrics = {m["type"]: m["value"] for m in entry["results"][0]["metrics"]}
+    assert metrics == {"accuracy": results["test_accuracy"], "f1": results["test_macro_f1"]}
+
+    assert ALICE not in proc.stdout + proc.stderr
+    assert "alice/pushed" in proc.stderr  # the push was logged (without the token)
+    leaks = [p for p in out.rglob("*") if p.is_file() and ALICE.encode() in p.read_bytes()]
+    assert not leaks and not any(ALICE.encode() in f for f in files.values())
+
+
+def test_push_real_finetune_output(hub, finetune_pushed, tmp_path_factory):
+    """A real finetune.py output pushed with push_to_hub.py and pulled back: same weights, labels, metrics."""
+    out, _ = finetune_pushed
     url, _server = hub
     proc = run_push(url, fresh_home(tmp_path_factory), [str(out), "--repo_id", "alice/real"], ALICE)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -424,3 +490,88 @@ def test_push_real_finetune_output(hub, tiny_dataset_dir, tmp_path, tmp_path_fac
     results = json.loads((out / "all_results.json").read_text())
     metrics = {m["type"]: m["value"] for m in result["metadata"]["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"accuracy": results["test_accuracy"], "f1": results["test_macro_f1"]}
+
+
+# --------------------------------------------------------------------------- the four apply scripts
+SCRIPT_RUNS = """
+    import contextlib, io, json, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import load_script
+    out = []
+    for name, argv in json.loads({runs!r}):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = load_script(name).main(argv)
+        out.append({{"name": name, "model": argv[1], "rc": rc, "stdout": stdout.getvalue(),
+                    "stderr": stderr.getvalue()[-3000:]}})
+    print(json.dumps(out))
+"""
+
+
+def test_scripts_on_trained_and_hub_model(hub, finetune_pushed, tmp_path, tmp_path_factory):
+    """count_parameters, predict, attention_maps (--images) and tissue_map with --model set to the
+    trained output dir and to its private Hub copy (alice's token, fresh cache): same results."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTForImageClassification
+
+    url, _server = hub
+    out, _ = finetune_pushed
+    tiles = tmp_path / "tiles"
+    make_tiles(tiles, 1, size=35, fmt="png")  # odd size: resizing happens in every script
+    rng = np.random.default_rng(1)
+    layout = [["Tumor", "Stroma", "Lympho"], ["Mucosa", "Debris", "Complex"]]
+    mosaic = np.concatenate([np.concatenate([tile_pixels(n, 40, rng) for n in row], axis=1) for row in layout])
+    Image.fromarray(mosaic).save(tmp_path / "slide.png")
+
+    runs = []
+    for tag, model in (("local", str(out)), ("hub", "alice/pushed")):
+        d = tmp_path / tag
+        runs += [
+            ("count_parameters", ["--model", model]),
+            ("predict", ["--model", model, "--inputs", str(tiles), "--output", str(d / "pred.csv"),
+                         "--batch_size", "4", "--num_workers", "0", "--no_progress", "--bf16", "false"]),
+            ("attention_maps", ["--model", model, "--images", str(tiles), "--output_dir", str(d / "attention"),
+                                "--n_per_class", "1", "--device", "cpu"]),
+            ("tissue_map", ["--model", model, "--image", str(tmp_path / "slide.png"), "--output_dir",
+                            str(d / "map"), "--tile", "40", "--stride", "40", "--bf16", "false", "--device", "cpu"]),
+        ]  # fmt: skip
+    code = SCRIPT_RUNS.format(tests=str(REPO_ROOT / "tests"), runs=json.dumps(runs))
+    results = run_python(url, fresh_home(tmp_path_factory), code, token=ALICE)
+    assert [r["rc"] for r in results] == [0] * len(runs), results
+
+    total = sum(p.numel() for p in ViTForImageClassification.from_pretrained(out).parameters())
+    counts = [r["stdout"].strip().splitlines()[-1] for r in results if r["name"] == "count_parameters"]
+    assert counts == [str(total), str(total)]
+
+    tables = {}
+    for tag in ("local", "hub"):
+        with open(tmp_path / tag / "pred.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 6 and all(row["error"] == "" for row in rows)
+        assert list(rows[0])[:4] == ["file", "label", "score", "error"] and set(CLASS_NAMES) <= set(rows[0])
+        for row in rows:
+            assert sum(float(row[name]) for name in CLASS_NAMES) == pytest.approx(1.0, abs=1e-4)
+            assert row["label"] in CLASS_NAMES
+        tables[tag] = rows
+        assert (tmp_path / tag / "attention" / "attention_grid.png").stat().st_size > 0
+        assert len(list((tmp_path / tag / "attention" / "tiles").glob("*.png"))) == 6
+        for name in ("tissue_map.png", "class_fractions.csv", "class_fractions.json", "label_grid.npy",
+                     "probabilities.npy"):
+            assert (tmp_path / tag / "map" / name).stat().st_size > 0, name
+        assert np.load(tmp_path / tag / "map" / "label_grid.npy").shape == (2, 3)
+    assert tables["local"] == tables["hub"]  # the downloaded model is the trained one
+    np.testing.assert_array_equal(np.load(tmp_path / "local" / "map" / "label_grid.npy"),
+                                  np.load(tmp_path / "hub" / "map" / "label_grid.npy"))
+
+
+def test_finetune_push_needs_hub_model_id_before_training(tiny_dataset_dir, tmp_path, capsys):
+    """A missing or malformed --hub_model_id is refused at parse time, not after hours of training."""
+    finetune = load_script("finetune")
+    for extra in ([], ["--hub_model_id", "no-namespace"]):
+        rc = finetune.main(["--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "run"),
+                            *FINETUNE_TINY, "--push_to_hub", *extra])
+        assert rc == 2 and "--push_to_hub needs --hub_model_id USER/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -78,6 +78,20 @@ def test_accelerate_launch_with_the_shipped_config(tiny_dataset_dir: Path, tmp_p
     assert results["test_samples"] == 12  # every test tile counted once across the two processes
 
 
+def test_accelerate_launch_cpu_flag_finishes(tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    """Issue 3's command ``accelerate launch --num_processes 2 --cpu scripts/finetune.py ...`` finishes.
+    accelerate 1.x starts one process for ``--cpu`` (several CPU processes need MPI), and the script
+    says so and names the two-process command that README shows."""
+    out = tmp_path / "out"
+    done = _run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                 "scripts/finetune.py", "--config", "scripts/recipes/scratch_cpu.yaml", "--dataset_dir",
+                 str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2", *TINY_MODEL],
+                cwd=ROOT, env=_env(tmp_path))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_samples"] == 12
+    assert "--num_processes N" in done.stderr + done.stdout  # the warning that points at the working command
+
+
 @pytest.mark.real_data
 def test_prepare_dataset_on_the_shared_tiles(tmp_path: Path) -> None:
     """README: ``python scripts/prepare_dataset.py --source ../shared/data/kather2016_6class --output_dir ...``."""

@@ -232,6 +232,7 @@ def _no_label_dataset(folder: Path) -> Path:
         ("not_vit", "not a ViT image-classification model"),
         ("foreign_output_dir", "not a finetune.py run"),
         ("recipe_key", "unknown keys"),
+        ("hub_token", "HF_TOKEN"),
     ],
 )
 def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, tmp_path: Path, capsys):
@@ -248,6 +249,7 @@ def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, 
         "not_vit": [*dataset, *out, "--model_name_or_path", str(tmp_path / "bert")],
         "foreign_output_dir": [*TINY_MODEL, *dataset, "--output_dir", str(tmp_path / "foreign")],
         "recipe_key": [*TINY_MODEL, *dataset, *out, "--config", str(tmp_path / "bad.yaml")],
+        "hub_token": [*TINY_MODEL, *dataset, *out, "--hub_token", "hf_not_saved_anywhere"],
     }[case]
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "bert"
