@@ -47,19 +47,29 @@ def served_release_zip(release_zip: Path):
 
 
 def test_main_job_on_its_defaults(served_release_zip, tmp_path: Path) -> None:
-    """README setup step 2: ``python scripts/finetune.py`` with no arguments: the default recipe on the
-    default source (the release zip, downloaded, checked and built into the HF cache). The only flag
-    added is ``--max_steps`` (the recipe's 75 epochs take ~20 minutes); everything else is the default."""
+    """README setup step 2: ``python scripts/finetune.py`` with no arguments means the default recipe on
+    the default source (the release zip, downloaded, checked and built into the HF cache). Run here with
+    that recipe named and ``--max_steps 3`` (its 75 epochs take ~20 minutes); that no arguments select
+    this recipe is checked on the script itself."""
     import yaml
+
+    from conftest import load_script
+    from hf_tissue_vit.training import parse_args
+
+    finetune = load_script("finetune")
+    assert finetune.DEFAULT_RECIPE == ROOT / "scripts" / "recipes" / "scratch_cpu.yaml"
+    model_args, data_args, _ = parse_args([], default_config=str(finetune.DEFAULT_RECIPE))
+    assert model_args.from_scratch and not data_args.dataset_dir and not data_args.dataset_name
 
     url, md5 = served_release_zip
     env = _env(tmp_path, HF_TISSUE_VIT_KATHER_URL=url, HF_TISSUE_VIT_KATHER_MD5=md5)
-    _run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--max_steps", "3"], cwd=tmp_path, env=env)
-    recipe = yaml.safe_load((ROOT / "scripts" / "recipes" / "scratch_cpu.yaml").read_text())
+    _run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config", str(finetune.DEFAULT_RECIPE),
+          "--max_steps", "3"], cwd=tmp_path, env=env)
+    recipe = yaml.safe_load(finetune.DEFAULT_RECIPE.read_text())
     out = tmp_path / recipe["output_dir"]
     results = json.loads((out / "all_results.json").read_text())
     assert results["label_names"] == ["Tumor", "Stroma", "Complex", "Lympho", "Debris", "Mucosa"]
-    assert results["model"]["image_size"] == recipe["image_size"]  # the recipe's values: no flag was given
+    assert results["model"]["image_size"] == recipe["image_size"]
     assert results["hyperparameters"]["learning_rate"] == recipe["learning_rate"]
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "test_predictions.csv"):
         assert (out / name).is_file(), name
