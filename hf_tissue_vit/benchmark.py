@@ -67,16 +67,6 @@ SECTIONS = ("data", "train", "infer")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "kather2016_6class"
 SCRATCH_RECIPE = REPO_ROOT / "scripts" / "recipes" / "scratch_cpu.yaml"
-# Used when the recipe file is not next to the package (e.g. an installed wheel): its model block.
-_FALLBACK_SMALL_MODEL = {
-    "model_preset": "tiny",
-    "image_size": 112,
-    "patch_size": 16,
-    "hidden_size": 192,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 3,
-    "intermediate_size": 576,
-}
 _MODEL_KEYS = tuple(k for k in OVERRIDABLE_FIELDS if not k.endswith("_prob"))  # architecture, not dropout
 # Quick mode: a tiny ViT at 32 px so the whole benchmark runs in seconds (tests).
 _QUICK_MODEL = {
@@ -249,14 +239,14 @@ class BenchmarkConfig:
     def _small_model(self) -> dict[str, Any]:
         if self.quick:
             return dict(_QUICK_MODEL)
-        if SCRATCH_RECIPE.is_file():
-            import yaml
+        if not SCRATCH_RECIPE.is_file():
+            raise FileNotFoundError(f"{SCRATCH_RECIPE} is missing: run the benchmark from a clone of the repository")
+        import yaml
 
-            recipe = yaml.safe_load(SCRATCH_RECIPE.read_text(encoding="utf-8")) or {}
-            model = {k: recipe[k] for k in _MODEL_KEYS if recipe.get(k) is not None}
-            model["model_preset"] = recipe.get("model_preset", "tiny")
-            return {**_FALLBACK_SMALL_MODEL, **model}
-        return dict(_FALLBACK_SMALL_MODEL)
+        recipe = yaml.safe_load(SCRATCH_RECIPE.read_text(encoding="utf-8")) or {}
+        model = {k: recipe[k] for k in _MODEL_KEYS if recipe.get(k) is not None}
+        model["model_preset"] = recipe.get("model_preset", "tiny")
+        return model
 
     def augmentation(self) -> Any:
         """The package's training augmentation: the scratch recipe's block (defaults when absent)."""
@@ -390,8 +380,9 @@ def write_synthetic_tiles(root: str | os.PathLike, n_per_class: int, size: int =
 
 
 def _list_images(root: Path) -> list[Path]:
-    exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(exts))
+    from .predict import iter_input_files
+
+    return [Path(p) for p in iter_input_files([root])]  # the same file selection as predict.py
 
 
 def _subset_folder(source: Path, target: Path, num_tiles: int, seed: int) -> list[Path]:

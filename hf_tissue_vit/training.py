@@ -61,7 +61,6 @@ from .transforms import (
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "hf_tissue_vit_run.json"  # identifies the run that owns an output dir
-DATASET_INFO_FILE = "hf_tissue_vit_dataset.json"  # written by data.save_dataset
 DECODE_CACHE_VERSION = 1
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
 NO_DOWNLOAD_HINT = (
@@ -674,11 +673,12 @@ def _dataset_info(data_args: DataArguments, dataset: Any) -> dict[str, Any]:
         "dataset_name": data_args.dataset_name,
         "splits": {name: len(split) for name, split in dataset.items()},
     }
-    if data_args.dataset_dir and (Path(data_args.dataset_dir) / DATASET_INFO_FILE).is_file():
-        saved = json.loads((Path(data_args.dataset_dir) / DATASET_INFO_FILE).read_text(encoding="utf-8"))
-        for key in ("source", "split_by", "seed", "hub_dataset_id"):
-            if saved.get(key) is not None:
-                info[key] = saved[key]
+    if data_args.dataset_dir:
+        from .data import read_dataset_metadata
+
+        saved = read_dataset_metadata(data_args.dataset_dir)
+        info.update({key: saved[key] for key in ("source", "split_by", "seed", "hub_dataset_id")
+                     if saved.get(key) is not None})
     return info
 
 
@@ -949,7 +949,7 @@ def _write_outputs(trainer: TissueTrainer, results: dict[str, Any], predictions:
 
         hub.push_output_dir(
             str(out),
-            trainer.args.hub_model_id or out.name,
+            trainer.args.hub_model_id,  # checked to be USER/NAME when the arguments were parsed
             private=bool(trainer.args.hub_private_repo),
             revision=trainer.args.hub_revision,
         )

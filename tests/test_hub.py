@@ -423,8 +423,8 @@ def finetune_pushed(hub, tiny_dataset_dir, tmp_path_factory):
         [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--dataset_dir", str(tiny_dataset_dir),
          "--output_dir", str(out), *FINETUNE_TINY,
          "--push_to_hub", "--hub_model_id", "alice/pushed", "--hub_private_repo", "true"],
-        env=client_env(url, fresh_home(tmp_path_factory), ALICE), capture_output=True, text=True, timeout=300, check=False,
-        cwd=REPO_ROOT,
+        env=client_env(url, fresh_home(tmp_path_factory), ALICE), capture_output=True, text=True, timeout=300,
+        check=False, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, f"finetune failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out, proc

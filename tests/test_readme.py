@@ -52,8 +52,8 @@ def test_main_job_on_its_defaults(served_release_zip, tmp_path: Path) -> None:
     that recipe named and ``--max_steps 3`` (its 75 epochs take ~20 minutes); that no arguments select
     this recipe is checked on the script itself."""
     import yaml
-
     from conftest import load_script
+
     from hf_tissue_vit.training import parse_args
 
     finetune = load_script("finetune")
