@@ -120,7 +120,7 @@ class BenchmarkConfig:
         default=None, metadata={"help": "Batch size of the ViT-B/16 train runs (default 8)."}
     )
     infer_batch_size: int | None = field(
-        default=None, metadata={"help": "Batch size of TilePredictor and pipeline(batch_size=) (default 64)."}
+        default=None, metadata={"help": "Batch size of TilePredictor and pipeline(batch_size=) (default 128)."}
     )
     num_tiles: int | None = field(
         default=None, metadata={"help": "Tiles taken from the source (default 768, 48 with --quick)."}
@@ -206,7 +206,7 @@ class BenchmarkConfig:
         full = {
             "batch_size": 64,
             "base_batch_size": 8,
-            "infer_batch_size": 64,
+            "infer_batch_size": 128,
             "num_tiles": 768,
             "infer_tiles": 256,
             "data_batches": 8,

@@ -210,3 +210,46 @@ def load_for_inference(model: str, device: str | torch.device | None = None) -> 
             "(config.json, model.safetensors, preprocessor_config.json) or a Hub model id."
         ) from err
     return net.to(device).eval(), processor
+
+
+class PatchDropout:
+    """Keep a random ``keep`` fraction of the patch tokens (CLS always kept) while the model trains.
+
+    Liu et al. 2022 (PatchDropout, arXiv:2208.07220): ViTs trained on a random subset of their patch
+    tokens learn about as well as on all of them, at a fraction of the compute, and the subset acts as a
+    regulariser. It is a forward hook on ``vit.embeddings`` that acts only in training mode, so
+    evaluation, ``save_pretrained`` and ``pipeline()`` see the plain ViT with every token. Tokens are
+    drawn with torch's global generator, whose state Trainer checkpoints, so a resumed run draws the
+    same subsets.
+    """
+
+    def __init__(self, keep: float) -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"--patch_keep must be in (0, 1], got {keep}")
+        self.keep = float(keep)
+
+    def num_kept(self, num_patches: int) -> int:
+        """Patch tokens kept out of ``num_patches`` (at least one)."""
+        return max(1, int(round(num_patches * self.keep)))
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training or self.keep >= 1:
+            return output
+        batch, tokens, dim = output.shape
+        kept = self.num_kept(tokens - 1)
+        if kept >= tokens - 1:
+            return output
+        index = torch.rand(batch, tokens - 1, device=output.device).argsort(dim=1)[:, :kept] + 1
+        patches = output.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
+        return torch.cat([output[:, :1], patches], dim=1)
+
+
+def add_patch_dropout(model: ViTForImageClassification, keep: float) -> torch.utils.hooks.RemovableHandle | None:
+    """Train ``model`` on a random ``keep`` fraction of its patch tokens (see :class:`PatchDropout`).
+
+    Returns the hook handle (``handle.remove()`` restores the plain model), or None when ``keep`` is 1.
+    """
+    dropout = PatchDropout(keep)
+    if dropout.keep >= 1:
+        return None
+    return model.vit.embeddings.register_forward_hook(dropout)

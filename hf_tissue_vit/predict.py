@@ -106,9 +106,14 @@ def iter_input_files(
                     yield match
 
 
-def _load_image(path: str) -> np.ndarray:
+def _load_image(path: str, size: int | None = None) -> np.ndarray:
+    """Decode ``path`` to uint8 HxWx3; with ``size``, resize it to size x size with PIL's bilinear filter,
+    which is exactly what the saved ViT image processor (PIL backend) does, here in the decode thread."""
     with Image.open(path) as image:
-        return image_to_uint8(image)
+        tile = image_to_uint8(image)
+    if size is not None and tile.shape[:2] != (size, size):
+        tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
+    return tile
 
 
 def _error_text(err: BaseException) -> str:
@@ -173,7 +178,11 @@ class TilePredictor:
         device: default the model's device.
         batch_size: tiles per forward pass.
         tta: average softmax over the 8 dihedral views (8x the compute).
-        num_workers: decoding threads (0 = decode in the calling thread).
+        num_workers: decoding threads (0 = decode in the calling thread). Files are decoded and resized
+            to the model's input size in these threads (PIL releases the GIL).
+        overlap: decode the next batch while the model runs on the current one. Off by default: on a
+            CPU the decode threads and torch's threads then compete for the same cores (measured slower
+            on 2 cores, see README), so each batch is decoded by all threads and then run.
         bf16: run the forward under bf16 autocast. None (default) = where the device supports it natively
             (:func:`hardware.bf16_supported`: a bf16 GPU, or a CPU with AMX-BF16/AVX512-BF16; measured
             461 vs 348 tiles/s end to end on CPU, top-1 equal to fp32 on the benchmark tiles). Pass False
@@ -187,11 +196,12 @@ class TilePredictor:
         model,
         processor,
         device: str | torch.device | None = None,
-        batch_size: int = 64,
+        batch_size: int = 128,
         tta: bool = False,
         num_workers: int | None = None,
         bf16: bool | None = None,
         attn_implementation: str = "auto",
+        overlap: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -212,6 +222,8 @@ class TilePredictor:
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        # On a GPU the forward does not use the CPU cores that decode, so overlapping is free there.
+        self.overlap = self.device.type != "cpu" if overlap is None else bool(overlap)
         self.label_names = label_names_of(model)
 
     @classmethod
@@ -250,32 +262,33 @@ class TilePredictor:
     # --- files ------------------------------------------------------------------------------
     def _decoded(self, paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray | None, str]]:
         """(path, tile or None, error) in input order, pulling paths only as the prefetch window needs."""
-        if self.num_workers == 0:
-            for path in paths:
-                try:
-                    yield os.fspath(path), _load_image(os.fspath(path)), ""
-                except Exception as err:  # any decode failure becomes an error row; the run goes on
-                    yield os.fspath(path), None, _error_text(err)
-            return
-        window: deque[tuple[str, Future]] = deque()
-        # Two batches in flight: the next batch decodes while the model runs on the current one.
-        prefetch = 2 * self.batch_size
+        size = self.transform.image_size
 
-        def resolve(item: tuple[str, Future]) -> tuple[str, np.ndarray | None, str]:
-            path, future = item
+        def load(path: str) -> tuple[str, np.ndarray | None, str]:
             try:
-                return path, future.result(), ""
-            except Exception as err:
+                return path, _load_image(path, size), ""
+            except Exception as err:  # any decode failure becomes an error row; the run goes on
                 return path, None, _error_text(err)
 
+        texts = (os.fspath(path) for path in paths)
+        if self.num_workers == 0:
+            yield from map(load, texts)
+            return
+        # overlap: two batches in flight, the next decodes while the model runs on the current one;
+        # otherwise one batch at a time, decoded by every thread before the model runs.
+        window: deque[Future] = deque()
+        prefetch = 2 * self.batch_size if self.overlap else self.batch_size
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as pool:
-            for path in paths:
-                text = os.fspath(path)
-                window.append((text, pool.submit(_load_image, text)))
+            for text in texts:
+                window.append(pool.submit(load, text))
                 if len(window) >= prefetch:
-                    yield resolve(window.popleft())
+                    if self.overlap:
+                        yield window.popleft().result()
+                    else:
+                        while window:
+                            yield window.popleft().result()
             while window:
-                yield resolve(window.popleft())
+                yield window.popleft().result()
 
     def predict_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[PredictionRow]:
         """Stream :class:`PredictionRow` objects in input order (lazy: consume as you go)."""

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from .hardware import hardware_info
 from .modeling import (
     DEFAULT_BASE_MODEL,
     MODEL_PRESETS,
+    add_patch_dropout,
     check_geometry,
     check_vit_checkpoint,
     load_model,
@@ -61,6 +63,7 @@ from .transforms import (
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "hf_tissue_vit_run.json"  # identifies the run that owns an output dir
+EMA_FILE = "ema.safetensors"  # the weight average inside a checkpoint (--ema_decay)
 DECODE_CACHE_VERSION = 1
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
 NO_DOWNLOAD_HINT = (
@@ -108,6 +111,13 @@ class ModelArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "Override: MLP size (from scratch)."})
     hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Override: dropout."})
     attention_probs_dropout_prob: float | None = field(default=None, metadata={"help": "Override: attention dropout."})
+    patch_keep: float = field(
+        default=1.0,
+        metadata={
+            "help": "Train on a random fraction of the patch tokens per image (PatchDropout, Liu et al. 2022); "
+            "evaluation and the saved model use all of them. 1 = off."
+        },
+    )
     attn_implementation: str = field(
         default="auto",
         metadata={
@@ -121,6 +131,8 @@ class ModelArguments:
         if self.from_scratch and self.model_preset not in MODEL_PRESETS:
             raise ValueError(f"unknown --model_preset {self.model_preset!r}; choose one of {sorted(MODEL_PRESETS)}")
         hardware.check_attn_implementation(self.attn_implementation)
+        if not 0 < self.patch_keep <= 1:
+            raise ValueError(f"--patch_keep must be in (0, 1], got {self.patch_keep}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -191,6 +203,13 @@ class TissueTrainingArguments(TrainingArguments):
         metadata={"help": "Train in an output dir that holds a different run (its checkpoints are removed)."},
     )
     tta: bool = field(default=False, metadata={"help": "Also report test metrics with 8-view dihedral TTA."})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation, "
+            "checkpoint selection, test and the saved model then use the averaged weights. None = off."
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (None = off)."}
     )
@@ -258,6 +277,8 @@ class TissueTrainingArguments(TrainingArguments):
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:
             raise ValueError(f"--n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
         # Checked here, not at the push after training: hub.push_output_dir needs USER/NAME.
         hub_id = self.hub_model_id or ""
         if self.push_to_hub and (hub_id.count("/") != 1 or not all(hub_id.split("/"))):
@@ -456,6 +477,74 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(math.floor(state.epoch + 1e-6)) if state.epoch else 0)
 
 
+class WeightEMA:
+    """Exponential moving average of a model's trainable weights, kept as fp32 copies.
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` (as timm and TensorFlow do), so the
+    random initial weights are forgotten quickly instead of dominating the average of a short run.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _pairs(self, model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.shadow) - set(params))
+        if missing:
+            raise ValueError(f"the model has no parameters {missing[:3]} of the weight average")
+        return ((params[name], shadow) for name, shadow in self.shadow.items())
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Blend the model's current weights into the average (call after each optimizer step)."""
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        for param, shadow in self._pairs(model):
+            shadow.lerp_(param.detach().float(), weight)
+
+    @torch.no_grad()
+    def swap(self, model: torch.nn.Module) -> None:
+        """Exchange the model's weights and the average (a second call undoes the first)."""
+        for param, shadow in self._pairs(model):
+            current = param.detach().float().clone()
+            param.copy_(shadow)
+            shadow.copy_(current)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Overwrite the model's weights with the average."""
+        for param, shadow in self._pairs(model):
+            param.copy_(shadow)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the average as safetensors (atomically)."""
+        from safetensors.torch import save
+
+        with atomic_write(path, "wb") as fh:
+            fh.write(save({name: t.contiguous() for name, t in self.shadow.items()}))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read an average written by :meth:`save` (same parameter names and shapes)."""
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(path))
+        if set(loaded) != set(self.shadow) or any(loaded[n].shape != t.shape for n, t in self.shadow.items()):
+            raise ValueError(f"{path}: the weight average does not match this model's parameters")
+        self.shadow = {name: loaded[name].float() for name in self.shadow}
+
+
+class _EMAUpdate(TrainerCallback):
+    def __init__(self, trainer: TissueTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        ema = self.trainer.ema
+        if ema is not None:
+            ema.update(self.trainer.accelerator.unwrap_model(self.trainer.model), state.global_step)
+
+
 class TissueTrainer(Trainer):
     """Trainer whose prediction can average softmax over the 8 dihedral views (``self.tta``).
 
@@ -466,6 +555,40 @@ class TissueTrainer(Trainer):
     """
 
     tta: bool = False
+    ema: WeightEMA | None = None
+
+    def enable_ema(self, decay: float) -> None:
+        """Average the weights during training (see :class:`WeightEMA`): evaluation and checkpoint
+        selection use the average, each checkpoint stores it (``ema.safetensors``) so a resumed run
+        continues it, and after training the model holds the (best) average."""
+        self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), decay)
+        self.add_callback(_EMAUpdate(self))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        result = super().train(*args, **kwargs)
+        if self.ema is not None:
+            if not (self.args.load_best_model_at_end and self.state.best_model_checkpoint):
+                self.ema.copy_to(self.accelerator.unwrap_model(self.model))
+            self.ema = None  # the model now holds the averaged weights: no more swapping
+        return result
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:  # noqa: D102
+        if self.ema is None:
+            return super().evaluate(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        self.ema.swap(model)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.ema.swap(model)
+
+    def _save_checkpoint(self, model, trial):  # noqa: D102
+        if self.ema is not None and self.args.should_save:
+            # Written before Trainer's trainer_state.json, which marks a checkpoint complete.
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.ema.save(folder / EMA_FILE)
+        super()._save_checkpoint(model, trial)
 
     def _load_weights_from(self, folder: str, model: torch.nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -477,12 +600,23 @@ class TissueTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         logger.info("loading weights from %s", resume_from_checkpoint)
         self._load_weights_from(resume_from_checkpoint, model)
+        if self.ema is not None:
+            path = Path(resume_from_checkpoint) / EMA_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{resume_from_checkpoint} has no {EMA_FILE}: it was not saved by an "
+                                        "--ema_decay run; resume it without --ema_decay")
+            self.ema.load(path)
 
     def _load_best_model(self):  # noqa: D102
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_best_model()
         logger.info("loading the best model %s (%s)", self.state.best_model_checkpoint, self.state.best_metric)
-        self._load_weights_from(self.state.best_model_checkpoint)
+        if self.ema is None:
+            self._load_weights_from(self.state.best_model_checkpoint)
+            return
+        # the selection was made on the averaged weights: load those
+        self.ema.load(Path(self.state.best_model_checkpoint) / EMA_FILE)
+        self.ema.copy_to(self.accelerator.unwrap_model(self.model))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
@@ -508,7 +642,7 @@ class TissueTrainer(Trainer):
 _SIGNATURE_TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor",
-    "max_grad_norm", "optim", "metric_for_best_model",
+    "max_grad_norm", "optim", "metric_for_best_model", "ema_decay",
 )  # fmt: skip
 
 
@@ -789,6 +923,7 @@ def run_finetune(
         overrides=model_args.overrides(),
         attn_implementation=attn_implementation,
     )
+    add_patch_dropout(model, model_args.patch_keep)
     mean, std = _processor_stats(model_args)
     processor = make_image_processor(model.config.image_size, mean, std)
     eval_tf = TileTransform.from_processor(processor)
@@ -824,6 +959,8 @@ def run_finetune(
         processing_class=processor,
         callbacks=callbacks,
     )
+    if training_args.ema_decay:
+        trainer.enable_ema(training_args.ema_decay)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # the selected (best) model + processor
     trainer.save_state()
@@ -842,7 +979,7 @@ def run_finetune(
         seed=training_args.seed,
         hardware=hardware_info(training_args),
         versions=versions(),
-        hyperparameters=_hyperparameters(data_args, training_args),
+        hyperparameters={**_hyperparameters(data_args, training_args), "patch_keep": model_args.patch_keep},
         dataset=_dataset_info(data_args, dataset),
         model={
             "from_scratch": model_args.from_scratch,
@@ -856,6 +993,7 @@ def run_finetune(
             "intermediate_size": model.config.intermediate_size,
             "num_parameters": trainer.model.num_parameters(),
             "attn_implementation": attn_implementation,
+            "patch_keep": model_args.patch_keep,
         },
         recipe=data_args.config,
     )

@@ -11,6 +11,8 @@ from transformers import BertConfig, ViTConfig, ViTForImageClassification
 from hf_tissue_vit.constants import CLASS_NAMES
 from hf_tissue_vit.modeling import (
     MODEL_PRESETS,
+    PatchDropout,
+    add_patch_dropout,
     load_for_inference,
     load_model,
     resize_position_embeddings,
@@ -152,3 +154,46 @@ def test_load_for_inference(pretrained_dir: Path, tmp_path: Path):
     model, processor = load_for_inference(str(pretrained_dir), device="cpu")
     assert not model.training
     assert processor.size == {"height": 224, "width": 224}
+
+
+def test_patch_dropout_trains_on_a_token_subset_and_evaluates_on_all(tmp_path: Path):
+    model = load_model(
+        None, from_scratch=True, preset="tiny", id2label=CLASS_NAMES, image_size=40, patch_size=8, overrides=TINY
+    )  # 25 patches: an odd count makes rounding mistakes visible
+    seen: list[int] = []
+    model.vit.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    handle = add_patch_dropout(model, 0.36)
+    pixels = torch.randn(3, 3, 40, 40)
+    model.train()
+    loss = model(pixel_values=pixels, labels=torch.tensor([0, 1, 2])).loss
+    loss.backward()  # gradients flow through the gathered tokens
+    assert model.vit.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+    assert seen == [1 + 9, 1 + 25]  # CLS + round(0.36 * 25) while training; every token in eval
+    # the saved model is a plain ViT: no hook, the same eval outputs after reloading
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path / "saved", use_safetensors=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, logits)
+    handle.remove()
+    model.train()
+    model(pixel_values=pixels)
+    assert seen[-1] == 1 + 25
+
+
+def test_patch_dropout_keeps_cls_and_distinct_patches():
+    hook = PatchDropout(0.5)
+    module = torch.nn.Identity().train()
+    tokens = torch.arange(2 * 11, dtype=torch.float32).view(2, 11, 1).expand(2, 11, 4).contiguous()
+    out = hook(module, (), tokens)
+    assert out.shape == (2, 1 + 5, 4)
+    assert torch.equal(out[:, 0], tokens[:, 0])  # CLS first, untouched
+    for row, full in zip(out, tokens):
+        kept = row[1:, 0].tolist()
+        assert len(set(kept)) == 5 and set(kept) <= set(full[1:, 0].tolist())
+    assert add_patch_dropout(ViTForImageClassification(ViTConfig(**TINY, image_size=16, patch_size=8)), 1.0) is None
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="--patch_keep"):
+            PatchDropout(bad)

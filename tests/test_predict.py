@@ -11,8 +11,9 @@ import torch
 from conftest import load_script
 from PIL import Image
 
+from hf_tissue_vit import hardware
 from hf_tissue_vit.constants import CLASS_NAMES
-from hf_tissue_vit.predict import TilePredictor, iter_input_files, probability_columns
+from hf_tissue_vit.predict import TilePredictor, _load_image, iter_input_files, probability_columns
 from hf_tissue_vit.transforms import dihedral_views, make_image_processor
 
 
@@ -97,13 +98,17 @@ def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
     one = TilePredictor(predictor.model, make_image_processor(32), batch_size=1, num_workers=0, bf16=False)
     single = np.stack([r.probs for r in one.predict_files(paths)])
     np.testing.assert_allclose(batched, single, atol=1e-5)
-    # same preprocessing as the saved processor (the way pipeline() runs the model)
+    overlapped = TilePredictor(predictor.model, make_image_processor(32), batch_size=2, num_workers=2, bf16=False,
+                               overlap=True)
+    np.testing.assert_allclose(np.stack([r.probs for r in overlapped.predict_files(paths)]), batched, atol=1e-5)
+    # same preprocessing as the saved processor (the way pipeline() runs the model): the decode threads
+    # resize with PIL's bilinear filter as the processor does, so only float rounding differs
     processor = make_image_processor(32)
     images = [Image.open(p).convert("RGB") for p in paths]
     pixel_values = torch.as_tensor(np.asarray(processor(images)["pixel_values"]))
     with torch.inference_mode():
         reference = predictor.model(pixel_values=pixel_values).logits.softmax(-1).numpy()
-    np.testing.assert_allclose(batched, reference, atol=2e-3)
+    np.testing.assert_allclose(batched, reference, atol=1e-5)
     assert (batched.argmax(1) == reference.argmax(1)).all()
 
 
@@ -111,7 +116,7 @@ def test_tta_is_mean_over_dihedral_views(tiny_model_dir, tile_dir, tmp_path):
     tta = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, tta=True, bf16=False)
     paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
     probs = np.stack([r.probs for r in tta.predict_files(paths)])
-    pixel_values = tta.transform(torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])))
+    pixel_values = tta.transform(torch.from_numpy(np.stack([_load_image(p, 32) for p in paths])))
     plain = TilePredictor(tta.model, make_image_processor(32), batch_size=4, bf16=False)
     manual = torch.stack([plain.predict_pixel_values(v) for v in dihedral_views(pixel_values)]).mean(0)
     np.testing.assert_allclose(probs, manual.numpy(), atol=1e-5)
@@ -123,8 +128,8 @@ def test_tta_is_mean_over_dihedral_views(tiny_model_dir, tile_dir, tmp_path):
     np.testing.assert_allclose([[float(r[c]) for c in CLASS_NAMES] for r in rows], probs, atol=2e-6)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_streaming_consumes_input_lazily(predictor, tile_dir, workers):
+@pytest.mark.parametrize("workers, overlap", [(0, False), (2, False), (2, True)])
+def test_streaming_consumes_input_lazily(predictor, tile_dir, workers, overlap):
     """10 000 paths of one small tile: the first rows come out after reading only a prefetch window."""
     one = str(tile_dir / "tile_0.png")
     consumed = 0
@@ -135,7 +140,8 @@ def test_streaming_consumes_input_lazily(predictor, tile_dir, workers):
             consumed += 1
             yield one
 
-    stream = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, num_workers=workers)
+    stream = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, num_workers=workers,
+                           overlap=overlap)
     rows = stream.predict_files(paths())
     first = [next(rows) for _ in range(5)]
     assert all(r.error == "" for r in first)
@@ -156,21 +162,20 @@ def test_failed_run_leaves_no_partial_csv(predictor, tile_dir, tmp_path):
 
 def test_bf16_option_runs(predictor, tile_dir):
     bf16 = TilePredictor(predictor.model, make_image_processor(32), batch_size=4, bf16=True)
-    assert bf16.bf16 and bf16.attn_implementation == "sdpa"  # measured faster for inference, fp32 and bf16
+    assert bf16.bf16 and bf16.attn_implementation == hardware.default_attn_implementation("cpu", True, training=False)
     rows = list(bf16.predict_files([str(tile_dir / "tile_1.png")]))
     assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)
     fp32 = list(predictor.predict_files([str(tile_dir / "tile_1.png")]))
     np.testing.assert_allclose(rows[0].probs, fp32[0].probs, atol=0.05)
 
 
-@pytest.mark.parametrize("cpu_bf16", [True, False])
-def test_bf16_and_attention_auto_follow_the_hardware(predictor, monkeypatch, cpu_bf16):
-    from hf_tissue_vit import hardware
-
+@pytest.mark.parametrize("cpu_bf16, amx, attn", [(True, True, "sdpa"), (True, False, "eager"), (False, False, "sdpa")])
+def test_bf16_and_attention_auto_follow_the_hardware(predictor, monkeypatch, cpu_bf16, amx, attn):
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(hardware, "cpu_has_amx", lambda: amx)
     auto = TilePredictor(predictor.model, make_image_processor(32), device="cpu")
     assert auto.bf16 is cpu_bf16
-    assert auto.attn_implementation == "sdpa"
+    assert auto.attn_implementation == attn  # the kernel measured faster for inference on such a CPU
     assert predictor.model.config._attn_implementation == auto.attn_implementation
     forced = TilePredictor(predictor.model, make_image_processor(32), device="cpu", bf16=False,
                            attn_implementation="eager")

@@ -269,7 +269,7 @@ def _resume_args(dataset_dir: Path, out: Path) -> list[str]:
     return [sys.executable, str(SCRIPT), *TINY_MODEL, *FAST, "--dataset_dir", str(dataset_dir), "--output_dir",
             str(out), "--num_train_epochs", "5", "--eval_strategy", "steps", "--save_strategy", "steps",
             "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--logging_strategy", "steps",
-            "--hidden_dropout_prob", "0.1", "--data_seed", "3"]  # fmt: skip
+            "--hidden_dropout_prob", "0.1", "--data_seed", "3", "--patch_keep", "0.6", "--ema_decay", "0.8"]  # fmt: skip
 
 
 def test_offline_without_dataset_names_finetune_flags(tmp_path: Path, monkeypatch, capsys):
@@ -315,6 +315,28 @@ def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_pa
     assert (reference / "test_predictions.csv").read_text() == (resumed / "test_predictions.csv").read_text()
     wa, wb = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_run_selects_and_saves_the_weight_average(tiny_dataset_dir: Path, tmp_path: Path):
+    from transformers import ViTForImageClassification
+
+    from hf_tissue_vit.training import EMA_FILE
+
+    out = tmp_path / "ema"
+    code = main([*TINY_MODEL, *FAST, "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out),
+                 "--num_train_epochs", "3", "--ema_decay", "0.7", "--save_total_limit", "3"])  # fmt: skip
+    assert code == 0
+    best = Path(json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"])
+    average = load_file(best / EMA_FILE)
+    final = dict(ViTForImageClassification.from_pretrained(out, use_safetensors=True).named_parameters())
+    raw = dict(ViTForImageClassification.from_pretrained(best, use_safetensors=True).named_parameters())
+    assert set(average) == set(final)
+    assert all(torch.equal(final[k].detach(), average[k]) for k in average)  # the saved model is the average
+    assert not all(torch.equal(raw[k], final[k]) for k in final)  # ... not the raw weights of that step
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hyperparameters"]["ema_decay"] == 0.7
+    with pytest.raises(ValueError, match="--ema_decay"):
+        parse_args(["--output_dir", str(tmp_path / "x"), "--ema_decay", "1.0"])
 
 
 def test_two_process_data_parallel_counts_each_sample_once(tiny_dataset_dir: Path, tmp_path: Path):
