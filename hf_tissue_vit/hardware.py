@@ -81,11 +81,13 @@ def default_attn_implementation(device: str | torch.device, bf16: bool, training
     """The faster attention kernel measured for this use: ``"eager"`` on a CPU with bf16 autocast (for
     inference only where the CPU lacks AMX), else ``"sdpa"``.
 
-    ``python scripts/benchmark.py``, scratch_cpu model (112 px / patch 16):
-    - 2-core Xeon with AMX-BF16: training steps 226 images/s eager+bf16 vs 136 sdpa+bf16 (fp32: 139 eager,
-      162 sdpa); inference forward 1167 tiles/s sdpa+bf16 vs 896 eager+bf16 (fp32: 503 sdpa, 443 eager).
-    - 2-core AMD EPYC with AVX512-BF16, no AMX: training 228 images/s eager+bf16 vs 153 sdpa+bf16;
-      inference forward (batch 128, trained model) 742 tiles/s eager+bf16 vs 639 sdpa+bf16.
+    scratch_cpu model (112 px / patch 16):
+    - 2-core Xeon with AMX-BF16 (``python scripts/benchmark.py``): training steps 226 images/s eager+bf16
+      vs 136 sdpa+bf16 (fp32: 139 eager, 162 sdpa); inference forward 1167 tiles/s sdpa+bf16 vs 896
+      eager+bf16 (fp32: 503 sdpa, 443 eager).
+    - 2-core AMD EPYC with AVX512-BF16, no AMX (timed loops over this model, 2026-12-01): training steps
+      (batch 64) 228 images/s eager+bf16 vs 153 sdpa+bf16 (fp32: 142 eager, 136 sdpa); inference forward
+      (batch 128, trained weights) 742 tiles/s eager+bf16 vs 639 sdpa+bf16.
     On GPUs SDPA wins.
     """
     if torch.device(device).type != "cpu" or not bf16:
