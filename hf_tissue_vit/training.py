@@ -273,6 +273,9 @@ class TissueTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns otherwise)
         if self.dataloader_num_workers < 0:
             self.dataloader_num_workers = hardware.auto_num_workers()
+        if self.dataloader_num_workers == 0 and self.dataloader_persistent_workers:
+            # a recipe may ask for persistent workers; with none, torch's DataLoader would refuse to start
+            self.dataloader_persistent_workers = False
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:

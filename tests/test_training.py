@@ -174,6 +174,10 @@ def test_recipe_values_are_defaults_that_flags_override(tmp_path: Path):
     assert model_args.from_scratch and training_args.learning_rate == 1e-3
     for recipe_name in ("scratch_cpu.yaml", "finetune_vit_base.yaml"):
         parse_args(["--config", str(REPO / "scripts/recipes" / recipe_name)])
+    # the recipe's persistent DataLoader workers do not stop a run without workers
+    _, _, training_args = parse_args(["--config", str(REPO / "scripts/recipes/scratch_cpu.yaml"),
+                                      "--dataloader_num_workers", "0"])
+    assert training_args.dataloader_num_workers == 0 and not training_args.dataloader_persistent_workers
 
 
 @pytest.mark.parametrize(
