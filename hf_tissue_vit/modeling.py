@@ -233,11 +233,9 @@ class PatchDropout:
         return max(1, int(round(num_patches * self.keep)))
 
     def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if not module.training or self.keep >= 1:
-            return output
         batch, tokens, dim = output.shape
         kept = self.num_kept(tokens - 1)
-        if kept >= tokens - 1:
+        if not module.training or kept >= tokens - 1:
             return output
         index = torch.rand(batch, tokens - 1, device=output.device).argsort(dim=1)[:, :kept] + 1
         patches = output.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))

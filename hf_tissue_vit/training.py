@@ -45,6 +45,7 @@ from .hardware import hardware_info
 from .modeling import (
     DEFAULT_BASE_MODEL,
     MODEL_PRESETS,
+    PatchDropout,
     add_patch_dropout,
     check_geometry,
     check_vit_checkpoint,
@@ -131,8 +132,7 @@ class ModelArguments:
         if self.from_scratch and self.model_preset not in MODEL_PRESETS:
             raise ValueError(f"unknown --model_preset {self.model_preset!r}; choose one of {sorted(MODEL_PRESETS)}")
         hardware.check_attn_implementation(self.attn_implementation)
-        if not 0 < self.patch_keep <= 1:
-            raise ValueError(f"--patch_keep must be in (0, 1], got {self.patch_keep}")
+        PatchDropout(self.patch_keep)  # checks the fraction
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -280,8 +280,8 @@ class TissueTrainingArguments(TrainingArguments):
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:
             raise ValueError(f"--n_bootstrap must be >= 0, got {self.n_bootstrap}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
+        if self.ema_decay is not None:
+            WeightEMA.check_decay(self.ema_decay)
         # Checked here, not at the push after training: hub.push_output_dir needs USER/NAME.
         hub_id = self.hub_model_id or ""
         if self.push_to_hub and (hub_id.count("/") != 1 or not all(hub_id.split("/"))):
@@ -481,44 +481,47 @@ class EpochCallback(TrainerCallback):
 
 
 class WeightEMA:
-    """Exponential moving average of a model's trainable weights, kept as fp32 copies.
+    """Exponential moving average of a model's trainable weights, kept as fp32 copies beside them
+    (same device).
 
     The decay warms up as ``min(decay, (1 + step) / (10 + step))`` (as timm and TensorFlow do), so the
     random initial weights are forgotten quickly instead of dominating the average of a short run.
+    The average is bound to the parameters of ``model`` when it is made; weights loaded into them in
+    place later (resume, best model) keep it valid.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
+        self.decay = self.check_decay(decay)
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def _pairs(self, model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         params = dict(model.named_parameters())
-        missing = sorted(set(self.shadow) - set(params))
-        if missing:
-            raise ValueError(f"the model has no parameters {missing[:3]} of the weight average")
-        return ((params[name], shadow) for name, shadow in self.shadow.items())
+        self._pairs = [(params[name], shadow) for name, shadow in self.shadow.items()]
+
+    @staticmethod
+    def check_decay(decay: float) -> float:
+        """``decay`` as a float, or ``ValueError`` unless it is in (0, 1)."""
+        if not 0 < decay < 1:
+            raise ValueError(f"--ema_decay must be in (0, 1) (e.g. 0.999), got {decay}")
+        return float(decay)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         """Blend the model's current weights into the average (call after each optimizer step)."""
         weight = 1 - min(self.decay, (1 + step) / (10 + step))
-        for param, shadow in self._pairs(model):
+        for param, shadow in self._pairs:
             shadow.lerp_(param.detach().float(), weight)
 
     @torch.no_grad()
-    def swap(self, model: torch.nn.Module) -> None:
+    def swap(self) -> None:
         """Exchange the model's weights and the average (a second call undoes the first)."""
-        for param, shadow in self._pairs(model):
+        for param, shadow in self._pairs:
             current = param.detach().float().clone()
             param.copy_(shadow)
             shadow.copy_(current)
 
     @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
+    def copy_to_model(self) -> None:
         """Overwrite the model's weights with the average."""
-        for param, shadow in self._pairs(model):
+        for param, shadow in self._pairs:
             param.copy_(shadow)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -526,16 +529,18 @@ class WeightEMA:
         from safetensors.torch import save
 
         with atomic_write(path, "wb") as fh:
-            fh.write(save({name: t.contiguous() for name, t in self.shadow.items()}))
+            fh.write(save({name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}))
 
+    @torch.no_grad()
     def load(self, path: str | os.PathLike) -> None:
-        """Read an average written by :meth:`save` (same parameter names and shapes)."""
+        """Read an average written by :meth:`save` (same parameter names and shapes) into this one."""
         from safetensors.torch import load_file
 
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow) or any(loaded[n].shape != t.shape for n, t in self.shadow.items()):
             raise ValueError(f"{path}: the weight average does not match this model's parameters")
-        self.shadow = {name: loaded[name].float() for name in self.shadow}
+        for name, shadow in self.shadow.items():
+            shadow.copy_(loaded[name])  # in place: stays on the model's device, still bound to it
 
 
 class _EMAUpdate(TrainerCallback):
@@ -543,9 +548,8 @@ class _EMAUpdate(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
-        ema = self.trainer.ema
-        if ema is not None:
-            ema.update(self.trainer.accelerator.unwrap_model(self.trainer.model), state.global_step)
+        if self.trainer.ema is not None:
+            self.trainer.ema.update(state.global_step)
 
 
 class TissueTrainer(Trainer):
@@ -571,19 +575,18 @@ class TissueTrainer(Trainer):
         result = super().train(*args, **kwargs)
         if self.ema is not None:
             if not (self.args.load_best_model_at_end and self.state.best_model_checkpoint):
-                self.ema.copy_to(self.accelerator.unwrap_model(self.model))
+                self.ema.copy_to_model()
             self.ema = None  # the model now holds the averaged weights: no more swapping
         return result
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:  # noqa: D102
         if self.ema is None:
             return super().evaluate(*args, **kwargs)
-        model = self.accelerator.unwrap_model(self.model)
-        self.ema.swap(model)
+        self.ema.swap()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.ema.swap(model)
+            self.ema.swap()
 
     def _save_checkpoint(self, model, trial):  # noqa: D102
         if self.ema is not None and self.args.should_save:
@@ -619,7 +622,7 @@ class TissueTrainer(Trainer):
             return
         # the selection was made on the averaged weights: load those
         self.ema.load(Path(self.state.best_model_checkpoint) / EMA_FILE)
-        self.ema.copy_to(self.accelerator.unwrap_model(self.model))
+        self.ema.copy_to_model()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
