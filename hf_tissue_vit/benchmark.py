@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import functools
 import json
@@ -925,7 +926,8 @@ def bench_infer(
                     GOALS["infer_batched"] if goal else None,
                 ),
             ]
-    ours = [predictor.label_names[int(r.probs.argmax())] for r in predictor.predict_files(files)]
+    judged = predictor_bf16 if predictor_bf16 is not None else predictor
+    ours = [judged.label_names[int(r.probs.argmax())] for r in judged.predict_files(files)]
     theirs = [out[0]["label"] for out in pipe(files, batch_size=bs)]
     agreement = sum(a == b for a, b in zip(ours, theirs)) / len(files)
     return {
@@ -980,15 +982,16 @@ def _train_step_rates(
 
 
 def _agreement(model: Any, pixel_values: torch.Tensor, batch: int) -> dict[str, float]:
-    """Top-1 agreement and largest probability difference of bf16 autocast vs fp32."""
+    """Top-1 agreement and largest probability difference of a bf16 copy of the model (as
+    TilePredictor runs it) vs the fp32 model."""
     model.eval()
+    weights = copy.deepcopy(model).to(torch.bfloat16)
     fp32, bf16 = [], []
     with torch.inference_mode():
         for i in range(0, len(pixel_values), batch):
             chunk = pixel_values[i : i + batch]
             fp32.append(model(pixel_values=chunk).logits.float().softmax(-1))
-            with _autocast(True):
-                bf16.append(model(pixel_values=chunk).logits.float().softmax(-1))
+            bf16.append(weights(pixel_values=chunk.bfloat16()).logits.float().softmax(-1))
     a, b = torch.cat(fp32), torch.cat(bf16)
     return {
         "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
@@ -1044,6 +1047,14 @@ def bench_variants(
         unit="images/s",
     )
     del eager
+    for attn in ("eager", "sdpa"):
+        weights = _make_model(spec, config.seed, attn).eval().to(torch.bfloat16)
+        rows[f"infer_{attn}_bf16_weights"] = _row(
+            f"inference forward, {attn}, bf16 weights (TilePredictor's bf16), inference_mode",
+            _forward_rates(weights, infer_px.bfloat16(), repeats),
+            unit="images/s",
+        )
+    del weights
     if config.measure_compile:
         rows.update(_compile_variant(model, infer_px, repeats))
     # DataLoader workers for the package collator (2 cores: 0 or 1 worker is the real choice).
@@ -1230,7 +1241,7 @@ def run_benchmark(
             vrows = results.get("variants", {}).get("rows", {})
             # TilePredictor's auto attention: SDPA in fp32, eager under bf16 on CPU (hardware.py); the bf16 row
             # is shown only where that pair is faster here and bf16 agrees with fp32.
-            bf16_key = f"infer_{default_attn_implementation('cpu', True, training=False)}_bf16"
+            bf16_key = f"infer_{default_attn_implementation('cpu', True, training=False)}_bf16_weights"
             fp32_key = f"infer_{default_attn_implementation('cpu', False, training=False)}_fp32"
             faster = bool(vrows) and vrows[bf16_key]["median"] > vrows[fp32_key]["median"]
             use_bf16 = bool(settings["cpu_supports_bf16"] and faster and check and check["top1_agreement"] >= 0.99)
@@ -1325,7 +1336,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             if settings.get(key):
                 a = settings[key]
                 out.append(
-                    f"\nbf16 autocast vs fp32 ({key.replace('bf16_vs_fp32', '').strip('_') or 'random-init model'}): "
+                    f"\nbf16 weights vs fp32 ({key.replace('bf16_vs_fp32', '').strip('_') or 'random-init model'}): "
                     f"top-1 agreement {a['top1_agreement']:.3f}, max |Δprob| {a['max_abs_prob_diff']:.4f}"
                 )
         out.append("")

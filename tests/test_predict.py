@@ -167,6 +167,9 @@ def test_bf16_option_runs(predictor, tile_dir):
     assert rows[0].probs.sum() == pytest.approx(1.0, abs=1e-3)
     fp32 = list(predictor.predict_files([str(tile_dir / "tile_1.png")]))
     np.testing.assert_allclose(rows[0].probs, fp32[0].probs, atol=0.05)
+    # bf16 runs a bf16 copy: the model passed in keeps its fp32 weights (it may still be trained or saved)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(predictor.model.parameters()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("cpu_bf16, amx, attn", [(True, True, "sdpa"), (True, False, "eager"), (False, False, "sdpa")])
@@ -176,7 +179,7 @@ def test_bf16_and_attention_auto_follow_the_hardware(predictor, monkeypatch, cpu
     auto = TilePredictor(predictor.model, make_image_processor(32), device="cpu")
     assert auto.bf16 is cpu_bf16
     assert auto.attn_implementation == attn  # the kernel measured faster for inference on such a CPU
-    assert predictor.model.config._attn_implementation == auto.attn_implementation
+    assert auto.model.config._attn_implementation == auto.attn_implementation
     forced = TilePredictor(predictor.model, make_image_processor(32), device="cpu", bf16=False,
                            attn_implementation="eager")
     assert not forced.bf16 and forced.attn_implementation == "eager"
