@@ -129,7 +129,9 @@ class BenchmarkConfig:
     infer_tiles: int | None = field(
         default=None, metadata={"help": "PNG files classified per inference repeat (default 256)."}
     )
-    data_batches: int | None = field(default=None, metadata={"help": "Batches per data-pipeline repeat (default 8)."})
+    data_batches: int | None = field(
+        default=None, metadata={"help": "Batches per data-pipeline repeat (default 24, long enough to outlast noise)."}
+    )
     train_steps: int | None = field(
         default=None, metadata={"help": "Small model: Trainer steps per timed repeat (default 4)."}
     )
@@ -210,7 +212,7 @@ class BenchmarkConfig:
             "infer_batch_size": 128,
             "num_tiles": 768,
             "infer_tiles": 256,
-            "data_batches": 8,
+            "data_batches": 24,
             "train_steps": 4,
             "base_train_steps": 1,
             "warmup_steps": 3,

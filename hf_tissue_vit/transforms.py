@@ -291,12 +291,13 @@ class TileTransform:
         if aug is None or not aug.any_enabled:
             # uint8 resize output is rounded like the PIL processor's, so eval matches it.
             x = self._resize(x, size, size).float()
-            return torch.addcmul(self._shift, x, self._scale, out=out)
+            # mul + add_ rather than addcmul: broadcast addcmul measured ~3x slower on CPU
+            return torch.mul(x, self._scale, out=out).add_(self._shift)
         x, gain, offset = self._augment(x, aug, generator, out)
         # The last pixel-wise step clamp(gain * x + offset, 0, 255) is fused with rescale and
         # normalisation (scale > 0, so clamping after the affine map is the same), written straight
-        # into a contiguous NCHW tensor: two passes over the batch instead of five.
-        torch.addcmul(offset * self._scale + self._shift, x, gain * self._scale, out=out)
+        # into a contiguous NCHW tensor (mul + add_: a broadcast addcmul measured ~3x slower on CPU).
+        torch.mul(x, gain * self._scale, out=out).add_(offset * self._scale + self._shift)
         return out.clamp_(*self._bounds)
 
     # --- internals ---------------------------------------------------------------------------
@@ -433,8 +434,9 @@ def _stain_jitter(
     bias = _LOG_256 * (1 - matrix.sum(dim=1)) - beta64 @ rgb_from_hed  # [B,3]
     d = (bias.unsqueeze(1) @ inverse).squeeze(1)  # [B,3]
     k = torch.exp(d).float().view(batch, channels, 1, 1)
-    # log(e^d (1 + x)) = L + d; from uint8 the multiply-add also makes the float copy (one pass)
-    log_x = (torch.addcmul(k, x, k) if x.dtype == torch.uint8 else x.mul_(k).add_(k)).log_()
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32)
+    log_x = x.mul_(k).add_(k).log_()  # log(e^d (1 + x)) = L + d
     cols = torch.empty_like(log_x) if out is None else out
     torch.bmm(
         matrix.transpose(1, 2).float(),
