@@ -49,7 +49,7 @@ def served_release_zip(release_zip: Path):
 def test_main_job_on_its_defaults(served_release_zip, tmp_path: Path) -> None:
     """README setup step 2: ``python scripts/finetune.py`` with no arguments means the default recipe on
     the default source (the release zip, downloaded, checked and built into the HF cache). Run here with
-    that recipe named and ``--max_steps 3`` (its 150 epochs take ~18 minutes); that no arguments select
+    that recipe named and ``--max_steps 3`` (its 120 epochs take ~15 minutes); that no arguments select
     this recipe is checked on the script itself."""
     import yaml
     from conftest import load_script
