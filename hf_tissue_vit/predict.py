@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from . import hardware
 from .constants import IMAGE_EXTENSIONS
 from .fileio import atomic_write, atomic_write_json, save_figure_atomic
-from .transforms import TileTransform, dihedral_views, image_to_uint8
+from .transforms import TileTransform, dihedral_views, image_to_rgb8, image_to_uint8
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
     from transformers import PreTrainedModel
@@ -111,17 +111,11 @@ def _load_image(path: str, size: int | None = None) -> np.ndarray:
     """Decode ``path`` to uint8 HxWx3; with ``size``, resize it to size x size with PIL's bilinear filter,
     which is exactly what the saved ViT image processor (PIL backend) does, here in the decode thread."""
     with Image.open(path) as image:
-        if not (image.mode == "F" or image.mode.startswith("I")):
-            # 8-bit modes (converted as image_to_uint8 does) stay PIL images until the end: one array
-            # copy instead of three
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            return np.asarray(rgb)
-        tile = image_to_uint8(image)
-    if size is not None and tile.shape[:2] != (size, size):
-        tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
-    return tile
+        # kept a PIL image until the end: one array copy instead of three
+        rgb = image_to_rgb8(image)
+        if size is not None and rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.BILINEAR)
+        return np.asarray(rgb)
 
 
 def _error_text(err: BaseException) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "make_image_processor",
     "dihedral_views",
     "image_to_uint8",
+    "image_to_rgb8",
     "rgb_to_hed",
     "hed_to_rgb",
     "DEFAULT_IMAGE_MEAN",
@@ -96,23 +97,25 @@ class AugmentationConfig:
         )
 
 
-def image_to_uint8(image: Image.Image) -> np.ndarray:
-    """Return a PIL image as an HxWx3 RGB uint8 array (16-bit and float modes are rescaled)."""
+def image_to_rgb8(image: Image.Image) -> Image.Image:
+    """Return a PIL image in 8-bit RGB mode (16-bit and float modes are rescaled; RGB is returned as is)."""
     if not isinstance(image, Image.Image):
-        raise ValueError(f"image_to_uint8 expects a PIL.Image.Image, got {type(image).__name__}")
+        raise ValueError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        array = np.asarray(image, dtype=np.uint16)
-        array = (array >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(array[..., None], 3, axis=-1))
-    if image.mode in ("I", "F"):
+        grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+    elif image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
         high = float(array.max()) if array.size else 0.0
         scale = 255.0 / high if high > 255 else 1.0
-        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(array[..., None], 3, axis=-1))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8, copy=True)
+        grey = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    else:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), "RGB")
+
+
+def image_to_uint8(image: Image.Image) -> np.ndarray:
+    """Return a PIL image as an HxWx3 RGB uint8 array (16-bit and float modes are rescaled)."""
+    return np.array(image_to_rgb8(image), dtype=np.uint8, copy=True)
 
 
 def make_image_processor(
@@ -329,13 +332,13 @@ class TileTransform:
         if aug.dihedral:
             # on uint8 NCHW the dihedral copies are ~3x faster than on channels-last or float data
             x = _random_dihedral(x, generator)
+        # A fresh float copy: later steps work in place (x may still be the caller's tensor; float
+        # input was already copied by _as_batch).
+        x = x.to(torch.float32)
         pedestal = 0.0
         if aug.stain_jitter:
             x = _stain_jitter(x, aug.stain_jitter, generator, out=out)
             pedestal = 1.0  # _stain_jitter returns x + 1
-        else:
-            # A fresh float copy: later steps work in place (x may still be the caller's tensor).
-            x = x.to(torch.float32, copy=True)
         gain, offset = _brightness_contrast(x, aug.brightness, aug.contrast, pedestal, generator)
         return x, gain, offset
 
@@ -412,8 +415,7 @@ def _random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torc
 def _stain_jitter(
     x: torch.Tensor, strength: float, generator: torch.Generator | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """HED jitter (Tellez et al. 2018) of contiguous 0..255 images [B,3,H,W] (uint8, or float32 changed
-    in place); returns float32 x' + 1.
+    """HED jitter (Tellez et al. 2018) of contiguous 0..255 float images [B,3,H,W]; returns x' + 1.
 
     Stains S = OD @ H become S * alpha + beta (alpha ~ U(1-s, 1+s), beta ~ U(-s, s) per sample and
     stain), then OD' = S' @ R, with OD = log(256) - log(1 + x) per pixel (row vector). This is one
@@ -433,13 +435,11 @@ def _stain_jitter(
     inverse = (hed_from_rgb / alpha64.unsqueeze(1)) @ rgb_from_hed
     bias = _LOG_256 * (1 - matrix.sum(dim=1)) - beta64 @ rgb_from_hed  # [B,3]
     d = (bias.unsqueeze(1) @ inverse).squeeze(1)  # [B,3]
-    k = torch.exp(d).float().view(batch, channels, 1, 1)
-    if x.dtype == torch.uint8:
-        x = x.to(torch.float32)
+    k = torch.exp(d).to(x.dtype).view(batch, channels, 1, 1)
     log_x = x.mul_(k).add_(k).log_()  # log(e^d (1 + x)) = L + d
-    cols = torch.empty_like(log_x) if out is None else out
+    cols = torch.empty_like(x) if out is None else out
     torch.bmm(
-        matrix.transpose(1, 2).float(),
+        matrix.transpose(1, 2).to(x.dtype),
         log_x.view(batch, channels, height * width),
         out=cols.view(batch, channels, height * width),
     )
