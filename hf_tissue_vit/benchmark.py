@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -59,7 +58,7 @@ from transformers import TrainerCallback
 
 from .constants import CLASS_NAMES, IMAGE_EXTENSIONS, KATHER_FOLDERS
 from .fileio import atomic_write_json, atomic_write_text, fix_permissions
-from .hardware import auto_num_workers, cpu_info, cpu_supports_bf16, default_attn_implementation
+from .hardware import auto_num_workers, cpu_supports_bf16, default_attn_implementation, machine_info
 from .modeling import OVERRIDABLE_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -326,29 +325,6 @@ def _ratio(
 # --------------------------------------------------------------------------------------------
 # Machine facts
 # --------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, threads, load and versions: everything a reader needs to judge the numbers."""
-    import datasets
-    import transformers
-
-    info = cpu_info()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu_model": info["model"],
-        "cpu_flags": info["flags"],
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "mkldnn": bool(torch.backends.mkldnn.is_available()),
-        "cuda": torch.cuda.is_available(),
-        "load_average_1_5_15": [round(v, 2) for v in load] if load else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "platform": platform.platform(),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Data: one set of tiles as an image folder (baseline) and a package dataset
 # --------------------------------------------------------------------------------------------

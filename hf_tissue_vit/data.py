@@ -57,6 +57,7 @@ from .constants import (
     ZENODO_URL,
 )
 from .fileio import atomic_write_json, atomic_write_text, default_mode
+from .imaging import to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -204,28 +205,6 @@ def _rel_listing(names: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Decoding: once per file
 # --------------------------------------------------------------------------------------------
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB 8-bit version of ``image``; 16-bit and float grey are scaled, transparency goes on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        values = np.asarray(image)
-        if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
-            grey = (np.clip(values, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
-        elif mode == "F" and values.max(initial=0) <= 1.0:
-            grey = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        else:
-            grey = np.clip(values, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
-    if "A" in mode or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        # Transparent parts of a tile hold no tissue: show them as the white glass background.
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _decode(data: bytes) -> tuple[bytes, str, tuple[int, int], str | None]:
     """PNG bytes, pixel SHA-256, (width, height) and the original mode if it was not RGB."""
     if not data:
@@ -234,7 +213,7 @@ def _decode(data: bytes) -> tuple[bytes, str, tuple[int, int], str | None]:
         image.load()
         source_mode = image.mode
         source_format = image.format
-        rgb = _to_rgb(image)
+        rgb = to_rgb8(image)
         pixels = np.asarray(rgb)
     digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
     if source_format == "PNG" and source_mode == "RGB":

@@ -140,3 +140,39 @@ def hardware_info(training_args: Any) -> dict[str, Any]:
     if training_args.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(training_args.device)
     return info
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape results (for all_results.json, cards and benchmarks)."""
+    import accelerate
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_tissue_vit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, threads, load, platform and :func:`versions`: what a reader needs to judge a number."""
+    info = cpu_info()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_model": info["model"],
+        "cpu_flags": info["flags"],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1_5_15": [round(v, 2) for v in load] if load else None,
+        "platform": platform.platform(),
+        **versions(),
+    }

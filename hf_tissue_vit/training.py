@@ -16,12 +16,10 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import hardware
 from .fileio import atomic_write, atomic_write_json, fix_permissions
-from .hardware import hardware_info
+from .hardware import hardware_info, versions
 from .modeling import (
     DEFAULT_BASE_MODEL,
     MODEL_PRESETS,
@@ -787,24 +785,6 @@ def _figure(path: Path, draw: Any, *args: Any, **kwargs: Any) -> None:
         draw(*args, str(path), **kwargs)
     except Exception as err:  # noqa: BLE001 - matplotlib failures vary
         logger.warning("could not write %s: %s", path, err)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that shape the results."""
-    import accelerate
-    import datasets
-    import transformers
-
-    from . import __version__
-
-    return {
-        "hf_tissue_vit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "accelerate": accelerate.__version__,
-    }
 
 
 def _dataset_info(data_args: DataArguments, dataset: Any) -> dict[str, Any]:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .imaging import to_rgb8, to_uint8
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -98,24 +100,13 @@ class AugmentationConfig:
 
 
 def image_to_rgb8(image: Image.Image) -> Image.Image:
-    """Return a PIL image in 8-bit RGB mode (16-bit and float modes are rescaled; RGB is returned as is)."""
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-    elif image.mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        high = float(array.max()) if array.size else 0.0
-        scale = 255.0 / high if high > 255 else 1.0
-        grey = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
-    else:
-        return image if image.mode == "RGB" else image.convert("RGB")
-    return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), "RGB")
+    """8-bit RGB PIL image by the package's one rule per mode (see :mod:`hf_tissue_vit.imaging`)."""
+    return to_rgb8(image)
 
 
 def image_to_uint8(image: Image.Image) -> np.ndarray:
-    """Return a PIL image as an HxWx3 RGB uint8 array (16-bit and float modes are rescaled)."""
-    return np.array(image_to_rgb8(image), dtype=np.uint8, copy=True)
+    """HxWx3 RGB uint8 array by the package's one rule per mode (see :mod:`hf_tissue_vit.imaging`)."""
+    return to_uint8(image)
 
 
 def make_image_processor(

@@ -227,14 +227,3 @@ def test_bad_inputs():
 def test_augmentation_config_accepts_yaml_lists():
     config = AugmentationConfig(crop_scale=[0.5, 1], crop_ratio=[1, 1])
     assert config.crop_scale == (0.5, 1.0) and config.crop_ratio == (1.0, 1.0)
-
-
-def test_image_to_uint8_modes():
-    rgb = Image.fromarray(np.full((5, 7, 3), 200, dtype=np.uint8))
-    assert image_to_uint8(rgb).shape == (5, 7, 3) and image_to_uint8(rgb).dtype == np.uint8
-    rgba = Image.new("RGBA", (7, 5), (10, 20, 30, 128))
-    assert image_to_uint8(rgba)[0, 0].tolist() == [10, 20, 30]
-    grey = Image.new("L", (7, 5), 99)
-    assert image_to_uint8(grey)[0, 0].tolist() == [99, 99, 99]
-    with pytest.raises(ValueError, match="PIL"):
-        image_to_uint8(np.zeros((5, 5, 3)))
