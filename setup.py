@@ -11,9 +11,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["hf_tissue_vit", "hf_tissue_vit.*"]),
-    include_package_data=True,
-    package_data={"hf_tissue_vit": ["evaluate_modules/*/*.py"]},
+    # The card templates live in the repository's model_card/ and install as hf_tissue_vit/templates/.
+    packages=find_packages(include=["hf_tissue_vit", "hf_tissue_vit.*"]) + ["hf_tissue_vit.templates"],
+    package_dir={"hf_tissue_vit.templates": "model_card"},
+    package_data={"hf_tissue_vit": ["evaluate_modules/*/*.py"], "hf_tissue_vit.templates": ["*.md"]},
+    exclude_package_data={"hf_tissue_vit.templates": ["images/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

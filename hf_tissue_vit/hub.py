@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .cards import write_model_card
 
@@ -35,9 +36,15 @@ class HubAuthError(PermissionError):
     """The Hub refused the token (missing, invalid, or without rights on the repo)."""
 
 
-def _check_repo_id(repo_id: str) -> None:
-    if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"--repo_id must look like USER/NAME (got {repo_id!r})")
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> str:
+    """The package's one repo-id check: huggingface_hub's rules, and a namespace (USER/NAME)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{flag} {repo_id!r} is not a valid Hub repo id: {err}") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{flag} must look like USER/NAME (got {repo_id!r})")
+    return repo_id
 
 
 def _auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
@@ -63,15 +70,17 @@ def _create_repo(api: HfApi, repo_id: str, repo_type: str, private: bool, revisi
 
 def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None, *,
-                    license: str | None = None) -> str:
-    """Push the model files of a training output dir to the model repo ``repo_id``; returns the commit URL.
+                    license: str | None = None, base_model: str | None = None, dataset_id: str | None = None,
+                    replace_user_card: bool = False) -> str:
+    """Push the model files of a model folder to the model repo ``repo_id``; returns the commit URL.
 
-    The model card (README.md) is rendered again first, so it names ``repo_id``. Only MODEL_FILES are
-    uploaded; pushing again makes a new commit on the same repo (files that did not change are skipped).
-    ``revision`` is a branch, created from main when missing.
+    The package's model card (README.md) is rendered again first, so it names ``repo_id``; a card the
+    folder's author wrote is pushed as it is unless ``replace_user_card`` (see ``write_model_card``).
+    Only MODEL_FILES are uploaded; pushing again makes a new commit on the same repo (files that did
+    not change are skipped). ``revision`` is a branch, created from main when missing.
     """
     output_dir = Path(output_dir)
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"output dir {output_dir} does not exist: pass the --output_dir of a training run")
     missing = [name for name in REQUIRED_MODEL_FILES if not (output_dir / name).is_file()]
@@ -79,8 +88,8 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
         raise FileNotFoundError(f"{output_dir} lacks {', '.join(missing)}: it is not a finished training output "
                                 "dir (train first, or point at the run's --output_dir)")
 
-    card_kwargs: dict[str, Any] = {"license": license} if license else {}
-    write_model_card(output_dir, repo_id, **card_kwargs)
+    write_model_card(output_dir, repo_id, replace_user_card=replace_user_card, license=license,
+                     base_model=base_model, dataset_id=dataset_id)
 
     api = HfApi(token=token)
     _create_repo(api, repo_id, "model", private, revision)
@@ -104,7 +113,7 @@ def push_dataset(dataset_dict: DatasetDict, repo_id: str, private: bool = False,
     The card goes first, so ``DatasetDict.push_to_hub`` then merges its ``dataset_info``/``configs``
     metadata into it and keeps the body. Returns the URL of the last commit.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     _create_repo(api, repo_id, "dataset", private, None)
     try:

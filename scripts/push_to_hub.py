@@ -1,11 +1,14 @@
 """Push a training output dir (model.safetensors, config, processor, model card, figures) to the Hub.
 
     HF_TOKEN=hf_xxx python scripts/push_to_hub.py outputs/vit_scratch_cpu --repo_id USER/NAME \
-        [--private] [--revision BRANCH] [--commit_message TEXT] [--license cc-by-4.0]
+        [--private] [--revision BRANCH] [--commit_message TEXT] [--license cc-by-4.0] \
+        [--base_model google/vit-base-patch16-224] [--dataset_id USER/DATASET] [--replace_card]
 
 The token comes from huggingface_hub's usual places (HF_TOKEN, or `hf auth login`); it is never
 printed or written. Pushing again makes a new commit on the same repo. Checkpoints and pickles
-are never uploaded.
+are never uploaded. A README.md the folder's author wrote (e.g. by plain `Trainer`) is pushed as it
+is; `--replace_card` replaces it with the package's card, which keeps its metadata (saved first as
+README.user.md).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
-from hf_tissue_vit.hub import HubAuthError, push_output_dir
+from hf_tissue_vit.hub import HubAuthError, check_repo_id, push_output_dir
 
 
 @dataclass
@@ -26,12 +29,21 @@ class PushArguments:
     private: bool = field(default=False, metadata={"help": "Create the repo as private."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created from main)."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message."})
-    license: str | None = field(default=None, metadata={"help": "Licence id for the card (default cc-by-4.0, "
-                                                                 "the licence of the Kather 2016 training data)."})
+    license: str | None = field(default=None, metadata={"help": "Licence id for the card (default: the existing "
+                                                                 "card's, else cc-by-4.0 for this package's runs, "
+                                                                 "the licence of the Kather 2016 tiles)."})
+    base_model: str | None = field(default=None, metadata={"help": "Hub id of the model this one was fine-tuned "
+                                                                    "from, when the folder does not say."})
+    dataset_id: str | None = field(default=None, metadata={"help": "Hub id of the training dataset, when the "
+                                                                    "folder does not say."})
+    replace_card: bool = field(default=False, metadata={"help": "Replace a README.md that this package did not "
+                                                                "write (kept as README.user.md)."})
 
     def __post_init__(self) -> None:
-        if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
-            raise ValueError(f"--repo_id must look like USER/NAME (got {self.repo_id!r})")
+        check_repo_id(self.repo_id)
+        for flag in ("base_model", "dataset_id"):
+            if getattr(self, flag) is not None:
+                check_repo_id(getattr(self, flag), f"--{flag}")
         if self.revision is not None and not self.revision.strip():
             raise ValueError("--revision must be a branch name")
 
@@ -43,7 +55,8 @@ def _run(argv: list[str] | None) -> int:
         argv = ["--output_dir", *argv]
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
-                          commit_message=args.commit_message, license=args.license)
+                          commit_message=args.commit_message, license=args.license, base_model=args.base_model,
+                          dataset_id=args.dataset_id, replace_user_card=args.replace_card)
     print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
     return 0
 

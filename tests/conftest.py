@@ -232,3 +232,34 @@ def save_model_dir(model, path: Path) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_vit()`` saved with its processor (32 px, patch 8, the 6 classes). Read-only for tests."""
     return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")
+
+
+@pytest.fixture
+def script():
+    """:func:`load_script`: ``script("finetune").main([...])`` runs a script in-process."""
+    return load_script
+
+
+# A few optimizer steps of a tiny scratch ViT: enough for a complete run folder in seconds.
+FINETUNE_TINY: list[str] = [
+    "--from_scratch", "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+    "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64", "--max_steps", "2",
+    "--per_device_train_batch_size", "4", "--n_bootstrap", "50", "--dataloader_num_workers", "0",
+    "--report_to", "none", "--use_cpu", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def finetune_tiny_args() -> list[str]:
+    """finetune.py flags of a tiny scratch run (add --dataset_dir and --output_dir)."""
+    return list(FINETUNE_TINY)
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of a real ``finetune.py`` run on ``tiny_dataset_dir``. Read-only: copy it first."""
+    out = tmp_path_factory.mktemp("trained_run") / "run"
+    rc = load_script("finetune").main(["--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out),
+                                       *FINETUNE_TINY])
+    assert rc in (0, None), f"finetune.py exited {rc}"
+    return out

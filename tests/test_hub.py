@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import load_script, make_tiles, tile_pixels  # noqa: E402
 from hub_emulator import start_hub  # noqa: E402
 
-from hf_tissue_vit.constants import CLASS_DESCRIPTIONS, CLASS_NAMES  # noqa: E402
+from hf_tissue_vit.constants import CLASS_NAMES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
@@ -114,14 +114,15 @@ def make_output_dir(path: Path) -> Path:
         "test_accuracy_tta": 0.85, "test_macro_f1_tta": 0.84, "test_per_class": per_class,
         "test_confusion_matrix": np.eye(6, dtype=int).tolist(), "label_names": CLASS_NAMES,
         "hardware": {"device": "cpu", "num_processes": 1}, "seed": 42,
-        "versions": {"transformers": "5.24.0"},
+        "versions": {"transformers": "5.24.0", "hf_tissue_vit": "0.1.0"},
         "hyperparameters": {"learning_rate": 0.0005, "num_train_epochs": 30, "per_device_train_batch_size": 64},
         "dataset": {"dataset_dir": "data/kather", "hub_dataset_id": "alice/kather2016-tiles",
-                    "split_by": "stratified", "split_sizes": {"train": 2550, "validation": 600, "test": 600}},
+                    "split_by": "stratified", "splits": {"train": 2550, "validation": 600, "test": 600}},
         "model": {"from_scratch": True, "base_model": None, "preset": "tiny", "image_size": IMAGE_SIZE,
                   "patch_size": 8, "num_parameters": 30000},
     }
     (path / "all_results.json").write_text(json.dumps(results, indent=2))
+    (path / "hf_tissue_vit_run.json").write_text("{}")  # the mark of a finetune.py output dir
     header = "filename,label,prediction," + ",".join(CLASS_NAMES)
     (path / "test_predictions.csv").write_text(header + "\na.tif,Tumor,Tumor," + ",".join(["0.1666"] * 6) + "\n")
     for name in ("confusion_matrix.png", "training_curves.png"):
@@ -186,50 +187,6 @@ def pushed_model(hub, output_dir, tmp_path_factory):
     return run_python(url, fresh_home(tmp_path_factory), code, token=None), proc
 
 
-# --------------------------------------------------------------------------- model card (no HTTP)
-def test_model_card_content(output_dir):
-    from hf_tissue_vit.cards import build_model_card
-
-    card = build_model_card(output_dir, "alice/tiny")
-    meta = card.data.to_dict()
-    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-classification"
-    assert meta["license"] == "cc-by-4.0" and meta["datasets"] == ["alice/kather2016-tiles"]
-    assert "base_model" not in meta  # from scratch: no base model invented
-    text = card.text
-    for name in CLASS_NAMES:
-        assert f"| {name} | {CLASS_DESCRIPTIONS[name]} |" in text
-    assert "[0.7900, 0.8700]" in text and "0.8500" in text  # CI and TTA
-    assert "| Lympho | 0.650 | 0.600 | 0.550 | 10 |" in text
-    assert "](confusion_matrix.png)" in text and "](training_curves.png)" in text
-    assert "| train | 2550 |" in text and "1 h 02 min 05 s" in text and "device: cpu" in text
-    assert 'pipeline("image-classification", model="alice/tiny")' in text
-    assert "Not for diagnosis" in text and "dosovitskiy2021an" in text and "kather2016multi" in text
-    # interpret's parameter table: closed form and the count of the saved ViT agree on the total
-    from transformers import ViTForImageClassification
-
-    total = ViTForImageClassification.from_pretrained(output_dir).num_parameters()
-    assert "### Parameters" in text and f"| total | sum of the above | {total:,} | {total:,} |" in text
-
-
-def test_model_card_omits_unknown_values(output_dir, tmp_path):
-    import shutil
-
-    from hf_tissue_vit.cards import build_model_card
-
-    run = tmp_path / "run"
-    shutil.copytree(output_dir, run, ignore=shutil.ignore_patterns("*.png", "checkpoint-*"))
-    results = json.loads((run / "all_results.json").read_text())
-    for key in ("hardware", "train_runtime", "test_accuracy_tta", "test_macro_f1_tta", "dataset"):
-        results.pop(key)
-    results["model"] = {"from_scratch": False, "base_model": "google/vit-base-patch16-224"}
-    (run / "all_results.json").write_text(json.dumps(results))
-    card = build_model_card(run, "alice/ft")
-    meta = card.data.to_dict()
-    assert meta["base_model"] == "google/vit-base-patch16-224" and "datasets" not in meta
-    assert "Hardware:" not in card.text and "wall time" not in card.text and "TTA" not in card.text
-    assert "confusion_matrix.png" not in card.text and "None" not in card.text
-
-
 # --------------------------------------------------------------------------- model push round trip
 def test_push_uploads_only_model_files(hub, pushed_model):
     _url, server = hub
@@ -284,6 +241,23 @@ def test_push_twice_makes_two_commits_and_latest_files(hub, output_dir, tmp_path
     assert json.loads(server.state.main_files("model", "alice/twice", "dev")["all_results.json"])[
         "test_accuracy"] == 0.95
     assert len(repo.history(repo.branches["dev"])) == 4
+
+
+def test_push_keeps_a_users_own_card(hub, tmp_path, tmp_path_factory):
+    """A folder from plain Trainer: its README.md goes to the Hub unchanged and stays unchanged locally."""
+    import shutil
+
+    url, server = hub
+    folder = tmp_path / "plain"
+    shutil.copytree(make_output_dir(tmp_path / "base"), folder)
+    (folder / "hf_tissue_vit_run.json").unlink()
+    (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.7, "epoch": 3.0}))
+    own = "---\nbase_model: google/vit-base-patch16-224\nlicense: apache-2.0\n---\n\n# mine\n\nMy words.\n"
+    (folder / "README.md").write_text(own)
+    proc = run_push(url, fresh_home(tmp_path_factory), [str(folder), "--repo_id", "alice/plain"], ALICE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (folder / "README.md").read_text() == own
+    assert server.state.main_files("model", "alice/plain")["README.md"].decode() == own
 
 
 # --------------------------------------------------------------------------- auth

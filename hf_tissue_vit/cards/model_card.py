@@ -1,0 +1,271 @@
+"""The model card: a card-data object filled from what the run wrote, rendered with ``model_card.md``.
+
+:class:`ModelCardInfo` holds every fact the card can state; a field the run did not record stays
+``None`` and the template leaves it out. Nothing on the card is invented: a folder that was not
+trained by this package (e.g. by plain ``Trainer``) gets no claim of it, no Kather description and
+no metric it does not report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, VIT_BIBTEX
+from .templates import render_card
+
+MODEL_CARD_TEMPLATE = "model_card.md"
+MODEL_TAGS = ["histology", "pathology", "vision-transformer", "image-classification", "colorectal-cancer",
+              "h-and-e", "hf_tissue_vit"]
+PACKAGE_TAG = "hf_tissue_vit"  # marks a card this package wrote (and may therefore rewrite)
+# Weights trained on the Kather 2016 tiles (CC BY 4.0) keep that licence by default.
+DEFAULT_MODEL_LICENSE = "cc-by-4.0"
+RUN_FILE = "hf_tissue_vit_run.json"  # written by finetune.py into every output dir it owns
+EVALUATIONS_FILE = "hf_tissue_vit_evaluations.json"  # external evaluations added to the card
+KATHER_DATASET = "Kather 2016 colorectal cancer histology tiles"
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_SPLIT_DESCRIPTIONS = {
+    "stratified": "stratified per class (68% / 16% / 16%), fixed seed.",
+    "slide": "slide-disjoint (no slide in two splits), fixed seed.",
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is absent."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A metric value as the card prints it."""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def wall_time(seconds: float) -> str:
+    """``1 h 02 min 05 s`` / ``3 min 07 s``."""
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
+
+
+@dataclass
+class ModelCardInfo:
+    """Everything the model card states; ``None`` means unknown (left out of the card)."""
+
+    model_id: str
+    label_names: list[str]
+    trained_with_package: bool = False
+    architecture: str | None = None
+    license: str | None = None
+    base_model: str | None = None
+    from_scratch: bool | None = None
+    preset: str | None = None
+    dataset_id: str | None = None
+    split_by: str | None = None
+    split_sizes: list[tuple[str, int]] | None = None
+    mpp: float | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    num_parameters: int | None = None
+    hyperparameters: list[tuple[str, str]] | None = None
+    pretraining: list[tuple[str, str]] | None = None
+    hardware: str | None = None
+    train_runtime: float | None = None
+    samples_per_second: float | None = None
+    seed: int | None = None
+    test: dict[str, Any] = field(default_factory=dict)  # metric -> value, _ci95, _tta
+    validation: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, dict[str, Any]] | None = None
+    resample: str | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    space_id: str | None = None
+    figures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_output_dir(cls, output_dir: str | Path, repo_id: str | None = None) -> ModelCardInfo:
+        """Fill from a model folder: config.json, preprocessor_config.json and the run's result files."""
+        out = Path(output_dir)
+        config = read_json(out / "config.json")
+        if not config:
+            raise FileNotFoundError(f"{out / 'config.json'} is missing: pass a model folder")
+        results = read_json(out / "all_results.json")
+        ours = (out / RUN_FILE).is_file() or "hf_tissue_vit" in (results.get("versions") or {})
+        id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+        info = cls(model_id=repo_id or out.resolve().name,
+                   label_names=results.get("label_names") or [id2label[i] for i in sorted(id2label)],
+                   trained_with_package=ours, architecture=(config.get("architectures") or [None])[0])
+        info._fill_model(config, results.get("model") or {})
+        info._fill_processor(read_json(out / "preprocessor_config.json"))
+        info._fill_results(results)
+        info.evaluations = list(read_json(out / EVALUATIONS_FILE).get("evaluations", []))
+        info.figures = [n for n in ("confusion_matrix.png", "training_curves.png") if (out / n).is_file()]
+        return info
+
+    def _fill_model(self, config: dict[str, Any], model: dict[str, Any]) -> None:
+        self.from_scratch = model.get("from_scratch")
+        self.base_model = None if self.from_scratch else model.get("base_model")
+        self.preset = model.get("preset") if self.from_scratch else None
+        self.image_size = model.get("image_size") or config.get("image_size")
+        self.patch_size = model.get("patch_size") or config.get("patch_size")
+        self.num_parameters = model.get("num_parameters")
+        self.mpp = config.get("mpp")
+        pretraining = model.get("pretraining")
+        self.pretraining = hyperparameter_rows(pretraining) if isinstance(pretraining, dict) else None
+
+    def _fill_processor(self, processor: dict[str, Any]) -> None:
+        self.resample = _RESAMPLE.get(processor.get("resample"))
+        self.image_mean, self.image_std = processor.get("image_mean"), processor.get("image_std")
+        if self.image_size is None:
+            self.image_size = (processor.get("size") or {}).get("height")
+
+    def _fill_results(self, results: dict[str, Any]) -> None:
+        dataset = results.get("dataset") or {}
+        self.dataset_id = dataset.get("hub_dataset_id") or dataset.get("dataset_name")
+        self.split_by = dataset.get("split_by")
+        splits = dataset.get("splits")
+        if isinstance(splits, dict):
+            self.split_sizes = [(k, int(v)) for k, v in splits.items() if isinstance(v, (int, float))] or None
+        self.mpp = self.mpp or dataset.get("mpp")
+        self.hyperparameters = hyperparameter_rows(results.get("hyperparameters") or {}) or None
+        hardware = results.get("hardware")
+        if isinstance(hardware, dict):
+            hardware = ", ".join(f"{k}: {v}" for k, v in hardware.items() if v not in (None, ""))
+        self.hardware = hardware or None
+        self.train_runtime = results.get("train_runtime")
+        self.samples_per_second = results.get("train_samples_per_second")
+        self.seed = results.get("seed")
+        for key in ("accuracy", "macro_f1"):
+            for suffix in ("", "_ci95", "_tta"):
+                if results.get(f"test_{key}{suffix}") is not None:
+                    self.test[key + suffix] = results[f"test_{key}{suffix}"]
+            if results.get(f"eval_{key}") is not None:
+                self.validation[key] = results[f"eval_{key}"]
+        self.per_class = results.get("test_per_class") or None
+
+    # ------------------------------------------------------------------ rendering
+    def eval_results(self) -> list[EvalResult]:
+        """model-index entries: the test split's metrics, then every external evaluation."""
+        entries = []
+        if self.test:
+            name = self.dataset_id or (KATHER_DATASET if self.trained_with_package else None)
+            if name:
+                entries += _metric_entries(self.test, name, self.dataset_id or "kather2016-colorectal-histology",
+                                           "test")
+        for ev in self.evaluations:
+            entries += _metric_entries(ev["metrics"], ev["dataset_name"], ev.get("dataset_type") or ev["dataset_name"],
+                                       ev.get("split") or "test")
+        return entries
+
+    def card_data(self, existing: dict[str, Any] | None = None) -> ModelCardData:
+        """Card metadata; keys this run does not know are taken from ``existing`` (a user's card)."""
+        results = self.eval_results()
+        metrics = sorted({"f1" if r.metric_type == "f1" else r.metric_type for r in results}) or None
+        ours = dict(model_name=self.model_id, library_name="transformers", pipeline_tag="image-classification",
+                    license=self.license, base_model=self.base_model,
+                    datasets=[self.dataset_id] if self.dataset_id else None, metrics=metrics,
+                    tags=list(MODEL_TAGS) if self.trained_with_package else None)
+        return merged_card_data(ours, results, existing or {})
+
+    def template_variables(self) -> dict[str, Any]:
+        """Every name the template uses, unknown ones as None."""
+        variables = asdict(self)
+        variables.update(
+            classes=[{"id": i, "name": n, "description": CLASS_DESCRIPTIONS.get(n, "")
+                      if self.trained_with_package else ""} for i, n in enumerate(self.label_names)],
+            split_description=_SPLIT_DESCRIPTIONS.get(self.split_by, f"{self.split_by}." if self.split_by else None),
+            num_parameters=f"{self.num_parameters:,}" if self.num_parameters else None,
+            wall_time=wall_time(self.train_runtime) if self.train_runtime is not None else None,
+            samples_per_second=fmt(self.samples_per_second, 1) if self.samples_per_second is not None else None,
+            test_rows=_test_rows(self.test) or None, has_tta=any(k.endswith("_tta") for k in self.test),
+            validation_rows=[{"name": _NAMES[k], "value": fmt(v)} for k, v in self.validation.items()] or None,
+            per_class=_per_class_rows(self.per_class) or None,
+            evaluations=[_evaluation_section(ev) for ev in self.evaluations] or None,
+            vit_bibtex=VIT_BIBTEX, kather_bibtex=KATHER_BIBTEX if self.trained_with_package else None,
+        )
+        return variables
+
+    def render(self, existing: dict[str, Any] | None = None, parameter_table: str | None = None) -> ModelCard:
+        """The card (metadata merged with ``existing``), tidy Markdown."""
+        card = render_card(MODEL_CARD_TEMPLATE, self.card_data(existing), kind="model",
+                           parameter_table=parameter_table, **self.template_variables())
+        # Sections left out leave runs of blank lines behind.
+        return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy"}
+
+
+def _metric_entries(metrics: dict[str, Any], dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
+    task = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_type,
+                dataset_name=dataset_name, dataset_split=split)
+    entries = []
+    for key, metric_type, extra in (("accuracy", "accuracy", {}), ("balanced_accuracy", "balanced_accuracy", {}),
+                                    ("macro_f1", "f1", {"metric_args": {"average": "macro"}})):
+        if metrics.get(key) is not None:
+            entries.append(EvalResult(**task, metric_type=metric_type, metric_name=_NAMES[key].capitalize(),
+                                      metric_value=float(metrics[key]), **extra))
+    return entries
+
+
+def _test_rows(test: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        if test.get(key) is None:
+            continue
+        ci, tta = test.get(f"{key}_ci95"), test.get(f"{key}_tta")
+        rows.append({"name": _NAMES[key], "value": fmt(test[key]),
+                     "ci": f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "", "tta": fmt(tta) if tta is not None else ""})
+    return rows
+
+
+def _per_class_rows(per_class: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [{"name": name, **{k: fmt(v.get(k, ""), 3) for k in ("precision", "recall", "f1")},
+             "support": v.get("support", "")} for name, v in (per_class or {}).items()]
+
+
+def _evaluation_section(ev: dict[str, Any]) -> dict[str, Any]:
+    return {"name": ev["name"], "dataset_name": ev["dataset_name"], "split": ev.get("split"),
+            "n_scored": ev.get("n_scored"), "rows": _test_rows(ev["metrics"]),
+            "has_tta": any(k.endswith("_tta") for k in ev["metrics"]), "per_class": _per_class_rows(ev.get("per_class")),
+            "confusion_matrix": ev.get("confusion_matrix_file"), "label_map": ev.get("label_map_text")}
+
+
+def merged_card_data(ours: dict[str, Any], eval_results: list[EvalResult], existing: dict[str, Any]) -> ModelCardData:
+    """Our metadata where known, else the existing card's; tags united; model-index entries of the
+    existing card kept unless ours replace them (same dataset, split and metric)."""
+    data = {k: v for k, v in existing.items() if k not in ("model-index", "eval_results")}
+    data.update({k: v for k, v in ours.items() if v is not None})
+    tags = list(existing.get("tags") or []) + [t for t in ours.get("tags") or [] if t not in (existing.get("tags") or [])]
+    if tags:
+        data["tags"] = tags
+    old = []
+    if existing.get("model-index"):
+        from huggingface_hub.repocard_data import model_index_to_eval_results
+
+        _name, old = model_index_to_eval_results(existing["model-index"])
+    keys = {(r.dataset_type, r.dataset_split, r.metric_type) for r in eval_results}
+    kept = [r for r in old if (r.dataset_type, r.dataset_split, r.metric_type) not in keys]
+    if kept or eval_results:
+        data["eval_results"] = kept + eval_results
+    if data.get("eval_results") and not data.get("model_name"):
+        data["model_name"] = ours.get("model_name")
+    return ModelCardData(**data)
+
+
+def hyperparameter_rows(hyper: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(name, value) rows; unset values (None) are left out, nested groups flattened."""
+    rows: list[tuple[str, str]] = []
+    for key, value in hyper.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            rows += hyperparameter_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append((prefix + key, f"{value:.6g}" if isinstance(value, float) else str(value)))
+    return rows
