@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import load_script, make_tiles, tile_pixels  # noqa: E402
-from hub_emulator import start_hub  # noqa: E402
+from conftest import load_script, make_tiles, tile_pixels
+from hub_emulator import start_hub
 
-from hf_tissue_vit.constants import CLASS_NAMES  # noqa: E402
+from hf_tissue_vit.constants import CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "hf_alice_token", "hf_bob_token"

@@ -232,7 +232,8 @@ def _per_class_rows(per_class: dict[str, dict[str, Any]] | None) -> list[dict[st
 def _evaluation_section(ev: dict[str, Any]) -> dict[str, Any]:
     return {"name": ev["name"], "dataset_name": ev["dataset_name"], "split": ev.get("split"),
             "n_scored": ev.get("n_scored"), "rows": _test_rows(ev["metrics"]),
-            "has_tta": any(k.endswith("_tta") for k in ev["metrics"]), "per_class": _per_class_rows(ev.get("per_class")),
+            "has_tta": any(k.endswith("_tta") for k in ev["metrics"]),
+            "per_class": _per_class_rows(ev.get("per_class")),
             "confusion_matrix": ev.get("confusion_matrix_file"), "label_map": ev.get("label_map_text")}
 
 
@@ -241,7 +242,8 @@ def merged_card_data(ours: dict[str, Any], eval_results: list[EvalResult], exist
     existing card kept unless ours replace them (same dataset, split and metric)."""
     data = {k: v for k, v in existing.items() if k not in ("model-index", "eval_results")}
     data.update({k: v for k, v in ours.items() if v is not None})
-    tags = list(existing.get("tags") or []) + [t for t in ours.get("tags") or [] if t not in (existing.get("tags") or [])]
+    old_tags = list(existing.get("tags") or [])
+    tags = old_tags + [t for t in ours.get("tags") or [] if t not in old_tags]
     if tags:
         data["tags"] = tags
     old = []
