@@ -34,7 +34,7 @@ __all__ = [
 
 # Folder holding tissue_classification.py; evaluate.load(<folder>) needs script name == folder name.
 METRIC_MODULE_PATH: Path = Path(__file__).resolve().parent / "evaluate_modules" / "tissue_classification"
-_BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
+_BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 # Bootstrap resamples are drawn in chunks so that index arrays stay below ~8M entries (64 MB).
 _BOOTSTRAP_CHUNK_ELEMENTS = 8_000_000
 
@@ -83,6 +83,7 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], label_na
     result = load_classification_metric(label_names=label_names).compute(predictions=pred, references=true)
     return {
         "accuracy": result["accuracy"],
+        "balanced_accuracy": result["balanced_accuracy"],
         "macro_f1": result["macro_f1"],
         "per_class": {
             name: {
@@ -122,17 +123,16 @@ def make_compute_metrics(label_names: Sequence[str]) -> Callable[[Any], dict[str
     return compute_metrics
 
 
-def _confusion_scores(confusion: np.ndarray, metric: str) -> np.ndarray:
-    """Accuracy or macro-F1 of confusion matrices [N, K, K], same definitions as the evaluate module."""
-    true_positive = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
-    if metric == "accuracy":
-        return true_positive.sum(axis=1) / confusion.sum(axis=(1, 2))
-    support = confusion.sum(axis=2)
-    predicted = confusion.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = np.where(support + predicted > 0, 2 * true_positive / (support + predicted), 0.0)
-    present = (support + predicted) > 0
-    return (f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+def _metric_module() -> Any:
+    """The local evaluate module imported as a plain module: its ``scores_from_confusion`` is the one
+    definition of every score (the bootstrap calls it on batches of confusion matrices)."""
+    import importlib.util
+
+    path = METRIC_MODULE_PATH / "tissue_classification.py"
+    spec = importlib.util.spec_from_file_location("hf_tissue_vit_tissue_classification", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bootstrap_ci(
@@ -143,7 +143,7 @@ def bootstrap_ci(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) confidence interval of accuracy or macro_f1 (vectorised)."""
+    """Percentile bootstrap (1 - alpha) confidence interval of accuracy, balanced_accuracy or macro_f1."""
     if metric not in _BOOTSTRAP_METRICS:
         raise ValueError(f"metric must be one of {_BOOTSTRAP_METRICS}, got {metric!r}")
     if int(n_boot) < 1:
@@ -158,13 +158,14 @@ def bootstrap_ci(
     n = len(codes)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
     stats = []
+    scores_from_confusion = _metric_module().scores_from_confusion
     for start in range(0, int(n_boot), chunk):
         rows = min(chunk, int(n_boot) - start)
         sample = codes[rng.integers(0, n, size=(rows, n))]
         # One bincount for all resamples: shift each row's cells into its own block.
         sample += (np.arange(rows) * cells)[:, None]
         confusion = np.bincount(sample.ravel(), minlength=rows * cells).reshape(rows, num_classes, num_classes)
-        stats.append(_confusion_scores(confusion, metric))
+        stats.append(scores_from_confusion(confusion)[metric])
     low, high = np.quantile(np.concatenate(stats), [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 

@@ -104,16 +104,16 @@ def test_bootstrap_ci_contains_estimate_and_narrows(metric):
     )
 
 
-def test_bootstrap_uses_the_same_definitions_as_the_report():
-    from hf_tissue_vit.metrics import _confusion_scores
+def test_bootstrap_of_perfect_predictions_collapses():
+    for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert bootstrap_ci([0, 1, 2, 1], [0, 1, 2, 1], metric=metric, n_boot=50) == (1.0, 1.0)
 
-    # Perfect predictions: every resample scores 1, so the interval collapses.
-    assert bootstrap_ci([0, 1, 2, 1], [0, 1, 2, 1], metric="macro_f1", n_boot=50) == (1.0, 1.0)
-    # The vectorised scorer agrees with the evaluate module, including a never-predicted class.
-    report = classification_report(Y_TRUE, Y_PRED, NAMES)
-    confusion = np.array(report["confusion_matrix"])[None]
-    assert _confusion_scores(confusion, "macro_f1")[0] == pytest.approx(report["macro_f1"])
-    assert _confusion_scores(confusion, "accuracy")[0] == pytest.approx(report["accuracy"])
+
+def test_balanced_accuracy_is_mean_recall_of_present_classes():
+    # class 0: 2/2 right, class 1: 1/3 right, class 2 never occurs in the references
+    report = classification_report([0, 0, 1, 1, 1], [0, 0, 1, 2, 2], ["a", "b", "c"])
+    assert report["balanced_accuracy"] == pytest.approx((1.0 + 1 / 3) / 2)
+    assert report["accuracy"] == pytest.approx(3 / 5)
 
 
 def test_plots_written_atomically(tmp_path):

@@ -33,7 +33,8 @@ Args:
     num_classes (`int`, optional): number of classes; overrides the value given to `evaluate.load`.
     label_names (`list` of `str`, optional): class names; also fixes the number of classes.
 Returns:
-    accuracy (`float`), macro_f1 (`float`), precision, recall, f1 (`list` of `float`),
+    accuracy (`float`), balanced_accuracy (`float`, mean recall of the classes present in the references),
+    macro_f1 (`float`), precision, recall, f1 (`list` of `float`),
     support (`list` of `int`), confusion_matrix (`list` of `list` of `int`), label_names (`list` of `str`).
 Examples:
     >>> metric = evaluate.load("path/to/tissue_classification", num_classes=3)
@@ -67,8 +68,13 @@ def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
         n_present = present.sum(axis=-1)
         macro_f1 = np.where(n_present > 0, (f1 * present).sum(axis=-1) / n_present, 0.0)
         accuracy = np.where(total > 0, true_positive.sum(axis=-1) / total, 0.0)
+        # mean recall over the classes that occur in the references (scikit-learn's balanced_accuracy_score)
+        occurring = support > 0
+        balanced = np.where(occurring.sum(axis=-1) > 0, (recall * occurring).sum(axis=-1)
+                            / np.maximum(occurring.sum(axis=-1), 1), 0.0)
     return {
         "accuracy": accuracy,
+        "balanced_accuracy": balanced,
         "macro_f1": macro_f1,
         "precision": precision,
         "recall": recall,
@@ -125,6 +131,7 @@ class TissueClassification(evaluate.Metric):
         scores = scores_from_confusion(confusion)
         return {
             "accuracy": float(scores["accuracy"]),
+            "balanced_accuracy": float(scores["balanced_accuracy"]),
             "macro_f1": float(scores["macro_f1"]),
             "precision": scores["precision"].tolist(),
             "recall": scores["recall"].tolist(),
