@@ -55,9 +55,9 @@ def _as_labels(values: Any, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of class ids, got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
+    fractional = array.size and not np.issubdtype(array.dtype, np.integer) and not np.all(np.mod(array, 1) == 0)
+    if fractional:
+        raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
     return array.astype(np.int64)
 
 
