@@ -10,7 +10,8 @@ Tiles: --dataset_dir (prepared dataset) or --data_dir (class subfolders), else t
 in ../shared/data/kather2016_6class when present, else synthetic tiles in a temp folder. Writes
 <output_dir>/benchmark.json and benchmark.md (atomically) and prints the Markdown tables with ratios.
 Each figure is the median (min, max) of --repeats timed repeats after a warm-up. Numbers depend on
-the machine and its load: compare the ratios, and re-run on a quiet machine for the README.
+the machine and its load: compare the ratios, and re-run on a quiet machine before adding a run to
+benchmarks/RESULTS.md (with its machine, date and command). The code lives in benchmarks/.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from hf_tissue_vit.benchmark import (
-    BenchmarkConfig,
-    run_benchmark,
-    to_markdown,
-    write_results,
-)
 from hf_tissue_vit.cli import run_main
+
+# benchmarks/ sits next to scripts/ in the clone and is not installed with the library.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+from benchmarks import BenchmarkConfig, run_benchmark, to_markdown, write_results
 
 
 @dataclass

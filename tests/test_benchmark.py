@@ -4,7 +4,9 @@ example-baseline transforms (shapes, normalisation) it is compared against."""
 from __future__ import annotations
 
 import json
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,21 @@ import torch
 from conftest import load_script
 from PIL import Image
 
-from hf_tissue_vit import benchmark
+from hf_tissue_vit.constants import CLASS_NAMES
 from hf_tissue_vit.transforms import make_image_processor
+
+# benchmarks/ lives in the clone, not in the installed package (scripts/benchmark.py does the same).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import BenchmarkConfig, run_benchmark, write_results
+from benchmarks.example_pipeline import (
+    ExampleRandomResizedCrop,
+    example_collate_fn,
+    example_train_transforms,
+)
+from benchmarks.sources import write_synthetic_tiles
+from benchmarks.timing import summarize
+from benchmarks.train_bench import window_rates
 
 
 def _check_stats(row: dict, where: str) -> None:
@@ -25,18 +40,15 @@ def _check_stats(row: dict, where: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, float, str]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("bench_out")
-    start = time.perf_counter()
     args = ["--quick", "--synthetic", "--repeats", "3", "--output_dir", str(out), "--quiet"]
-    rc = load_script("benchmark").main(args)
-    return rc, out, time.perf_counter() - start, ""
+    return load_script("benchmark").main(args), out
 
 
 def test_quick_run_writes_three_tables_with_stats_and_ratios(quick_run) -> None:
-    rc, out, seconds, _ = quick_run
+    rc, out = quick_run
     assert rc == 0
-    assert seconds < 40, f"--quick took {seconds:.1f} s"
     results = json.loads((out / "benchmark.json").read_text())
     assert set(results["sections"]) == {"data", "train", "infer"}
     expected_rows = {
@@ -66,7 +78,7 @@ def test_quick_run_writes_three_tables_with_stats_and_ratios(quick_run) -> None:
 
 
 def test_quick_run_variants_and_markdown(quick_run) -> None:
-    _, out, _, _ = quick_run
+    _, out = quick_run
     results = json.loads((out / "benchmark.json").read_text())
     rows = results["variants"]["rows"]
     for key in ("train_eager_fp32", "train_sdpa_fp32", "train_sdpa_bf16", "infer_eager_fp32", "infer_sdpa_fp32",
@@ -94,20 +106,20 @@ def test_sections_subset_and_bad_arguments(tmp_path: Path, capsys: pytest.Captur
 
 def test_data_dir_of_class_folders(tmp_path: Path) -> None:
     """--data_dir with class subfolders: the same tiles reach both pipelines; data section only."""
-    benchmark.write_synthetic_tiles(tmp_path / "tiles", 4, size=40, seed=1)
-    config = benchmark.BenchmarkConfig(quick=True, sections="data", repeats=1, variants=False,
-                                       data_dir=str(tmp_path / "tiles"), num_tiles=24)
-    results = benchmark.run_benchmark(config, command="test")
+    write_synthetic_tiles(tmp_path / "tiles", 4, size=40, seed=1)
+    config = BenchmarkConfig(quick=True, sections="data", repeats=1, variants=False,
+                             data_dir=str(tmp_path / "tiles"), num_tiles=24)
+    results = run_benchmark(config, command="test")
     assert results["data_source"]["kind"] == "data_dir" and results["data_source"]["tiles"] == 24
     assert set(results["sections"]) == {"data"}
-    paths = benchmark.write_results(results, tmp_path / "out")
+    paths = write_results(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["sections"]["data"]["rows"]["package"]["median"] > 0
 
 
 def test_example_transforms_match_torchvision_semantics() -> None:
     """The baseline mirrors the example: RandomResizedCrop(size) + flip + ToTensor + Normalize."""
     processor = make_image_processor(24, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.5))
-    transform = benchmark.example_train_transforms(processor)
+    transform = example_train_transforms(processor)
     flat = Image.fromarray(np.full((37, 41, 3), (51, 102, 204), np.uint8))  # odd size, constant colour
     torch.manual_seed(0)
     batch = transform({"image": [flat, flat.convert("RGBA")], "label": [0, 1]})
@@ -117,12 +129,12 @@ def test_example_transforms_match_torchvision_semantics() -> None:
         expected = (torch.tensor([51, 102, 204]) / 255 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.2, 0.25, 0.5])
         assert torch.allclose(pv.mean(dim=(1, 2)), expected, atol=1e-5)
     examples = [{"pixel_values": pv, "label": i} for i, pv in enumerate(batch["pixel_values"])]
-    collated = benchmark.example_collate_fn(examples)
+    collated = example_collate_fn(examples)
     assert collated["pixel_values"].shape == (2, 3, 24, 24) and collated["labels"].tolist() == [0, 1]
 
 
 def test_random_resized_crop_params_follow_torchvision() -> None:
-    crop = benchmark._ExampleRandomResizedCrop((16, 16))
+    crop = ExampleRandomResizedCrop((16, 16))
     torch.manual_seed(0)
     areas = []
     for _ in range(200):
@@ -134,18 +146,39 @@ def test_random_resized_crop_params_follow_torchvision() -> None:
 
 
 def test_summarize_and_window_rates() -> None:
-    stats = benchmark.summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+    stats = summarize([3.0, 1.0, 2.0, 10.0, 4.0])
     assert (stats["median"], stats["min"], stats["max"], stats["repeats"]) == (3.0, 1.0, 10.0, 5)
     times = [0.0, 1.0, 1.5, 2.0, 2.5, 3.5]  # train begin, then 5 steps
-    assert benchmark._window_rates(times, warmup=1, steps=2, repeats=2, batch=4) == pytest.approx([8.0, 8 / 1.5])
+    assert window_rates(times, warmup=1, steps=2, repeats=2, batch=4) == pytest.approx([8.0, 8 / 1.5])
 
 
 def test_dataset_dir_source(tiny_dataset_dir: Path, tmp_path: Path) -> None:
     """--dataset_dir (prepared dataset): its tiles are exported as PNG class folders for the baseline."""
-    config = benchmark.BenchmarkConfig(quick=True, sections="data", repeats=1, variants=False,
-                                       dataset_dir=str(tiny_dataset_dir), num_tiles=30)
-    results = benchmark.run_benchmark(config, command="test", workdir=tmp_path / "work")
+    config = BenchmarkConfig(quick=True, sections="data", repeats=1, variants=False,
+                             dataset_dir=str(tiny_dataset_dir), num_tiles=30)
+    results = run_benchmark(config, command="test", workdir=tmp_path / "work")
     assert results["data_source"] == {"kind": "dataset_dir", "path": str(tiny_dataset_dir), "tiles": 30}
     pngs = sorted((tmp_path / "work" / "imagefolder").rglob("*.png"))
-    assert len(pngs) == 30 and {p.parent.name for p in pngs} <= set(benchmark.CLASS_NAMES)
+    assert len(pngs) == 30 and {p.parent.name for p in pngs} <= set(CLASS_NAMES)
     assert results["sections"]["data"]["rows"]["baseline"]["median"] > 0
+
+
+def test_benchmarks_are_not_part_of_the_installed_library() -> None:
+    """benchmarks/ is a root folder of the clone like diffusers' (outside setup.py's
+    ``find_packages(include=["hf_tissue_vit", "hf_tissue_vit.*"])``); the library has no benchmark module."""
+    import benchmarks
+
+    assert Path(benchmarks.__file__).resolve().parent == ROOT / "benchmarks"
+    assert not list((ROOT / "hf_tissue_vit").rglob("benchmark*.py"))
+
+
+def test_script_runs_from_a_clone_without_pythonpath(tmp_path: Path) -> None:
+    """``python scripts/benchmark.py`` finds benchmarks/ by itself: no PYTHONPATH, another working dir."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], check=False,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--sections" in done.stdout and "--infer_batch_size" in done.stdout
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sections", "bogus"],
+                          check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "bogus" in done.stderr
