@@ -1,12 +1,8 @@
 """What the machine offers and the speed settings that follow from it: CPU model and bf16 support,
 DataLoader workers, mixed precision and the attention implementation for training and inference.
 
-Measured on a 2-core Xeon with AMX-BF16 (``scripts/benchmark.py``, small from-scratch ViT):
-bf16 autocast trains ~2.4x faster than fp32 with EAGER attention (116 vs 49 images/s), while SDPA
-under bf16 autocast is much slower than eager (63 vs 116 images/s); in fp32 eager and SDPA are about
-equal. bf16 inference is +46% tiles/s with 99.6% of the predictions equal to fp32. On a 2-core AMD
-EPYC with AVX512-BF16 (no AMX) eager attention is also the faster one for bf16 inference
-(see :func:`default_attn_implementation`).
+The defaults follow measurements on the project's CPUs and GPUs, listed with machine, date and
+command in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -63,7 +59,7 @@ def has_accelerator() -> bool:
 
 def default_training_bf16(use_cpu: bool = False) -> bool:
     """bf16 mixed precision for training by default: on a CUDA GPU that supports it, or, when training
-    on the CPU (``use_cpu`` or no accelerator), when the CPU has native bf16 (~2.4x faster measured).
+    on the CPU (``use_cpu`` or no accelerator), when the CPU has native bf16 (faster there; benchmarks/RESULTS.md).
     Other accelerators (MPS, XPU, ...) stay in fp32 unless asked."""
     if not use_cpu and torch.cuda.is_available():
         return bf16_supported("cuda")
@@ -78,17 +74,8 @@ def cpu_has_amx() -> bool:
 
 
 def default_attn_implementation(device: str | torch.device, bf16: bool, training: bool = True) -> str:
-    """The faster attention kernel measured for this use: ``"eager"`` on a CPU with bf16 autocast (for
-    inference only where the CPU lacks AMX), else ``"sdpa"``.
-
-    scratch_cpu model (112 px / patch 16):
-    - 2-core Xeon with AMX-BF16 (``python scripts/benchmark.py``): training steps 226 images/s eager+bf16
-      vs 136 sdpa+bf16 (fp32: 139 eager, 162 sdpa); inference forward 1167 tiles/s sdpa+bf16 vs 896
-      eager+bf16 (fp32: 503 sdpa, 443 eager).
-    - 2-core AMD EPYC with AVX512-BF16, no AMX (timed loops over this model, 2026-12-01): training steps
-      (batch 64) 228 images/s eager+bf16 vs 153 sdpa+bf16 (fp32: 142 eager, 136 sdpa); inference forward
-      (batch 128, trained weights) 742 tiles/s eager+bf16 vs 639 sdpa+bf16.
-    On GPUs SDPA wins.
+    """The attention kernel that measured faster for this use (benchmarks/RESULTS.md, section 5):
+    ``"eager"`` on a CPU with bf16 autocast (for inference only where the CPU lacks AMX), else ``"sdpa"``.
     """
     if torch.device(device).type != "cpu" or not bf16:
         return "sdpa"
