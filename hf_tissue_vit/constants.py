@@ -39,6 +39,8 @@ CLASS_DESCRIPTIONS: dict[str, str] = {
 }
 
 TILE_SIZE = 150
+# Micrometres per pixel of the Kather 2016 tiles (scanned at 20x): a 150 px tile spans 74 um.
+KATHER_MPP = 0.495
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 ZENODO_URL = "https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip"

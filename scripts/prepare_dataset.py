@@ -7,6 +7,10 @@ Other sources: the release ``.zip``, a ``train/ val/ test/`` folder, a Hub datas
 
     python scripts/prepare_dataset.py --source Kather_texture_2016_image_tiles_5000.zip \\
         --output_dir data/kather6_slides --split_by slide --push_to_hub --hub_dataset_id user/kather6
+
+Your own tiles (class folders or train/ val/ test/), with their resolution in micrometres per pixel:
+
+    python scripts/prepare_dataset.py --source my_tiles/ --output_dir data/my_tiles --mpp 0.25
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
-from hf_tissue_vit.constants import ZENODO_URL
+from hf_tissue_vit.constants import KATHER_MPP, ZENODO_URL
 from hf_tissue_vit.data import (
     SOURCE_TYPES,
     SPLIT_MODES,
     build_dataset_with_report,
+    check_hub_id,
+    check_mpp,
     check_output_dir,
     push_dataset,
     read_dataset_metadata,
@@ -54,6 +60,9 @@ class PrepareArguments:
         "help": "Expected MD5 of the zip (download or local --source zip); the Zenodo MD5 for the default --url."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Download cache (default $HF_HOME/hf_tissue_vit/downloads)."})
+    mpp: float | None = field(default=None, metadata={
+        "help": "Micrometres per pixel of your tiles, recorded in the metadata and card. Kather release "
+        f"tiles get {KATHER_MPP} without it; other sources record a resolution only when given."})
 
     def __post_init__(self) -> None:
         if self.split_by not in SPLIT_MODES:
@@ -62,8 +71,9 @@ class PrepareArguments:
             raise ValueError(f"--source_type must be one of {SOURCE_TYPES}, got {self.source_type!r}")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id user/name")
-        if self.hub_dataset_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_dataset_id):
-            raise ValueError(f"--hub_dataset_id must look like user/name, got {self.hub_dataset_id!r}")
+        if self.hub_dataset_id:
+            check_hub_id(self.hub_dataset_id, "--hub_dataset_id", namespace=True)
+        check_mpp(self.mpp, "--mpp")
         if self.private and not self.push_to_hub:
             raise ValueError("--private only applies with --push_to_hub")
         if self.md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
@@ -79,7 +89,7 @@ def _run(argv: list[str] | None) -> int:
     dataset, report = build_dataset_with_report(
         args.source, split_by=args.split_by, seed=args.seed, keep_all_classes=args.keep_all_classes,
         skip_bad_files=args.skip_bad_files, source_type=args.source_type, md5=args.md5, url=args.url,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, mpp=args.mpp,
     )
     output_dir = save_dataset(dataset, args.output_dir, report=report)
     if args.push_to_hub:

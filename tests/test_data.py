@@ -5,24 +5,33 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import threading
 import zipfile
 from collections import Counter
 from pathlib import Path
 
+import datasets.config
 import numpy as np
 import pytest
 from conftest import load_script, make_split_layout, make_tiles, zip_folder
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from huggingface_hub import DatasetCard
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from hf_tissue_vit import data
-from hf_tissue_vit.constants import ALL_CLASS_NAMES, CLASS_NAMES, KATHER_FOLDERS
+from hf_tissue_vit.constants import (
+    ALL_CLASS_NAMES,
+    CLASS_NAMES,
+    KATHER_FOLDERS,
+    KATHER_MPP,
+)
 from hf_tissue_vit.data import (
     METADATA_FILE,
+    DatasetCardInfo,
     DownloadError,
     build_dataset,
     build_dataset_with_report,
@@ -30,6 +39,7 @@ from hf_tissue_vit.data import (
     download_kather_zip,
     load_tissue_dataset,
     parse_slide,
+    read_dataset_metadata,
     save_dataset,
     target_split_sizes,
 )
@@ -124,7 +134,7 @@ def test_hub_source_other_columns_and_string_labels(monkeypatch: pytest.MonkeyPa
     fake = _fake_hub({"img": images, "labels": labels},
                      Features({"img": ImageFeature(), "labels": Value("string")}))
     calls = []
-    monkeypatch.setattr(data, "load_dataset", lambda name: calls.append(name) or fake)
+    monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: calls.append(name) or fake)
     dataset, report = build_dataset_with_report("someone/kather-tiles")
     assert calls == ["someone/kather-tiles"]
     assert report.source_kind == "hub_resplit"
@@ -138,7 +148,7 @@ def test_hub_source_classlabel_with_splits(monkeypatch: pytest.MonkeyPatch) -> N
     images, labels = _hub_columns(2, names)
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
     fake = _fake_hub({"image": images, "label": labels}, features, splits=("train", "valid", "test"))
-    monkeypatch.setattr(data, "load_dataset", lambda name: fake)
+    monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: fake)
     dataset, report = build_dataset_with_report("lab/kather", keep_all_classes=True)
     assert report.source_kind == "hub"
     assert dataset["validation"].features["label"].names == ALL_CLASS_NAMES
@@ -158,16 +168,24 @@ def test_hub_source_classlabel_with_splits(monkeypatch: pytest.MonkeyPatch) -> N
 def test_hub_source_unmappable_is_refused(monkeypatch, features, labels, match) -> None:
     images = [Image.new("RGB", (8, 8))] * 2
     columns = {"img": images, list(features)[1]: labels}
-    monkeypatch.setattr(data, "load_dataset", lambda name: _fake_hub(columns, features))
+    monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: _fake_hub(columns, features))
     with pytest.raises(ValueError, match=match):
         build_dataset("lab/other")
+
+
+def test_hub_source_id_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: pytest.fail("loaded an invalid id"))
+    with pytest.raises(ValueError, match="source 'lab/bad id' is not a Hub repo id"):
+        build_dataset("lab/bad id", source_type="hub")
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # auto: not a path and not an id
+        build_dataset("lab/a--b")
 
 
 def test_hub_source_unreachable_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(name):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(data, "load_dataset", offline)
+    monkeypatch.setattr(data.hub_source, "load_dataset", offline)
     with pytest.raises(ValueError, match="not an existing local path"):
         build_dataset("kather/missing")
 
@@ -252,7 +270,7 @@ def test_zip_with_bad_checksum_is_refused_before_decoding(release_zip: Path, mon
     def no_work(*args, **kwargs):
         raise AssertionError("decoded before the checksum was checked")
 
-    monkeypatch.setattr(data, "_decode", no_work)
+    monkeypatch.setattr(data.decode, "_decode", no_work)
     with pytest.raises(ValueError, match="MD5"):
         build_dataset(release_zip, md5="0" * 32)
 
@@ -331,7 +349,7 @@ def test_other_tile_sizes_are_reported(release_dir: Path, caplog) -> None:
 
 @pytest.mark.parametrize("split_by", ["stratified", "slide"])
 def test_duplicates_are_reported_and_kept_in_one_split(release_dir: Path, split_by: str) -> None:
-    source = sorted((release_dir / "01_TUMOR").iterdir())[0]
+    source = min((release_dir / "01_TUMOR").iterdir())
     copies = [source.with_name(f"COPY{k}_CRC-Prim-HE-0{k % 2 + 1}_9.tif_Row_1_Col_1.tif") for k in range(3)]
     for copy in copies:
         shutil.copy(source, copy)
@@ -351,7 +369,7 @@ def test_duplicates_are_reported_and_kept_in_one_split(release_dir: Path, split_
 
 
 def test_duplicates_across_given_splits_are_removed_from_later_split(split_dir: Path) -> None:
-    source = sorted((split_dir / "train" / "01_TUMOR").iterdir())[0]
+    source = min((split_dir / "train" / "01_TUMOR").iterdir())
     shutil.copy(source, split_dir / "test" / "01_TUMOR" / source.name)
     dataset, report = build_dataset_with_report(split_dir)
     assert report.removed_cross_split_duplicates == [f"test/01_TUMOR/{source.name}"]
@@ -385,13 +403,13 @@ def test_save_is_atomic(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
     def crash(folder, metadata):
         raise KeyboardInterrupt  # killed after save_to_disk, before the card
 
-    monkeypatch.setattr(data, "_write_extras", crash)
+    monkeypatch.setattr(data.storage, "_write_extras", crash)
     with pytest.raises(KeyboardInterrupt):
         save_dataset(dataset, out, report=report)
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
     monkeypatch.undo()
     save_dataset(dataset, out, report=report)
-    monkeypatch.setattr(data, "_write_extras", crash)
+    monkeypatch.setattr(data.storage, "_write_extras", crash)
     other = build_dataset(release_dir, seed=2)
     with pytest.raises(KeyboardInterrupt):
         save_dataset(other, out)
@@ -462,6 +480,72 @@ def test_push_dataset_sends_card_with_repo_id(release_dir: Path, tmp_path: Path,
 
 
 # ------------------------------------------------------------------------------------------
+# Resolution (mpp) and the card's known facts
+# ------------------------------------------------------------------------------------------
+def _card_text(folder: Path) -> str:
+    return (folder / "README.md").read_text(encoding="utf-8")
+
+
+def test_kather_tiles_record_their_resolution(tmp_path: Path) -> None:
+    make_tiles(tmp_path / "tiles", 3, size=150)  # 150 px tiles named by Kather slides: release tiles
+    dataset, report = build_dataset_with_report(tmp_path / "tiles")
+    assert report.mpp == KATHER_MPP
+    out = save_dataset(dataset, tmp_path / "out", report=report)
+    assert read_dataset_metadata(out)["mpp"] == KATHER_MPP
+    assert "mpp" not in read_dataset_metadata(out)["checks"]
+    text = _card_text(out)
+    assert f"Resolution: {KATHER_MPP} µm per pixel." in text
+    assert f"150 x 150 px ({round(150 * KATHER_MPP, 1)} x {round(150 * KATHER_MPP, 1)} µm)" in text
+
+
+def test_resolution_is_recorded_only_when_known(release_dir: Path, tmp_path: Path) -> None:
+    dataset, report = build_dataset_with_report(release_dir)  # 40 px tiles: not the Kather release
+    assert report.mpp is None
+    out = save_dataset(dataset, tmp_path / "unknown", report=report)
+    assert "mpp" not in read_dataset_metadata(out)
+    assert "µm" not in _card_text(out)
+    dataset, report = build_dataset_with_report(release_dir, mpp=0.25)
+    assert report.mpp == 0.25
+    out = save_dataset(dataset, tmp_path / "given", report=report)
+    assert read_dataset_metadata(out)["mpp"] == 0.25
+    assert "Resolution: 0.25 µm per pixel." in _card_text(out) and "40 x 40 px (10.0 x 10.0 µm)" in _card_text(out)
+    with pytest.raises(ValueError, match="mpp must be a positive number"):
+        build_dataset(release_dir, mpp=-1.0)
+
+
+def test_card_leaves_unknown_values_out(release_dir: Path, tmp_path: Path) -> None:
+    out = save_dataset(build_dataset(release_dir), tmp_path / "out")  # no report: split, source, checks unknown
+    text = _card_text(out)
+    body = text.split("---", 2)[2]
+    assert not [line for line in body.splitlines() if line.rstrip().endswith(":") and not line.startswith("#")]
+    assert "None" not in body and "unknown" not in body and "()" not in body
+    assert not re.search(r"(?<!`)``(?!`)", body)  # no empty code span
+    assert "## How the split was made" not in body and "## Checks while building" not in body
+    assert "Built with hf_tissue_vit" in body and "µm" not in body
+    assert "60 tiles in 6 classes." in body  # what is known is still stated
+
+
+def test_card_info_from_metadata(release_dir: Path, tmp_path: Path) -> None:
+    dataset, report = build_dataset_with_report(release_dir, split_by="slide", mpp=0.5)
+    out = save_dataset(dataset, tmp_path / "out", report=report)
+    info = DatasetCardInfo.from_metadata(read_dataset_metadata(out))
+    assert info.split_by == "slide" and info.mpp == 0.5 and info.tile_size == [40, 40]
+    assert info.source == release_dir.name  # only the folder's name: the card is public
+    assert info.split_sizes == {s: sum(c.values()) for s, c in report.split_class_counts.items()}
+    assert info.card_data().license == "cc-by-4.0"
+    variables = info.template_variables()
+    assert variables["mpp"] == 0.5 and variables["tile_microns"] == [20.0, 20.0]
+    assert variables["split_slides"] == report.split_slides and "hub_dataset_id" not in variables
+    minimal = DatasetCardInfo(class_names=["Tumor", "Stroma"], split_class_counts={"train": {"Tumor": 1, "Stroma": 2}})
+    known = minimal.template_variables()
+    assert not {"split_by", "seed", "source", "source_kind", "tile_size", "mpp", "checks", "version"} & set(known)
+    assert known["total"] == 3
+    text = str(minimal.render())
+    assert "| 1 | Stroma | `02_STROMA` |" in text and "µm" not in text and "Split mode" not in text
+    assert DatasetCardInfo.from_metadata({**read_dataset_metadata(out), "split_by": "unknown"}).split_by is None
+
+
+# ------------------------------------------------------------------------------------------
 # Download, for real, from a loopback HTTP server
 # ------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -470,7 +554,7 @@ def zip_server(release_zip: Path):
     requests: Counter[str] = Counter()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server API)
+        def do_GET(self):  # the name is http.server API
             requests[self.path] += 1
             if self.path not in ("/good/kather.zip", "/cut/kather.zip"):
                 self.send_error(404)
@@ -527,11 +611,16 @@ def test_download_cut_connection_caches_nothing(zip_server, tmp_path: Path) -> N
 
 def test_offline_fails_fast_with_hint(zip_server, tmp_path: Path, monkeypatch) -> None:
     base, md5, requests = zip_server
-    monkeypatch.setattr(data.hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DownloadError, match="--source /path/to/Kather_texture_2016_image_tiles_5000"):
         build_dataset(None, url=f"{base}/good/kather.zip", md5=md5, cache_dir=tmp_path / "cache")
     assert sum(requests.values()) == 0
-    monkeypatch.setattr(data.hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # HF_DATASETS_OFFLINE=1, as datasets reads it
+    with pytest.raises(DownloadError, match="offline mode"):
+        download_kather_zip(f"{base}/good/kather.zip", md5=md5, cache_dir=tmp_path / "cache")
+    assert sum(requests.values()) == 0
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     import socket
 
     with socket.socket() as s:  # a port nobody listens on: what "no network" looks like
@@ -559,7 +648,13 @@ def test_script_end_to_end(release_zip: Path, tmp_path: Path, capsys) -> None:
     assert main(["--source", str(release_zip), "--output_dir", str(tmp_path / "y"), "--push_to_hub"]) == 2
     assert main(["--source", str(release_zip), "--output_dir", str(tmp_path / "z"), "--md5", "0" * 32]) == 2
     assert "error:" in capsys.readouterr().err
+    for bad in (["--mpp", "0"], ["--mpp", "-0.5"], ["--hub_dataset_id", "lab/bad id"], ["--hub_dataset_id", "kather6"]):
+        assert main(["--source", str(release_zip), "--output_dir", str(tmp_path / "z"), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+    # --mpp: the resolution of user tiles, into the metadata the training reads
+    assert main(["--source", str(release_zip), "--output_dir", str(out), "--mpp", "0.3"]) == 0
+    assert read_dataset_metadata(out)["mpp"] == 0.3
 
 
 def test_script_push(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -582,6 +677,7 @@ def test_real_kather_6class(real_data_dir: Path, tmp_path: Path) -> None:
     main = load_script("prepare_dataset").main
     assert main(["--source", str(real_data_dir), "--output_dir", str(tmp_path / "real")]) == 0
     first = load_tissue_dataset(tmp_path / "real", label_names=CLASS_NAMES)
+    assert read_dataset_metadata(tmp_path / "real")["mpp"] == KATHER_MPP  # recognised as Kather release tiles
     expected = {"train": 357, "validation": 84, "test": 84}
     for split, ds in first.items():
         assert Counter(ds["label"]) == dict.fromkeys(range(6), expected[split])

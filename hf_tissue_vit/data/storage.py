@@ -1,0 +1,232 @@
+"""A built dataset on disk and on the Hub: atomic save with card and metadata, load with checks, push.
+
+Next to the ``save_to_disk`` files, a saved dataset holds ``README.md`` (the dataset card) and
+``hf_tissue_vit_dataset.json`` (:data:`METADATA_FILE`: the build report, split sizes, resolution).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
+
+from .. import __version__
+from ..fileio import atomic_write_json, atomic_write_text, default_mode
+from .card import dataset_card
+from .report import BuildReport
+from .schema import describe_columns, split_class_counts, split_name_for
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "hf_tissue_vit_dataset.json"
+_TOP_LEVEL = ("source", "source_kind", "split_by", "seed", "class_names", "split_slides")
+_NOT_CHECKS = ("split_class_counts", "build_seconds", "mpp")
+
+
+def dataset_metadata(
+    dataset_dict: DatasetDict, report: BuildReport | None, hub_dataset_id: str | None = None
+) -> dict[str, Any]:
+    """What :data:`METADATA_FILE` holds; ``mpp`` only when the report knows it."""
+    meta: dict[str, Any] = {"builder": "hf_tissue_vit", "version": __version__}
+    checks: dict[str, Any] = {}
+    if report is not None:
+        info = report.to_dict()
+        meta.update({key: info.pop(key) for key in _TOP_LEVEL})
+        if report.mpp is not None:
+            meta["mpp"] = report.mpp
+        checks = {k: v for k, v in info.items() if k not in _NOT_CHECKS}
+    else:
+        meta.update(source=None, source_kind=None, split_by="unknown", seed=None,
+                    class_names=dataset_dict["train"].features["label"].names, split_slides={})
+    meta["split_sizes"] = {s: ds.num_rows for s, ds in dataset_dict.items()}
+    meta["split_class_counts"] = split_class_counts(dataset_dict)
+    meta["checks"] = checks
+    meta["hub_dataset_id"] = hub_dataset_id
+    return meta
+
+
+def read_dataset_metadata(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``hf_tissue_vit_dataset.json`` of a saved dataset ({} when absent); ``mpp`` is in it when known."""
+    path = Path(dataset_dir) / METADATA_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _is_our_dataset(path: Path) -> bool:
+    try:
+        return read_dataset_metadata(path).get("builder") == "hf_tissue_vit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Absolute output path; error if it is a file or a non-empty folder that is not one of our datasets."""
+    out = Path(output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not _is_our_dataset(out):
+        raise ValueError(
+            f"--output_dir {out} is not empty and holds no dataset built by hf_tissue_vit ({METADATA_FILE} missing); "
+            "pass a new or empty folder"
+        )
+    return out
+
+
+def _write_extras(folder: Path, metadata: dict[str, Any]) -> None:
+    """README.md card and metadata JSON next to the saved arrow files."""
+    dataset_card(metadata).save(folder / "README.md")
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+def save_dataset(
+    dataset_dict: DatasetDict, output_dir: str | os.PathLike, *, report: BuildReport | None = None,
+    hub_dataset_id: str | None = None,
+) -> Path:
+    """Save atomically: ``save_to_disk`` + card + metadata into a temp folder, then rename it into place.
+
+    A previous dataset of ours at ``output_dir`` is replaced only once the new one is complete;
+    a non-empty folder of anything else is refused.
+    """
+    out = check_output_dir(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dataset_metadata(dataset_dict, report, hub_dataset_id)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        dataset_dict.save_to_disk(str(tmp))
+        _write_extras(tmp, metadata)
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; the dataset should not be
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved dataset to %s (%s)", out, metadata["split_sizes"])
+    return out
+
+
+def record_hub_dataset_id(dataset_dir: str | os.PathLike, hub_dataset_id: str) -> None:
+    """Note in the saved metadata and card that the dataset was pushed to ``hub_dataset_id``."""
+    folder = Path(dataset_dir)
+    metadata = read_dataset_metadata(folder)
+    metadata["hub_dataset_id"] = hub_dataset_id
+    atomic_write_text(folder / "README.md", str(dataset_card(metadata)))
+    atomic_write_json(folder / METADATA_FILE, metadata)
+
+
+def push_dataset(
+    dataset_dict: DatasetDict, repo_id: str, *, metadata: dict[str, Any] | None = None, private: bool = False,
+    token: str | None = None,
+) -> str:
+    """Push the splits and the dataset card (rendered from ``metadata``) to the Hub dataset repo ``repo_id``."""
+    # hub pulls in model-card code that data users never need
+    from ..hub import push_dataset as _push
+
+    card = dataset_card({**metadata, "hub_dataset_id": repo_id}) if metadata is not None else None
+    return _push(dataset_dict, repo_id, private=private, card=card, token=token,
+                 commit_message="Upload Kather 2016 tissue tiles (hf_tissue_vit)")
+
+
+# --------------------------------------------------------------------------------------------
+# Load (used by training)
+# --------------------------------------------------------------------------------------------
+def _load_from_dir(path: Path, where: str) -> Any:
+    if not path.exists():
+        partial = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+        hint = (f"; a build into it did not finish (found {partial[0]}): run scripts/prepare_dataset.py again"
+                if partial else "; build it with scripts/prepare_dataset.py --output_dir " + str(path))
+        raise FileNotFoundError(f"{where} does not exist{hint}")
+    if not (path / "dataset_dict.json").is_file():
+        what = (
+            "a single split (Dataset), not train/validation/test"
+            if (path / "state.json").is_file()
+            else "no saved DatasetDict (dataset_dict.json missing)"
+        )
+        raise ValueError(f"{where} holds {what}; build it with scripts/prepare_dataset.py")
+    try:
+        return load_from_disk(str(path))
+    except Exception as exc:
+        raise ValueError(
+            f"{where} could not be loaded ({type(exc).__name__}: {exc}); it may be an incomplete copy, rebuild it"
+        ) from exc
+
+
+def _load_from_hub(dataset_name: str, where: str) -> Any:
+    try:
+        return load_dataset(dataset_name)
+    except Exception as exc:
+        raise ValueError(f"{where} could not be loaded from the Hub ({type(exc).__name__}: {exc}); "
+                         "check the id, network and token, or pass dataset_dir") from exc
+
+
+def _canonical_splits(loaded: Any, where: str) -> DatasetDict:
+    """``loaded`` with our split names (``val``/``valid`` -> ``validation``); train and validation required."""
+    if not isinstance(loaded, DatasetDict):
+        # ValueError, not TypeError: a wrong dataset is bad user input (one-line error in the scripts)
+        raise ValueError(f"{where} is a single Dataset; expected splits train/validation[/test]")  # noqa: TRY004
+    renamed = {}
+    for split, ds in loaded.items():
+        canonical = split_name_for(split) or str(split)
+        if canonical in renamed:
+            raise ValueError(f"{where}: two splits map to {canonical!r}: {list(loaded)}")
+        renamed[canonical] = ds
+    dataset = DatasetDict(renamed)
+    missing = [s for s in ("train", "validation") if s not in dataset]
+    if missing:
+        raise ValueError(f"{where}: split(s) {missing} missing; found {list(dataset)}")
+    return dataset
+
+
+def _check_columns(dataset: DatasetDict, where: str, label_names: Sequence[str] | None) -> None:
+    """Every split has an Image ``image`` and a ClassLabel ``label`` with the train split's names."""
+    train_names = dataset["train"].features["label"].names if "label" in dataset["train"].features else None
+    for split in sorted(dataset, key=lambda s: s != "train"):  # train first: the others are compared to it
+        ds = dataset[split]
+        columns = describe_columns(ds.features)
+        if "label" not in ds.features or not isinstance(ds.features["label"], ClassLabel):
+            raise ValueError(f"{where} split {split}: needs a ClassLabel column 'label'; columns: {columns}")
+        if "image" not in ds.features or not isinstance(ds.features["image"], ImageFeature):
+            raise ValueError(f"{where} split {split}: needs an Image column 'image'; columns: {columns}")
+        names = ds.features["label"].names
+        if label_names is not None and list(names) != list(label_names):
+            raise ValueError(f"{where} split {split}: label names {names} differ from the expected {list(label_names)}")
+        if names != train_names:
+            raise ValueError(f"{where}: split {split} has label names {names}, train has {train_names}")
+
+
+def load_tissue_dataset(
+    dataset_dir: str | os.PathLike | None = None, dataset_name: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> DatasetDict:
+    """Load a dataset saved by :func:`save_dataset` (``dataset_dir``) or a Hub dataset (``dataset_name``).
+
+    Checks that ``train`` and ``validation`` exist (``val``/``valid`` are renamed), that ``image`` is
+    an Image column and ``label`` a ClassLabel, and, when given, that its names equal ``label_names``.
+    """
+    if (dataset_dir is None) == (dataset_name is None):
+        raise ValueError(
+            "pass exactly one of dataset_dir (a folder from prepare_dataset.py) or dataset_name (a Hub id)"
+        )
+    if dataset_dir is not None:
+        path = Path(dataset_dir).expanduser()
+        where = f"dataset_dir {str(path)!r}"
+        loaded = _load_from_dir(path, where)
+    else:
+        where = f"dataset_name {dataset_name!r}"
+        loaded = _load_from_hub(dataset_name, where)
+    dataset = _canonical_splits(loaded, where)
+    _check_columns(dataset, where, label_names)
+    return dataset
