@@ -36,13 +36,16 @@ class HubAuthError(PermissionError):
     """The Hub refused the token (missing, invalid, or without rights on the repo)."""
 
 
-def check_repo_id(repo_id: str, flag: str = "--repo_id") -> str:
-    """The package's one repo-id check: huggingface_hub's rules, and a namespace (USER/NAME)."""
+def check_repo_id(repo_id: str, flag: str = "--repo_id", namespace: bool = True) -> str:
+    """The package's one repo-id check: huggingface_hub's rules and, with ``namespace``, USER/NAME.
+
+    Returns ``repo_id``; raises ValueError naming ``flag`` otherwise.
+    """
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"{flag} {repo_id!r} is not a valid Hub repo id: {err}") from None
-    if repo_id.count("/") != 1:
+    if namespace and repo_id.count("/") != 1:
         raise ValueError(f"{flag} must look like USER/NAME (got {repo_id!r})")
     return repo_id
 

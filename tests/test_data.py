@@ -175,7 +175,7 @@ def test_hub_source_unmappable_is_refused(monkeypatch, features, labels, match) 
 
 def test_hub_source_id_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: pytest.fail("loaded an invalid id"))
-    with pytest.raises(ValueError, match="source 'lab/bad id' is not a Hub repo id"):
+    with pytest.raises(ValueError, match="source 'lab/bad id' is not a valid Hub repo id"):
         build_dataset("lab/bad id", source_type="hub")
     with pytest.raises(FileNotFoundError, match="does not exist"):  # auto: not a path and not an id
         build_dataset("lab/a--b")

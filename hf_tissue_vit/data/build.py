@@ -68,7 +68,9 @@ def is_kather_tiles(tiles: Sequence[Tile]) -> bool:
 def check_mpp(mpp: float | None, argument: str = "mpp") -> float | None:
     """``mpp`` as a float if it is a positive, finite number of micrometres per pixel (None passes)."""
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"{argument} must be a positive number of micrometres per pixel (e.g. 0.5 at 20x), got {mpp!r}")
+        raise ValueError(
+            f"{argument} must be a positive number of micrometres per pixel (e.g. 0.5 at 20x), got {mpp!r}"
+        )
     return None if mpp is None else float(mpp)
 
 

@@ -80,7 +80,7 @@ def decode_entries(entries: Sequence[Entry], report: BuildReport, skip_bad_files
     for entry in entries:
         try:
             png, digest, size, mode = _decode(entry.read())
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        except Exception as exc:
             bad.append(f"{entry.name}: {type(exc).__name__}: {exc}")
             continue
         if mode is not None:

@@ -12,6 +12,7 @@ from datasets import Image as ImageFeature
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..constants import ALL_CLASS_NAMES
+from ..hub import check_repo_id
 from .report import BuildReport
 from .schema import SPLITS, class_name_for, describe_columns, split_name_for
 from .sources import Entry
@@ -32,13 +33,7 @@ def is_hub_id(text: str) -> bool:
 
 def check_hub_id(repo_id: str, argument: str, namespace: bool = False) -> str:
     """``repo_id`` if it is a valid Hub repo id (with ``namespace/`` when asked), else a one-line error."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise ValueError(f"{argument} {repo_id!r} is not a Hub repo id: {exc}") from None
-    if namespace and "/" not in repo_id:
-        raise ValueError(f"{argument} must look like user/name, got {repo_id!r}")
-    return repo_id
+    return check_repo_id(repo_id, argument, namespace=namespace)
 
 
 def _load_splits(source: str) -> dict[str, Dataset]:

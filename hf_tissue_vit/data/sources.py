@@ -144,7 +144,9 @@ class _Tree:
                                  split=split))
         for name in self.class_names:
             if not any(e.class_name == name for e in entries):
-                raise ValueError(f"source {self.source!r}: class folder {base}{FOLDER_OF_CLASS[name]} has no image files")
+                raise ValueError(
+                    f"source {self.source!r}: class folder {base}{FOLDER_OF_CLASS[name]} has no image files"
+                )
         return entries
 
 

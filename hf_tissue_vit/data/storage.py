@@ -176,7 +176,7 @@ def _canonical_splits(loaded: Any, where: str) -> DatasetDict:
     """``loaded`` with our split names (``val``/``valid`` -> ``validation``); train and validation required."""
     if not isinstance(loaded, DatasetDict):
         # ValueError, not TypeError: a wrong dataset is bad user input (one-line error in the scripts)
-        raise ValueError(f"{where} is a single Dataset; expected splits train/validation[/test]")  # noqa: TRY004
+        raise ValueError(f"{where} is a single Dataset; expected splits train/validation[/test]")
     renamed = {}
     for split, ds in loaded.items():
         canonical = split_name_for(split) or str(split)
