@@ -3,8 +3,10 @@ position-embedding resize, and loading a trained output dir for inference."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,13 +26,17 @@ DEFAULT_BASE_MODEL = "google/vit-base-patch16-224"
 # DeiT/ViT names: tiny/small/base differ in width and heads; 12 layers each. Recipes override
 # depth, width and resolution for the small CPU budget.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
 }
-_PRESET_COMMON: dict[str, Any] = dict(
-    image_size=224, patch_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True
-)
+_PRESET_COMMON: dict[str, Any] = {
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "qkv_bias": True,
+}
 # Config fields a user may override on top of a preset (or, for dropout, on a checkpoint).
 OVERRIDABLE_FIELDS = (
     "image_size",
@@ -127,48 +133,30 @@ def resize_position_embeddings(model: ViTForImageClassification, image_size: int
     model.config.image_size = image_size
 
 
-def load_model(
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checked description of the model :func:`build_model` makes (see :func:`check_model`)."""
+
+    config: ViTConfig  # a preset's config, or the checkpoint's with its dropout overrides; labels not set
+    image_size: int  # the resolution to train at
+    checkpoint: str | None = None  # None: from scratch
+
+
+def check_model(
     model_name_or_path: str | None = DEFAULT_BASE_MODEL,
     *,
     from_scratch: bool = False,
     preset: str = "tiny",
-    id2label: dict[int, str] | list[str],
     image_size: int | None = None,
     patch_size: int | None = None,
     overrides: dict[str, Any] | None = None,
-    attn_implementation: str | None = None,
-) -> ViTForImageClassification:
-    """A ViT classifier for ``id2label``: a fresh preset (``from_scratch``) or a checkpoint with its
-    head swapped for a new ``len(id2label)``-way head and position embeddings resized to ``image_size``.
-
-    ``attn_implementation`` ("eager" / "sdpa"; None = transformers' default, SDPA) selects the attention
-    kernel (see :func:`hardware.default_attn_implementation` for which is faster where). It is a runtime
-    setting: ``save_pretrained`` does not write it into config.json.
-    """
-    if attn_implementation is not None and attn_implementation not in ("eager", "sdpa"):
-        raise ValueError(f"attn_implementation must be 'eager' or 'sdpa' (or None), got {attn_implementation!r}")
-    model = _build_model(model_name_or_path, from_scratch, preset, id2label, image_size, patch_size, overrides)
-    if attn_implementation is not None:
-        model.set_attn_implementation(attn_implementation)
-    return model
-
-
-def _build_model(
-    model_name_or_path: str | None,
-    from_scratch: bool,
-    preset: str,
-    id2label: dict[int, str] | list[str],
-    image_size: int | None,
-    patch_size: int | None,
-    overrides: dict[str, Any] | None,
-) -> ViTForImageClassification:
+) -> ModelSpec:
+    """Check a model description (preset, geometry, checkpoint type, allowed overrides) without reading
+    any weights, so bad values fail before the data is read; :func:`build_model` then makes it."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    id2label, label2id = _label_maps(id2label)
     if from_scratch:
-        config = scratch_config(preset, id2label, image_size=image_size, patch_size=patch_size, **overrides)
-        model = ViTForImageClassification(config)
-        logger.info("new %s ViT from scratch: %d parameters", preset, model.num_parameters())
-        return model
+        config = scratch_config(preset, [], image_size=image_size, patch_size=patch_size, **overrides)
+        return ModelSpec(config, config.image_size)
     if not model_name_or_path:
         raise ValueError("give --model_name_or_path for fine-tuning, or --from_scratch")
     config = check_vit_checkpoint(model_name_or_path)
@@ -182,18 +170,65 @@ def _build_model(
         raise ValueError(f"{sorted(arch_fields)} can only be set with --from_scratch (the checkpoint fixes them)")
     target_size = image_size or config.image_size
     check_geometry(target_size, config.patch_size)
-    model = ViTForImageClassification.from_pretrained(
-        model_name_or_path,
-        id2label=id2label,  # also sets num_labels
-        label2id=label2id,
-        problem_type="single_label_classification",
-        ignore_mismatched_sizes=True,  # the 1000-way ImageNet head is replaced by ours
-        use_safetensors=True,
-        **overrides,
-    )
-    if target_size != model.config.image_size:
-        resize_position_embeddings(model, target_size)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return ModelSpec(config, target_size, str(model_name_or_path))
+
+
+def build_model(
+    spec: ModelSpec, id2label: dict[int, str] | list[str], attn_implementation: str | None = None
+) -> ViTForImageClassification:
+    """The classifier of ``spec`` for ``id2label``: a fresh preset model, or the checkpoint with its head
+    swapped for a new ``len(id2label)``-way head and its position embeddings resized to ``spec.image_size``.
+
+    ``attn_implementation`` ("eager" / "sdpa"; None = transformers' default, SDPA) selects the attention
+    kernel (see :func:`hardware.default_attn_implementation` for which is faster where). It is a runtime
+    setting: ``save_pretrained`` does not write it into config.json.
+    """
+    if attn_implementation is not None and attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be 'eager' or 'sdpa' (or None), got {attn_implementation!r}")
+    config = copy.deepcopy(spec.config)
+    config.id2label, config.label2id = _label_maps(id2label)  # id2label also sets num_labels
+    config.problem_type = "single_label_classification"
+    if spec.checkpoint is None:
+        model = ViTForImageClassification(config)
+        logger.info("new ViT from scratch: %d parameters", model.num_parameters())
+    else:
+        model = ViTForImageClassification.from_pretrained(
+            spec.checkpoint,
+            config=config,
+            ignore_mismatched_sizes=True,  # the 1000-way ImageNet head is replaced by ours
+            use_safetensors=True,
+        )
+        if spec.image_size != model.config.image_size:
+            resize_position_embeddings(model, spec.image_size)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     return model
+
+
+def load_model(
+    model_name_or_path: str | None = DEFAULT_BASE_MODEL,
+    *,
+    from_scratch: bool = False,
+    preset: str = "tiny",
+    id2label: dict[int, str] | list[str],
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+) -> ViTForImageClassification:
+    """:func:`check_model` then :func:`build_model`: a ViT classifier for ``id2label``, from a preset
+    (``from_scratch``) or fine-tuned from a checkpoint at ``image_size``."""
+    spec = check_model(
+        model_name_or_path,
+        from_scratch=from_scratch,
+        preset=preset,
+        image_size=image_size,
+        patch_size=patch_size,
+        overrides=overrides,
+    )
+    return build_model(spec, id2label, attn_implementation)
 
 
 def load_for_inference(model: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
@@ -230,7 +265,7 @@ class PatchDropout:
 
     def num_kept(self, num_patches: int) -> int:
         """Patch tokens kept out of ``num_patches`` (at least one)."""
-        return max(1, int(round(num_patches * self.keep)))
+        return max(1, round(num_patches * self.keep))
 
     def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = output.shape

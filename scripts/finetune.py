@@ -5,9 +5,13 @@ Examples::
     # the default recipe (scripts/recipes/scratch_cpu.yaml) on the default dataset source
     python scripts/finetune.py
 
-    # from-scratch CPU recipe on a prepared dataset, two processes
-    accelerate launch --num_processes 2 --cpu scripts/finetune.py \
+    # from-scratch CPU recipe on a prepared dataset, two CPU processes (the torchrun-based launcher;
+    # `accelerate launch --cpu --num_processes 2` would start only one)
+    accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --use_cpu true \
         --config scripts/recipes/scratch_cpu.yaml --dataset_dir data/kather2016 --output_dir outputs/scratch
+
+    # a Hub dataset: give the tiles' resolution (micrometres per pixel) for config.json
+    python scripts/finetune.py --dataset_name user/kather6 --mpp 0.495 --output_dir outputs/hub-data
 
     # GPU fine-tuning of google/vit-base-patch16-224 at 160 px, multi-GPU bf16
     accelerate launch --config_file accelerate_config.yaml scripts/finetune.py \

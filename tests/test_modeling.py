@@ -13,6 +13,8 @@ from hf_tissue_vit.modeling import (
     MODEL_PRESETS,
     PatchDropout,
     add_patch_dropout,
+    build_model,
+    check_model,
     load_for_inference,
     load_model,
     resize_position_embeddings,
@@ -20,7 +22,7 @@ from hf_tissue_vit.modeling import (
 )
 from hf_tissue_vit.transforms import make_image_processor
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
 def make_pretrained_checkpoint(folder: Path, image_size: int = 224, patch_size: int = 16) -> Path:
@@ -57,10 +59,10 @@ def test_presets_and_overrides():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(preset="huge"), "unknown --model_preset"),
-        (dict(preset="tiny", image_size=50, patch_size=8), "not divisible by --patch_size"),
-        (dict(preset="tiny", hidden_size=32), "not divisible by --num_attention_heads"),
-        (dict(preset="tiny", depth=3), "unknown model overrides"),
+        ({"preset": "huge"}, "unknown --model_preset"),
+        ({"preset": "tiny", "image_size": 50, "patch_size": 8}, "not divisible by --patch_size"),
+        ({"preset": "tiny", "hidden_size": 32}, "not divisible by --num_attention_heads"),
+        ({"preset": "tiny", "depth": 3}, "unknown model overrides"),
     ],
 )
 def test_scratch_config_rejects_bad_values(kwargs, message):
@@ -80,7 +82,7 @@ def test_load_model_from_scratch_has_our_labels():
 
 
 def test_load_model_sets_the_attention_implementation(pretrained_dir: Path):
-    common = dict(id2label=CLASS_NAMES, image_size=32, patch_size=8, overrides=TINY)
+    common = {"id2label": CLASS_NAMES, "image_size": 32, "patch_size": 8, "overrides": TINY}
     eager = load_model(None, from_scratch=True, preset="tiny", attn_implementation="eager", **common)
     sdpa = load_model(None, from_scratch=True, preset="tiny", attn_implementation="sdpa", **common)
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
@@ -146,6 +148,22 @@ def test_finetune_refuses_other_checkpoints(tmp_path: Path, pretrained_dir: Path
         load_model(str(pretrained_dir), id2label=CLASS_NAMES, image_size=50)
     with pytest.raises(ValueError, match="only be set with --from_scratch"):
         load_model(str(pretrained_dir), id2label=CLASS_NAMES, overrides={"hidden_size": 64})
+
+
+def test_check_model_reads_no_weights_and_build_model_makes_the_checked_model(pretrained_dir: Path, tmp_path: Path):
+    """Bad values fail in check_model before any weights are read; build_model then only builds."""
+    config_only = tmp_path / "config_only"
+    ViTForImageClassification(ViTConfig(image_size=224, patch_size=16, **TINY)).config.save_pretrained(config_only)
+    spec = check_model(str(config_only), image_size=48, overrides={"hidden_dropout_prob": 0.1})
+    assert (spec.checkpoint, spec.image_size, spec.config.hidden_dropout_prob) == (str(config_only), 48, 0.1)
+    with pytest.raises(ValueError, match="not divisible"):
+        check_model(str(config_only), image_size=50)
+    with pytest.raises(ValueError, match="only be set with --from_scratch"):
+        check_model(str(config_only), overrides={"num_hidden_layers": 1})
+    model = build_model(check_model(str(pretrained_dir), image_size=48), CLASS_NAMES)
+    assert model.config.image_size == 48 and model.config.id2label == dict(enumerate(CLASS_NAMES))
+    scratch = check_model(None, from_scratch=True, preset="tiny", image_size=32, patch_size=8, overrides=TINY)
+    assert scratch.checkpoint is None and build_model(scratch, ["a", "b"]).classifier.out_features == 2
 
 
 def test_load_for_inference(pretrained_dir: Path, tmp_path: Path):

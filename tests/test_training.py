@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, save_model_dir, tiny_vit
 from safetensors.torch import load_file
-from test_modeling import make_pretrained_checkpoint
 
 from hf_tissue_vit import hardware
 from hf_tissue_vit.constants import CLASS_NAMES
+from hf_tissue_vit.data import METADATA_FILE
 from hf_tissue_vit.fileio import default_mode
-from hf_tissue_vit.training import parse_args, run_signature
+from hf_tissue_vit.training import parse_args, run_finetune, run_signature
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
@@ -35,6 +37,7 @@ FAST = [
     "--warmup_steps", "0", "--dataloader_num_workers", "0", "--use_cpu", "true", "--report_to", "none",
     "--n_bootstrap", "50", "--cache_decoded", "false", "--disable_tqdm", "true", "--seed", "0",
 ]  # fmt: skip
+SHORT = ["--max_steps", "2", "--n_bootstrap", "0"]  # a run that only has to finish
 
 
 main = load_script("finetune").main
@@ -47,7 +50,8 @@ def _env() -> dict[str, str]:
 
 
 def _run(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, check=False,
+                          **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +146,8 @@ def test_finetune_pretrained_checkpoint(tiny_dataset_dir: Path, tmp_path: Path):
     """A 1000-class 224 px checkpoint, fine-tuned at 48 px: new head, our labels, resized positions."""
     from transformers import pipeline
 
-    ckpt = make_pretrained_checkpoint(tmp_path / "imagenet-vit")
+    imagenet = [f"imagenet_class_{i}" for i in range(1000)]
+    ckpt = save_model_dir(tiny_vit(image_size=224, patch_size=16, label_names=imagenet), tmp_path / "imagenet-vit")
     out = tmp_path / "finetuned"
     code = main(["--model_name_or_path", str(ckpt), "--image_size", "48", *FAST, "--dataset_dir",
                  str(tiny_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
@@ -237,6 +242,8 @@ def _no_label_dataset(folder: Path) -> Path:
         ("foreign_output_dir", "not a finetune.py run"),
         ("recipe_key", "unknown keys"),
         ("hub_token", "HF_TOKEN"),
+        ("mpp", "--mpp must be a positive number"),
+        ("metadata_mpp", "not a positive number of micrometres per pixel"),
     ],
 )
 def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, tmp_path: Path, capsys):
@@ -254,7 +261,11 @@ def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, 
         "foreign_output_dir": [*TINY_MODEL, *dataset, "--output_dir", str(tmp_path / "foreign")],
         "recipe_key": [*TINY_MODEL, *dataset, *out, "--config", str(tmp_path / "bad.yaml")],
         "hub_token": [*TINY_MODEL, *dataset, *out, "--hub_token", "hf_not_saved_anywhere"],
+        "mpp": [*TINY_MODEL, *dataset, *out, "--mpp", "0"],
+        "metadata_mpp": [*TINY_MODEL, "--dataset_dir", str(tmp_path / "bad_mpp"), *out],
     }[case]
+    if case == "metadata_mpp":
+        _dataset_copy(tiny_dataset_dir, tmp_path / "bad_mpp", mpp="0.5 um")
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "bert"
     )
@@ -267,6 +278,66 @@ def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, 
     assert time.monotonic() - start < 20
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+
+
+def _dataset_copy(source: Path, target: Path, mpp: object) -> Path:
+    """A copy of the saved dataset ``source`` whose folder metadata has ``mpp`` (None: no mpp)."""
+    shutil.copytree(source, target)
+    path = target / METADATA_FILE
+    metadata = json.loads(path.read_text()) if path.is_file() else {}
+    metadata.pop("mpp", None)
+    if mpp is not None:
+        metadata["mpp"] = mpp
+    path.write_text(json.dumps(metadata))
+    return target
+
+
+def _snapshot(args: object) -> dict:
+    """The values of a parsed argument dataclass, with what __post_init__ derives beside the fields."""
+    extra = {k: getattr(args, k) for k in ("expected_label_names", "push_after_training") if hasattr(args, k)}
+    return {**dataclasses.asdict(args), **extra}
+
+
+def test_run_finetune_does_not_change_its_arguments(tiny_dataset_dir: Path, tmp_path: Path, monkeypatch):
+    """What a run resolves (the default dataset's folder, resume, kernel) goes into its plan, not its arguments."""
+    from hf_tissue_vit.training import run
+
+    default = _dataset_copy(tiny_dataset_dir, tmp_path / "default_dataset", mpp=0.5)
+    monkeypatch.setattr(run, "default_dataset_dir", lambda: default)  # no --dataset_dir: the default dataset
+    args = parse_args([*TINY_MODEL, *FAST, *SHORT, "--output_dir", str(tmp_path / "out"),
+                       "--label_names", *CLASS_NAMES])  # fmt: skip
+    before = [_snapshot(a) for a in args]
+    results = run_finetune(*args)
+    assert [_snapshot(a) for a in args] == before
+    assert args[1].dataset_dir is None and results["dataset"]["dataset_dir"] == str(default)
+    assert args[2].expected_label_names == CLASS_NAMES and results["label_names"] == CLASS_NAMES
+
+
+@pytest.mark.parametrize(
+    "saved, flag, checkpoint_mpp, expected",
+    [
+        (0.495, None, None, 0.495),  # the dataset folder's resolution
+        (0.495, "0.25", None, 0.25),  # --mpp wins (and is how a Hub dataset gets one)
+        (None, None, 1.0, None),  # unknown: not the resolution of the checkpoint's training data
+    ],
+)
+def test_mpp_goes_from_the_dataset_into_config_and_results(
+    saved, flag, checkpoint_mpp, expected, tiny_dataset_dir: Path, tmp_path: Path
+):
+    from transformers import AutoConfig
+
+    dataset = _dataset_copy(tiny_dataset_dir, tmp_path / "dataset", mpp=saved)
+    model = TINY_MODEL
+    if checkpoint_mpp is not None:
+        pretrained = tiny_vit()
+        pretrained.config.mpp = checkpoint_mpp
+        model = ["--model_name_or_path", str(save_model_dir(pretrained, tmp_path / "pretrained"))]
+    out = tmp_path / "out"
+    mpp_flag = ["--mpp", flag] if flag else []
+    assert main([*model, *FAST, *SHORT, "--dataset_dir", str(dataset), "--output_dir", str(out), *mpp_flag]) == 0
+    assert json.loads((out / "config.json").read_text()).get("mpp") == expected
+    assert getattr(AutoConfig.from_pretrained(out), "mpp", None) == expected
+    assert json.loads((out / "all_results.json").read_text())["dataset"]["mpp"] == expected
 
 
 def _resume_args(dataset_dir: Path, out: Path) -> list[str]:

@@ -1,0 +1,69 @@
+"""Training ViTs on tissue tiles with ``transformers.Trainer`` (works under ``accelerate launch``).
+
+Modules, in the order a run uses them:
+
+- :mod:`.arguments`: ``ModelArguments``, ``DataArguments``, ``TissueTrainingArguments``, YAML recipes,
+  :func:`parse_args`.
+- :mod:`.rundir`: the run signature that owns an output dir, resume from the last complete checkpoint.
+- :mod:`.tiles`: tiles decoded once into uint8 tensors (cached), :class:`TileDataset`,
+  :class:`TileCollator` (batched augmentation in the DataLoader workers).
+- :mod:`.ema`, :mod:`.trainer`: the weight average and :class:`TissueTrainer`.
+- :mod:`.evaluation`: the test split, evaluated once (bootstrap CIs, optional dihedral TTA).
+- :mod:`.outputs`: all_results.json, predictions CSV, figures, card, push.
+- :mod:`.run`: :func:`run_finetune`, the phases of a run.
+"""
+
+from ..imaging import decode_dataset_image as _decode_image  # noqa: F401 - benchmark.py's old name for it
+from .arguments import (
+    ARG_CLASSES,
+    DataArguments,
+    ModelArguments,
+    TissueTrainingArguments,
+    load_recipe,
+    parse_args,
+)
+from .ema import EMA_FILE, EMACallback, WeightEMA
+from .evaluation import TestPredictions, evaluate_test
+from .outputs import (
+    PREDICTION_COLUMNS,
+    RESULTS_FILE,
+    write_json_atomic,
+    write_predictions_csv,
+)
+from .run import (
+    NO_DOWNLOAD_HINT,
+    RunPlan,
+    TrainingData,
+    default_dataset_dir,
+    load_dataset_for_training,
+    load_training_data,
+    run_finetune,
+    validate_run,
+)
+from .rundir import (
+    RUN_FILE,
+    check_output_dir,
+    claim_output_dir,
+    last_complete_checkpoint,
+    run_signature,
+)
+from .tiles import (
+    DECODE_CACHE_VERSION,
+    EpochCallback,
+    TileCollator,
+    TileDataset,
+    decode_tiles,
+    default_decode_cache_dir,
+    tile_dataset,
+)
+from .trainer import TissueTrainer, make_compute_metrics
+
+__all__ = [
+    "ARG_CLASSES", "DECODE_CACHE_VERSION", "EMA_FILE", "NO_DOWNLOAD_HINT", "PREDICTION_COLUMNS", "RESULTS_FILE",
+    "RUN_FILE", "DataArguments", "EMACallback", "EpochCallback", "ModelArguments", "RunPlan", "TestPredictions",
+    "TileCollator", "TileDataset", "TissueTrainer", "TissueTrainingArguments", "TrainingData", "WeightEMA",
+    "check_output_dir", "claim_output_dir", "decode_tiles", "default_dataset_dir", "default_decode_cache_dir",
+    "evaluate_test", "last_complete_checkpoint", "load_dataset_for_training", "load_recipe", "load_training_data",
+    "make_compute_metrics", "parse_args", "run_finetune", "run_signature", "tile_dataset", "validate_run",
+    "write_json_atomic", "write_predictions_csv",
+]  # fmt: skip

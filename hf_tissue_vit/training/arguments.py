@@ -1,0 +1,313 @@
+"""The arguments of ``scripts/finetune.py``: three dataclasses parsed by ``HfArgumentParser``, with a
+YAML recipe (``--config``) whose values are defaults that flags on the command line override.
+
+Values that need no file or network are checked in ``__post_init__``; the run's validate phase
+(:func:`hf_tissue_vit.training.run.validate_run`) checks what does (checkpoint, output dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.integrations import is_tensorboard_available
+
+from .. import hardware
+from ..modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, PatchDropout
+from ..transforms import AugmentationConfig
+from .ema import WeightEMA
+
+logger = logging.getLogger(__name__)
+
+_OVERRIDE_NAMES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "hidden_dropout_prob", "attention_probs_dropout_prob")  # fmt: skip
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint to fine-tune or a preset to train from scratch."""
+
+    model_name_or_path: str = field(
+        default=DEFAULT_BASE_MODEL,
+        metadata={"help": "ViT checkpoint to fine-tune (local dir or Hub id); ignored with --from_scratch."},
+    )
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Train a randomly initialised ViT (see --model_preset)."}
+    )
+    model_preset: str = field(
+        default="tiny", metadata={"help": f"Preset for --from_scratch: one of {sorted(MODEL_PRESETS)}."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Training resolution (px). Fine-tuning at a new size resizes the position embeddings once."},
+    )
+    patch_size: int | None = field(default=None, metadata={"help": "Patch size (from scratch only)."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Override: transformer width (from scratch)."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Override: depth (from scratch)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Override: heads (from scratch)."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "Override: MLP size (from scratch)."})
+    hidden_dropout_prob: float | None = field(default=None, metadata={"help": "Override: dropout."})
+    attention_probs_dropout_prob: float | None = field(default=None, metadata={"help": "Override: attention dropout."})
+    patch_keep: float = field(
+        default=1.0,
+        metadata={
+            "help": "Train on a random fraction of the patch tokens per image (PatchDropout, Liu et al. 2022); "
+            "evaluation and the saved model use all of them. 1 = off."
+        },
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel for training: auto, eager or sdpa. auto = eager on CPU with bf16 (the faster "
+            "kernel there), sdpa otherwise.",
+            "choices": list(hardware.ATTN_IMPLEMENTATIONS),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # The preset, geometry and checkpoint are checked once, by modeling.check_model in the validate phase.
+        hardware.check_attn_implementation(self.attn_implementation)
+        PatchDropout(self.patch_keep)  # checks the fraction
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {value}")
+
+    def overrides(self) -> dict[str, Any]:
+        """Config overrides that were set (None = keep the preset's / checkpoint's)."""
+        return {n: getattr(self, n) for n in _OVERRIDE_NAMES if getattr(self, n) is not None}
+
+
+@dataclass
+class DataArguments:
+    """Where the tiles come from and how they are augmented."""
+
+    config: str | None = field(
+        default=None,
+        metadata={"help": "YAML recipe whose keys are any of these flags; flags given on the command line win."},
+    )
+    dataset_dir: str | None = field(default=None, metadata={"help": "Folder written by scripts/prepare_dataset.py."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (instead of --dataset_dir)."})
+    mpp: float | None = field(
+        default=None,
+        metadata={
+            "help": "Resolution of the tiles in micrometres per pixel, saved in config.json as `mpp`; default: the "
+            "`mpp` of the --dataset_dir folder's metadata. Give it for Hub datasets."
+        },
+    )
+    dihedral: bool = field(default=True, metadata={"help": "Augment with a random one of the 8 dihedral symmetries."})
+    random_resized_crop: bool = field(default=True, metadata={"help": "Augment with a random resized crop."})
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.6, 1.0], metadata={"help": "Random resized crop area range (fraction)."}
+    )
+    crop_ratio: list[float] = field(
+        default_factory=lambda: [3 / 4, 4 / 3], metadata={"help": "Random resized crop aspect ratio range."}
+    )
+    stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength in HED space (0 = off)."})
+    brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
+    contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
+    cache_decoded: bool = field(
+        default=True,
+        metadata={"help": "Keep the decoded uint8 tiles as .npy (keyed by dataset fingerprint) and reuse them."},
+    )
+    decode_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the decoded-tile cache; default <HF datasets cache>/hf_tissue_vit_decoded."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.dataset_dir and self.dataset_name:
+            raise ValueError("give either --dataset_dir or --dataset_name, not both")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"--mpp must be a positive number of micrometres per pixel (e.g. 0.5), got {self.mpp}")
+        self.augmentation()  # validates the values now, before any data is read
+
+    def augmentation(self) -> AugmentationConfig:
+        """The training augmentation described by these arguments."""
+        return AugmentationConfig(
+            dihedral=self.dihedral,
+            random_resized_crop=self.random_resized_crop,
+            crop_scale=tuple(self.crop_scale),
+            crop_ratio=tuple(self.crop_ratio),
+            stain_jitter=self.stain_jitter,
+            brightness=self.brightness,
+            contrast=self.contrast,
+        )
+
+
+@dataclass
+class TissueTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with defaults for tile classification and a few package options.
+
+    After ``__post_init__``, ``expected_label_names`` holds the ``--label_names`` given (``label_names``
+    itself is Trainer's ``["labels"]``) and ``push_after_training`` the ``--push_to_hub`` given
+    (``push_to_hub`` itself is False: Trainer must not push checkpoints; the run pushes its output dir once).
+    """
+
+    output_dir: str | None = field(default="outputs/vit-tissue", metadata={"help": "Where the run is written."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train in an output dir that holds a different run (its checkpoints are removed)."},
+    )
+    tta: bool = field(default=False, metadata={"help": "Also report test metrics with 8-view dihedral TTA."})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation, "
+            "checkpoint selection, test and the saved model then use the averaged weights. None = off."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement (None = off)."}
+    )
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test 95%% CIs (0 = no CIs)."})
+    # Trainer's own `label_names` (names of label tensors) is always ["labels"] here, so the flag
+    # is reused for what users mean by it: the class names the dataset must have.
+    label_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Expected class names in label order; training refuses a dataset whose names differ."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision; default: on when the GPU supports it, or, training on CPU, when the "
+            "CPU has native bf16 (AMX-BF16/AVX512-BF16); --bf16 false turns it off."
+        },
+    )
+    dataloader_num_workers: int = field(
+        default=-1, metadata={"help": "DataLoader worker processes; -1 = min(4, cpus - 1)."}
+    )
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on validation."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    logging_strategy: str = field(default="epoch", metadata={"help": "When to log the training loss."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best checkpoint by the metric."})
+    metric_for_best_model: str | None = field(default="macro_f1", metadata={"help": "Validation metric to select by."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction of all steps if < 1."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the training loss."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the package's collator builds pixel_values itself."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "ViT uses every parameter, so DDP need not search for unused ones."}
+    )
+    report_to: None | str | list[str] = field(
+        default="tensorboard" if is_tensorboard_available() else "none",
+        metadata={"help": "Loggers (tensorboard, trackio, ..., none); default tensorboard when installed."},
+    )
+
+    def __post_init__(self) -> None:
+        self._check_package_options()
+        if self.label_names == ["labels"]:  # re-created from an already processed instance
+            self.label_names = None
+        self.expected_label_names = list(self.label_names) if self.label_names else None
+        self.label_names = ["labels"]
+        self.push_after_training = bool(self.push_to_hub)
+        self.push_to_hub = False  # pushed once at the end, with the package's card, by hub.push_output_dir
+        if self.remove_unused_columns:
+            logger.warning("remove_unused_columns is ignored: the package's collator provides the model inputs")
+            self.remove_unused_columns = False
+        self._resolve_hardware_defaults()
+        super().__post_init__()
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ValueError("--early_stopping_patience needs --load_best_model_at_end true")
+
+    def _check_package_options(self) -> None:
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"--n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if self.ema_decay is not None:
+            WeightEMA.check_decay(self.ema_decay)
+        # Checked here, not at the push after training: hub.push_output_dir needs USER/NAME.
+        hub_id = self.hub_model_id or ""
+        if self.push_to_hub and (hub_id.count("/") != 1 or not all(hub_id.split("/"))):
+            raise ValueError(f"--push_to_hub needs --hub_model_id USER/NAME (got {self.hub_model_id!r})")
+        if self.hub_token:
+            # Trainer pickles its arguments into training_args.bin (and every checkpoint): a token there leaks.
+            raise ValueError("--hub_token is not accepted (it would be saved with the run); set HF_TOKEN or run "
+                             "`hf auth login` instead")
+
+    def _resolve_hardware_defaults(self) -> None:
+        """bf16 / CPU, pinned memory and worker count from the machine, before TrainingArguments sets up."""
+        if self.bf16 is None:
+            self.bf16 = hardware.default_training_bf16(self.use_cpu)
+            if self.bf16 and not self.use_cpu and not hardware.has_accelerator():
+                # transformers accepts bf16 without a GPU only with use_cpu; the run is on the CPU anyway
+                self.use_cpu = True
+        if self.use_cpu or not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns otherwise)
+        if self.dataloader_num_workers < 0:
+            self.dataloader_num_workers = hardware.auto_num_workers()
+        if self.dataloader_num_workers == 0 and self.dataloader_persistent_workers:
+            # a recipe may ask for persistent workers; with none, torch's DataLoader would refuse to start
+            self.dataloader_persistent_workers = False
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, TissueTrainingArguments)
+
+
+def load_recipe(parser: HfArgumentParser, path: str) -> dict[str, Any]:
+    """A YAML recipe as argparse defaults (keys = flag names); a nested ``augmentation:`` mapping is flattened."""
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise FileNotFoundError(f"--config {path}: no such recipe file")
+    try:
+        values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML ({err})") from err
+    if not isinstance(values, dict):
+        # ValueError, not TypeError: a bad recipe is the user's to fix (cli.run_main reports ValueError)
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")  # noqa: TRY004
+    values.update(values.pop("augmentation", None) or {})
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {unknown}; keys must be finetune.py flag names")
+    values.pop("config", None)
+    # argparse converts string defaults with the flag's type but leaves other values as they are;
+    # YAML reads "1e-3" as a string, which the float type then converts.
+    return values
+
+
+def _config_flag(argv: list[str]) -> str | None:
+    config = None
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif token.startswith("--config="):
+            config = token.split("=", 1)[1]
+    return config
+
+
+def parse_args(
+    argv: list[str] | None = None, default_config: str | None = None
+) -> tuple[ModelArguments, DataArguments, TissueTrainingArguments]:
+    """Parse flags, with ``--config recipe.yaml`` values as defaults that flags override.
+
+    With no arguments at all, ``default_config`` (the default recipe) is used.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARG_CLASSES)
+    config = _config_flag(argv)
+    if config is None and not argv and default_config:
+        config = default_config
+        logger.info("no arguments: running the default recipe %s", default_config)
+    if config:
+        parser.set_defaults(**load_recipe(parser, config), config=config)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return model_args, data_args, training_args

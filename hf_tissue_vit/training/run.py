@@ -1,0 +1,274 @@
+"""``run_finetune``: one training run as a sequence of phases, validate -> load data -> build model ->
+build trainer -> train (resume) -> evaluate test -> write outputs.
+
+The argument dataclasses are only read; what a run resolves from them (model spec, dataset folder,
+resume checkpoint, attention kernel, resolution) lives in a :class:`RunPlan` and :class:`TrainingData`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+
+from .. import hardware
+from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
+from ..transforms import TileTransform, make_image_processor
+from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
+from .evaluation import TestPredictions, evaluate_test
+from .outputs import dataset_info, run_description, write_outputs
+from .rundir import check_output_dir, claim_output_dir, run_signature
+from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
+from .trainer import TissueTrainer, make_compute_metrics
+
+logger = logging.getLogger(__name__)
+
+NO_DOWNLOAD_HINT = (
+    "To train without a download, build the dataset from a local copy of the Kather 2016 release first "
+    "(python scripts/prepare_dataset.py --source /path/to/Kather_texture_2016_image_tiles_5000 --output_dir DIR) "
+    "and pass --dataset_dir DIR, or pass a Hub dataset with --dataset_name user/name"
+)
+_DECODED_SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run resolved from its arguments before reading any data."""
+
+    model: ModelSpec
+    attn_implementation: str  # "auto" resolved for this device and precision
+    dataset_dir: str | None  # the folder read: --dataset_dir, or the default dataset's
+    dataset_name: str | None
+    build_default_dataset: bool  # no --dataset_dir/--dataset_name: build the default dataset if missing
+    signature: dict
+    resume: str | None  # checkpoint to resume from
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The loaded dataset, its labels and resolution, and its splits decoded for training."""
+
+    dataset: Any  # datasets.DatasetDict
+    label_names: list[str]
+    mpp: float | None  # micrometres per pixel: --mpp, else the dataset folder's metadata, else unknown
+    info: dict[str, Any]  # all_results.json's "dataset" section
+    tiles: dict[str, TileDataset]
+
+
+def default_dataset_dir() -> Path:
+    """Where the default dataset (Kather release, stratified split) is built on first use."""
+    from .. import data
+
+    return data.default_cache_dir().parent / "kather2016_stratified"
+
+
+def _warn_single_cpu_process() -> None:
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in os.environ:
+        # accelerate 1.x's `launch --cpu --num_processes N` starts ONE process (N CPU processes need
+        # mpirun); torchrun-based `accelerate launch --multi_gpu --num_processes N` works on CPU too.
+        logger.warning(
+            "accelerate launch --cpu started a single process; for N CPU processes use "
+            "`accelerate launch --config_file accelerate_config.yaml --num_processes N scripts/finetune.py "
+            "--use_cpu true ...` (or --multi_gpu instead of --config_file)"
+        )
+
+
+def validate_run(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TissueTrainingArguments
+) -> RunPlan:
+    """Check everything that can be checked before the data is read (model, output dir, resume)."""
+    _warn_single_cpu_process()
+    spec = check_model(
+        model_args.model_name_or_path,
+        from_scratch=model_args.from_scratch,
+        preset=model_args.model_preset,
+        image_size=model_args.image_size,
+        patch_size=model_args.patch_size,
+        overrides=model_args.overrides(),
+    )
+    build_default = not (data_args.dataset_dir or data_args.dataset_name)
+    dataset_dir = str(default_dataset_dir()) if build_default else data_args.dataset_dir
+    signature = run_signature(model_args, data_args, training_args, dataset_dir)
+    attn_implementation = hardware.resolve_attn_implementation(
+        model_args.attn_implementation, training_args.device, bool(training_args.bf16)
+    )
+    return RunPlan(
+        model=spec,
+        attn_implementation=attn_implementation,
+        dataset_dir=dataset_dir,
+        dataset_name=data_args.dataset_name,
+        build_default_dataset=build_default,
+        signature=signature,
+        resume=check_output_dir(signature, training_args),
+    )
+
+
+def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = None) -> Any:
+    """The plan's dataset folder or Hub dataset; the default dataset (the Kather release from Zenodo,
+    ``data.build_dataset``'s default source) is built once into the HF cache and reused."""
+    from .. import data
+
+    if plan.build_default_dataset and not (Path(plan.dataset_dir) / "dataset_dict.json").is_file():
+        logger.info("no --dataset_dir/--dataset_name: building the default dataset into %s", plan.dataset_dir)
+        try:
+            data.save_dataset(data.build_dataset(None), plan.dataset_dir)
+        except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
+            raise err.with_hint(NO_DOWNLOAD_HINT) from err
+    return data.load_tissue_dataset(
+        dataset_dir=plan.dataset_dir, dataset_name=plan.dataset_name, label_names=label_names
+    )
+
+
+def _resolve_mpp(flag: float | None, metadata: dict[str, Any], dataset_dir: str | None) -> float | None:
+    """``--mpp`` when given (it wins over the dataset's), else the dataset folder's ``mpp``, else None."""
+    saved = metadata.get("mpp")
+    if flag is not None:
+        if saved is not None and saved != flag:
+            logger.warning("--mpp %s overrides the dataset's mpp %s", flag, saved)
+        return float(flag)
+    if saved is None:
+        return None
+    if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not (math.isfinite(saved) and saved > 0):
+        from ..data import METADATA_FILE
+
+        raise ValueError(f"{Path(dataset_dir) / METADATA_FILE}: mpp {saved!r} is not a positive number of "
+                         "micrometres per pixel; rebuild the dataset or pass --mpp")
+    return float(saved)
+
+
+def load_training_data(
+    plan: RunPlan, data_args: DataArguments, training_args: TissueTrainingArguments
+) -> TrainingData:
+    """Load the dataset (the main process first: it may build the default one) and decode its splits."""
+    from ..data import read_dataset_metadata
+
+    with training_args.main_process_first(desc="dataset"):
+        dataset = load_dataset_for_training(plan, training_args.expected_label_names)
+    metadata = read_dataset_metadata(plan.dataset_dir) if plan.dataset_dir else {}
+    mpp = _resolve_mpp(data_args.mpp, metadata, plan.dataset_dir)
+    sizes = {name: len(split) for name, split in dataset.items()}
+    tiles = {
+        name: tile_dataset(dataset[name], name == "train", data_args.cache_decoded, data_args.decode_cache_dir)
+        for name in _DECODED_SPLITS
+        if name in dataset
+    }
+    return TrainingData(
+        dataset=dataset,
+        label_names=list(dataset["train"].features["label"].names),
+        mpp=mpp,
+        info=dataset_info(plan.dataset_dir, plan.dataset_name, sizes, metadata, mpp),
+        tiles=tiles,
+    )
+
+
+def _processor_stats(checkpoint: str | None) -> tuple[list[float], list[float]]:
+    """Mean/std of the checkpoint's processor when fine-tuning (the weights expect them)."""
+    from ..transforms import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+
+    if checkpoint is not None:
+        try:
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(checkpoint)
+            return list(processor.image_mean), list(processor.image_std)
+        except (OSError, ValueError, AttributeError):
+            logger.info(
+                "no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+            )
+    return list(DEFAULT_IMAGE_MEAN), list(DEFAULT_IMAGE_STD)
+
+
+def _record_mpp(config: Any, mpp: float | None) -> None:
+    """``config.mpp`` (saved in config.json) is the resolution of the tiles the model is trained on."""
+    if mpp is not None:
+        config.mpp = mpp
+    elif getattr(config, "mpp", None) is not None:
+        logger.info("the tiles' resolution is unknown: the checkpoint's mpp %s is not kept (pass --mpp)", config.mpp)
+        del config.mpp
+
+
+def build_model_and_processor(
+    plan: RunPlan, data: TrainingData, patch_keep: float, seed: int
+) -> tuple[Any, Any]:
+    """The model for the dataset's labels (seeded: the same init for the same seed) and its image processor."""
+    set_seed(seed)
+    model = build_model(plan.model, data.label_names, plan.attn_implementation)
+    _record_mpp(model.config, data.mpp)
+    add_patch_dropout(model, patch_keep)
+    mean, std = _processor_stats(plan.model.checkpoint)
+    return model, make_image_processor(model.config.image_size, mean, std)
+
+
+def build_trainer(
+    model: Any, processor: Any, data: TrainingData, data_args: DataArguments, training_args: TissueTrainingArguments
+) -> TissueTrainer:
+    """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator."""
+    eval_transform = TileTransform.from_processor(processor)
+    train_transform = TileTransform.from_processor(processor, data_args.augmentation())
+    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
+    if training_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    trainer = TissueTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.tiles["train"],
+        eval_dataset=data.tiles["validation"],
+        data_collator=TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed),
+        compute_metrics=make_compute_metrics(data.label_names),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    if training_args.ema_decay:
+        trainer.enable_ema(training_args.ema_decay)
+    return trainer
+
+
+def train(trainer: TissueTrainer, plan: RunPlan) -> dict[str, Any]:
+    """Claim the output dir, train (resuming the plan's checkpoint), save the selected model; train and
+    validation metrics."""
+    claim_output_dir(plan.signature, trainer.args, plan.resume)
+    train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    trainer.save_model()  # the selected (best) model + processor
+    trainer.save_state()
+    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+
+
+def evaluate_test_split(
+    trainer: TissueTrainer, data: TrainingData, training_args: TissueTrainingArguments
+) -> tuple[dict[str, Any], TestPredictions | None]:
+    """Test metrics and predictions, or nothing when the dataset has no test split."""
+    if "test" not in data.tiles:
+        logger.warning("the dataset has no 'test' split: no test metrics")
+        return {}, None
+    return evaluate_test(
+        trainer, data.dataset["test"], data.tiles["test"], data.label_names,
+        tta=training_args.tta, n_bootstrap=training_args.n_bootstrap, seed=training_args.seed,
+    )
+
+
+def run_finetune(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TissueTrainingArguments
+) -> dict[str, Any]:
+    """Train, select the best checkpoint on validation, evaluate test once, write the output dir.
+
+    Returns the all_results.json dictionary. The arguments are not changed.
+    """
+    plan = validate_run(model_args, data_args, training_args)
+    data = load_training_data(plan, data_args, training_args)
+    model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
+    trainer = build_trainer(model, processor, data, data_args, training_args)
+    results = train(trainer, plan)
+    test_results, predictions = evaluate_test_split(trainer, data, training_args)
+    results.update(test_results)
+    results.update(run_description(
+        model_args, data_args, training_args, model=trainer.model, attn_implementation=plan.attn_implementation,
+        label_names=data.label_names, dataset=data.info,
+    ))  # fmt: skip
+    if trainer.is_world_process_zero():
+        write_outputs(trainer, results, predictions, training_args.push_after_training)
+    return results

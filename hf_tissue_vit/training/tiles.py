@@ -1,0 +1,166 @@
+"""Tiles for training: every split decoded once into one uint8 tensor (with an on-disk cache), a
+torch dataset over it, and a collator that augments whole batches in the DataLoader workers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from ..fileio import atomic_write
+from ..imaging import decode_dataset_image
+from ..transforms import TileTransform
+
+logger = logging.getLogger(__name__)
+
+# Part of every cache file name: bump it when decoding changes pixels (2: imaging's rule per image mode).
+DECODE_CACHE_VERSION = 2
+
+
+def default_decode_cache_dir() -> Path:
+    """``<HF datasets cache>/hf_tissue_vit_decoded``: decoded tiles keyed by dataset fingerprint."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_tissue_vit_decoded"
+
+
+def _decode_cache_path(split: Any, cache_dir: str | os.PathLike | None) -> Path | None:
+    fingerprint = getattr(split, "_fingerprint", None)
+    if not fingerprint or not getattr(split, "cache_files", None):  # in-memory datasets have no stable identity
+        return None
+    folder = Path(cache_dir) if cache_dir else default_decode_cache_dir()
+    return folder / f"v{DECODE_CACHE_VERSION}_{fingerprint}_{len(split)}.npy"
+
+
+def _read_cache(path: Path, length: int) -> np.ndarray | None:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable decode cache %s: %s", path, err)
+        return None
+    if array.ndim == 4 and array.shape[0] == length and array.dtype == np.uint8:
+        logger.info("decoded tiles from cache %s", path)
+        return array
+    return None
+
+
+def _write_cache(path: Path, array: np.ndarray) -> None:
+    try:  # atomic: concurrent processes either see the whole file or none
+        with atomic_write(path, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    except OSError as err:
+        logger.info("decode cache not written (%s)", err)
+
+
+def _stack_at_common_size(tiles: list[np.ndarray]) -> np.ndarray:
+    """One [N,H,W,3] array; tiles of another size than the most common one are resized to it (bilinear)."""
+    from PIL import Image
+
+    if not tiles:
+        raise ValueError("dataset split has no tiles")
+    shapes = Counter(t.shape for t in tiles)
+    (height, width, _), _ = shapes.most_common(1)[0]
+    if len(shapes) > 1:
+        logger.warning(
+            "tiles have %d different sizes; resizing them to the most common %dx%d", len(shapes), width, height
+        )
+        tiles = [
+            t
+            if t.shape[:2] == (height, width)
+            else np.asarray(Image.fromarray(t).resize((width, height), Image.BILINEAR))
+            for t in tiles
+        ]
+    return np.stack(tiles)
+
+
+def decode_tiles(split: Any, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """All tiles of a ``datasets.Dataset`` split as one uint8 tensor [N,H,W,3], decoded once
+    (:func:`hf_tissue_vit.imaging.decode_dataset_image`).
+
+    Tiles of another size than the most common one are resized to it (bilinear) with a warning.
+    With ``cache`` the array is kept as .npy in ``cache_dir`` (default
+    :func:`default_decode_cache_dir`), keyed by the split's fingerprint, and reused.
+    """
+    from datasets import Image as ImageFeature
+
+    cache_path = _decode_cache_path(split, cache_dir) if cache else None
+    if cache_path is not None and cache_path.is_file():
+        cached = _read_cache(cache_path, len(split))
+        if cached is not None:
+            return torch.from_numpy(cached)
+    raw = split.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
+    array = _stack_at_common_size([decode_dataset_image(row["image"]) for row in raw])
+    if cache_path is not None:
+        _write_cache(cache_path, array)
+    return torch.from_numpy(array)
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Decoded tiles + labels; items are ``{"pixels": uint8 [H,W,3], "labels": int, ...}``.
+
+    ``train=True`` items ask the collator to augment, seeded by (seed, epoch, sample indices) so
+    that a resumed run draws the same augmentations as an uninterrupted one.
+    """
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, train: bool = False) -> None:
+        if len(pixels) != len(labels):
+            raise ValueError(f"{len(pixels)} tiles but {len(labels)} labels")
+        self.pixels, self.labels, self.train, self.epoch = pixels, labels, train, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch that seeds the next augmentations (set by :class:`EpochCallback`)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "pixels": self.pixels[index],
+            "labels": int(self.labels[index]),
+            "index": int(index),
+            "epoch": self.epoch,
+            "train": self.train,
+        }
+
+
+def tile_dataset(split: Any, train: bool = False, cache: bool = True,
+                 cache_dir: str | os.PathLike | None = None) -> TileDataset:
+    """A :class:`TileDataset` of a ``datasets.Dataset`` split with ``image`` and ``label`` columns."""
+    labels = torch.as_tensor(np.asarray(split["label"]), dtype=torch.long)
+    return TileDataset(decode_tiles(split, cache, cache_dir), labels, train=train)
+
+
+class TileCollator:
+    """Stack items and turn them into ``pixel_values`` with the train or eval :class:`TileTransform`."""
+
+    def __init__(self, train_transform: TileTransform, eval_transform: TileTransform, seed: int = 0) -> None:
+        self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([item["pixels"] for item in items])
+        labels = torch.tensor([item["labels"] for item in items], dtype=torch.long)
+        if items[0].get("train"):
+            entropy = [self.seed, items[0]["epoch"], *(item["index"] for item in items)]
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+            pixel_values = self.train_transform(pixels, generator=generator)
+        else:
+            pixel_values = self.eval_transform(pixels)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class EpochCallback(TrainerCallback):
+    """Tell the training dataset the epoch before its DataLoader iterator (and workers) start."""
+
+    def __init__(self, dataset: TileDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)

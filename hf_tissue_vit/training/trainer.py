@@ -1,0 +1,121 @@
+"""``TissueTrainer``: ``transformers.Trainer`` with dihedral test-time augmentation, an optional weight
+average (:mod:`.ema`) and checkpoint loading that matches transformers 5's ViT key names."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..fileio import fix_permissions
+from ..transforms import dihedral_views
+from .ema import EMA_FILE, EMACallback, WeightEMA
+
+logger = logging.getLogger(__name__)
+
+
+def make_compute_metrics(label_names: Sequence[str]) -> Callable[[Any], dict[str, float]]:
+    """Trainer's ``compute_metrics``: :func:`hf_tissue_vit.metrics.make_compute_metrics` plus ``n_samples``
+    (which shows that each sample is counted once, also across processes)."""
+    from .. import metrics
+
+    base = metrics.make_compute_metrics(label_names)
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        return {**base(prediction), "n_samples": len(prediction.label_ids)}
+
+    return compute_metrics
+
+
+class TissueTrainer(Trainer):
+    """Trainer whose prediction can average softmax over the 8 dihedral views (``self.tta``).
+
+    It also loads checkpoints (resume, best model) through ``from_pretrained``: in transformers 5
+    ViT's modules are renamed and ``save_pretrained`` writes the original key names, which the
+    Trainer's raw ``load_state_dict(strict=False)`` silently fails to match (missing keys).
+    Saved weights get the usual file permissions (safetensors leaves them 0600).
+    """
+
+    tta: bool = False
+    ema: WeightEMA | None = None
+
+    def enable_ema(self, decay: float) -> None:
+        """Average the weights during training (see :class:`WeightEMA`): evaluation and checkpoint
+        selection use the average, each checkpoint stores it (``ema.safetensors``) so a resumed run
+        continues it, and after training the model holds the (best) average."""
+        self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), decay)
+        self.add_callback(EMACallback(self))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().train(*args, **kwargs)
+        if self.ema is not None:
+            if not (self.args.load_best_model_at_end and self.state.best_model_checkpoint):
+                self.ema.copy_to_model()
+            self.ema = None  # the model now holds the averaged weights: no more swapping
+        return result
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.ema is None:
+            return super().evaluate(*args, **kwargs)
+        self.ema.swap()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.ema.swap()
+
+    def _save_checkpoint(self, model, trial):
+        if self.ema is not None and self.args.should_save:
+            # Written before Trainer's trainer_state.json, which marks a checkpoint complete.
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.ema.save(folder / EMA_FILE)
+        super()._save_checkpoint(model, trial)
+
+    def _load_weights_from(self, folder: str, model: torch.nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        loaded = type(target).from_pretrained(folder, use_safetensors=True)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("loading weights from %s", resume_from_checkpoint)
+        self._load_weights_from(resume_from_checkpoint, model)
+        if self.ema is not None:
+            path = Path(resume_from_checkpoint) / EMA_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{resume_from_checkpoint} has no {EMA_FILE}: it was not saved by an "
+                                        "--ema_decay run; resume it without --ema_decay")
+            self.ema.load(path)
+
+    def _load_best_model(self):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("loading the best model %s (%s)", self.state.best_model_checkpoint, self.state.best_metric)
+        if self.ema is None:
+            self._load_weights_from(self.state.best_model_checkpoint)
+            return
+        # the selection was made on the averaged weights: load those
+        self.ema.load(Path(self.state.best_model_checkpoint) / EMA_FILE)
+        self.ema.copy_to_model()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            fix_permissions(output_dir if output_dir is not None else self.args.output_dir)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self.tta:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            probs = sum(
+                model(pixel_values=view).logits.float().softmax(-1) for view in dihedral_views(inputs["pixel_values"])
+            ) / 8
+        # log of the mean probability: argmax and softmax of it give the TTA prediction and probabilities
+        return None, probs.clamp_min(1e-12).log(), inputs.get("labels")
