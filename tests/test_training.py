@@ -351,8 +351,10 @@ def test_offline_without_dataset_names_finetune_flags(tmp_path: Path, monkeypatc
     """No --dataset_dir/--dataset_name and no download allowed: the error says what finetune.py accepts."""
     from hf_tissue_vit import data
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path / "hf_home" / "downloads")  # nothing cached
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)  # datasets reads the variable at import only
+    nothing_cached = lambda: tmp_path / "hf_home" / "downloads"  # noqa: E731
+    monkeypatch.setattr(data, "default_cache_dir", nothing_cached)
+    monkeypatch.setattr(data.download, "default_cache_dir", nothing_cached)
     assert main([*TINY_MODEL, *FAST, "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "offline mode" in err and "--dataset_dir DIR" in err and "--dataset_name" in err

@@ -13,7 +13,6 @@ Modules, in the order a run uses them:
 - :mod:`.run`: :func:`run_finetune`, the phases of a run.
 """
 
-from ..imaging import decode_dataset_image as _decode_image  # noqa: F401 - benchmark.py's old name for it
 from .arguments import (
     ARG_CLASSES,
     DataArguments,

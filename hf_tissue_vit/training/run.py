@@ -116,7 +116,8 @@ def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = Non
     if plan.build_default_dataset and not (Path(plan.dataset_dir) / "dataset_dict.json").is_file():
         logger.info("no --dataset_dir/--dataset_name: building the default dataset into %s", plan.dataset_dir)
         try:
-            data.save_dataset(data.build_dataset(None), plan.dataset_dir)
+            dataset, report = data.build_dataset_with_report(None)
+            data.save_dataset(dataset, plan.dataset_dir, report=report)
         except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
             raise err.with_hint(NO_DOWNLOAD_HINT) from err
     return data.load_tissue_dataset(
