@@ -688,3 +688,23 @@ def test_real_kather_6class(real_data_dir: Path, tmp_path: Path) -> None:
     assert split_files(build_dataset(real_data_dir)) == split_files(first)
     row = first["test"][0]
     assert row["image"].size == (150, 150) and row["slide"] == parse_slide(row["filename"])
+
+
+def test_complete_splits_makes_validation_and_test_from_train(tiny_dataset_dir):
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+
+    from hf_tissue_vit.data import complete_splits
+
+    local = load_from_disk(str(tiny_dataset_dir))
+    whole = DatasetDict({"train": concatenate_datasets([local[s] for s in local])})
+    made, record = complete_splits(whole, seed=1)
+    assert {k: len(v) for k, v in made.items()} == {"train": 48, "validation": 12, "test": 12}
+    assert all(sorted(made[s]["label"]).count(c) == 2 for s in ("validation", "test") for c in range(6))
+    assert record["made"] == {"validation": 12, "test": 12} and record["seed"] == 1
+    again, _ = complete_splits(whole, seed=1)
+    assert again["test"]["filename"] == made["test"]["filename"]  # seeded: the same split every time
+    # a dataset with its own test split keeps it; validation comes from train
+    with_test = DatasetDict({"train": whole["train"], "test": local["test"]})
+    kept, record = complete_splits(with_test, seed=1)
+    assert kept["test"]["filename"] == local["test"]["filename"] and record["made"] == {"validation": 12}
+    assert complete_splits(local, seed=1) == (local, None)

@@ -375,6 +375,34 @@ def test_dataset_push_and_load_dataset(hub, tmp_path, tmp_path_factory):
     assert out["first"] == [row["filename"], row["slide"], row["label"], [35, 35]]
 
 
+TRAIN_ONLY_PUSH = """
+    import json
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+    local = load_from_disk({path!r})
+    DatasetDict({{"train": concatenate_datasets([local[s] for s in local])}}).push_to_hub("alice/train-only")
+    print(json.dumps({{"ok": True}}))
+"""
+
+
+def test_finetune_on_a_hub_dataset_with_only_a_train_split(hub, tiny_dataset_dir, tmp_path, tmp_path_factory):
+    """Most Hub image datasets have one split: validation and test are made from it (stratified, seeded)."""
+    url, _server = hub
+    home = fresh_home(tmp_path_factory)
+    run_python(url, home, TRAIN_ONLY_PUSH.format(path=str(tiny_dataset_dir)), token=ALICE)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--dataset_name", "alice/train-only",
+         "--output_dir", str(out), *FINETUNE_TINY, "--seed", "3"],
+        env=client_env(url, home, ALICE), capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dataset = json.loads((out / "all_results.json").read_text())["dataset"]
+    assert dataset["splits"] == {"train": 48, "validation": 12, "test": 12}  # 8/2/2 of 12 tiles per class
+    assert dataset["made_splits"] == {"made_from": "train", "split_by": "stratified", "seed": 3,
+                                      "made": {"validation": 12, "test": 12}}
+    assert "validation and test were made from it" in (out / "README.md").read_text()
+
+
 # --------------------------------------------------------------------------- real training output
 FINETUNE_TINY = [
     "--from_scratch", "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",

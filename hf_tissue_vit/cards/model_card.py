@@ -66,6 +66,7 @@ class ModelCardInfo:
     preset: str | None = None
     dataset_id: str | None = None
     split_by: str | None = None
+    made_splits: dict[str, Any] | None = None  # validation/test made from the dataset's train split
     split_sizes: list[tuple[str, int]] | None = None
     mpp: float | None = None
     image_size: int | None = None
@@ -128,6 +129,7 @@ class ModelCardInfo:
         dataset = results.get("dataset") or {}
         self.dataset_id = dataset.get("hub_dataset_id") or dataset.get("dataset_name")
         self.split_by = dataset.get("split_by")
+        self.made_splits = dataset.get("made_splits")
         splits = dataset.get("splits")
         if isinstance(splits, dict):
             self.split_sizes = [(k, int(v)) for k, v in splits.items() if isinstance(v, (int, float))] or None
@@ -178,7 +180,7 @@ class ModelCardInfo:
         variables.update(
             classes=[{"id": i, "name": n, "description": CLASS_DESCRIPTIONS.get(n, "")
                       if self.trained_with_package else ""} for i, n in enumerate(self.label_names)],
-            split_description=_SPLIT_DESCRIPTIONS.get(self.split_by, f"{self.split_by}." if self.split_by else None),
+            split_description=self._split_description(),
             num_parameters=f"{self.num_parameters:,}" if self.num_parameters else None,
             wall_time=wall_time(self.train_runtime) if self.train_runtime is not None else None,
             samples_per_second=fmt(self.samples_per_second, 1) if self.samples_per_second is not None else None,
@@ -189,6 +191,12 @@ class ModelCardInfo:
             vit_bibtex=VIT_BIBTEX, kather_bibtex=KATHER_BIBTEX if self.trained_with_package else None,
         )
         return variables
+
+    def _split_description(self) -> str | None:
+        if self.made_splits:
+            return (f"the dataset has only a train split; validation and test were made from it, stratified "
+                    f"per class (68% / 16% / 16%), seed {self.made_splits.get('seed')}.")
+        return _SPLIT_DESCRIPTIONS.get(self.split_by, f"{self.split_by}." if self.split_by else None)
 
     def render(self, existing: dict[str, Any] | None = None, parameter_table: str | None = None) -> ModelCard:
         """The card (metadata merged with ``existing``), tidy Markdown."""

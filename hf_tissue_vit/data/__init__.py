@@ -45,6 +45,7 @@ from .splits import SPLIT_FRACTIONS, SPLIT_MODES, target_split_sizes
 from .storage import (
     METADATA_FILE,
     check_output_dir,
+    complete_splits,
     dataset_metadata,
     load_tissue_dataset,
     push_dataset,
@@ -77,6 +78,7 @@ __all__ = [
     "download_kather_zip",
     "is_kather_tiles",
     "load_tissue_dataset",
+    "complete_splits",
     "md5_of_file",
     "parse_slide",
     "push_dataset",

@@ -38,6 +38,20 @@ def target_split_sizes(n: int) -> dict[str, int]:
     return {"train": n - 2 * held_out, "validation": held_out, "test": held_out}
 
 
+def _assign_class(unit_sizes: Sequence[int], seed: Sequence[int]) -> list[str]:
+    """Split names for the units (tiles, or groups of identical tiles) of one class, 68/16/16 %."""
+    order = np.random.default_rng(list(seed)).permutation(len(unit_sizes))
+    targets = target_split_sizes(sum(unit_sizes))
+    counts = dict.fromkeys(SPLITS, 0)
+    names = [""] * len(unit_sizes)
+    for k in order:
+        size = unit_sizes[k]
+        fits = [s for s in ("test", "validation", "train") if counts[s] + size <= targets[s]]
+        names[k] = fits[0] if fits else max(SPLITS, key=lambda s: targets[s] - counts[s])
+        counts[names[k]] += size
+    return names
+
+
 def stratified_assign(
     tiles: Sequence[Tile], groups: Sequence[list[int]], class_names: Sequence[str], seed: int
 ) -> list[str]:
@@ -48,17 +62,21 @@ def stratified_assign(
         by_class[tiles[group[0]].class_name].append(group)
     for label, name in enumerate(class_names):
         units = by_class.get(name, [])
-        rng = np.random.default_rng([seed, label])
-        order = rng.permutation(len(units))
-        targets = target_split_sizes(sum(len(u) for u in units))
-        counts = dict.fromkeys(SPLITS, 0)
-        for k in order:
-            unit = units[k]
-            fits = [s for s in ("test", "validation", "train") if counts[s] + len(unit) <= targets[s]]
-            split = fits[0] if fits else max(SPLITS, key=lambda s: targets[s] - counts[s])
-            counts[split] += len(unit)
+        for unit, split in zip(units, _assign_class([len(u) for u in units], [seed, label])):
             for i in unit:
                 assignment[i] = split
+    return assignment
+
+
+def stratified_split_labels(labels: Sequence[int], seed: int) -> list[str]:
+    """Split name (train / validation / test) per example of a labelled dataset, stratified per class
+    as :func:`stratified_assign` splits tiles (68/16/16 % of each class, seeded)."""
+    labels = np.asarray(labels)
+    assignment = [""] * len(labels)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        for i, split in zip(members, _assign_class([1] * len(members), [seed, int(label)])):
+            assignment[i] = split
     return assignment
 
 

@@ -22,7 +22,8 @@ from .. import __version__
 from ..fileio import atomic_write_json, atomic_write_text, default_mode
 from .card import dataset_card
 from .report import BuildReport
-from .schema import describe_columns, split_class_counts, split_name_for
+from .schema import SPLITS, describe_columns, split_class_counts, split_name_for
+from .splits import stratified_split_labels
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ def _load_from_hub(dataset_name: str, where: str) -> Any:
                          "check the id, network and token, or pass dataset_dir") from exc
 
 
-def _canonical_splits(loaded: Any, where: str) -> DatasetDict:
-    """``loaded`` with our split names (``val``/``valid`` -> ``validation``); train and validation required."""
+def _canonical_splits(loaded: Any, where: str, required: Sequence[str]) -> DatasetDict:
+    """``loaded`` with our split names (``val``/``valid`` -> ``validation``); the ``required`` ones must exist."""
     if not isinstance(loaded, DatasetDict):
         # ValueError, not TypeError: a wrong dataset is bad user input (one-line error in the scripts)
         raise ValueError(f"{where} is a single Dataset; expected splits train/validation[/test]")
@@ -184,7 +185,7 @@ def _canonical_splits(loaded: Any, where: str) -> DatasetDict:
             raise ValueError(f"{where}: two splits map to {canonical!r}: {list(loaded)}")
         renamed[canonical] = ds
     dataset = DatasetDict(renamed)
-    missing = [s for s in ("train", "validation") if s not in dataset]
+    missing = [s for s in required if s not in dataset]
     if missing:
         raise ValueError(f"{where}: split(s) {missing} missing; found {list(dataset)}")
     return dataset
@@ -209,12 +210,14 @@ def _check_columns(dataset: DatasetDict, where: str, label_names: Sequence[str] 
 
 def load_tissue_dataset(
     dataset_dir: str | os.PathLike | None = None, dataset_name: str | None = None,
-    label_names: Sequence[str] | None = None,
+    label_names: Sequence[str] | None = None, require_validation: bool = True,
 ) -> DatasetDict:
     """Load a dataset saved by :func:`save_dataset` (``dataset_dir``) or a Hub dataset (``dataset_name``).
 
-    Checks that ``train`` and ``validation`` exist (``val``/``valid`` are renamed), that ``image`` is
-    an Image column and ``label`` a ClassLabel, and, when given, that its names equal ``label_names``.
+    Checks that ``train`` and (with ``require_validation``) ``validation`` exist (``val``/``valid`` are
+    renamed), that ``image`` is an Image column and ``label`` a ClassLabel, and, when given, that its
+    names equal ``label_names``. Without ``require_validation``, :func:`complete_splits` can make the
+    missing splits from train.
     """
     if (dataset_dir is None) == (dataset_name is None):
         raise ValueError(
@@ -227,6 +230,29 @@ def load_tissue_dataset(
     else:
         where = f"dataset_name {dataset_name!r}"
         loaded = _load_from_hub(dataset_name, where)
-    dataset = _canonical_splits(loaded, where)
+    dataset = _canonical_splits(loaded, where, ("train", "validation") if require_validation else ("train",))
     _check_columns(dataset, where, label_names)
     return dataset
+
+
+def complete_splits(dataset: DatasetDict, seed: int) -> tuple[DatasetDict, dict[str, Any] | None]:
+    """``dataset`` with validation (and test, when it has none) made from its train split by the
+    package's stratified splitter (68/16/16 % per class, ``seed``), and a record of what was made;
+    a dataset that has a validation split is returned as it is, with None."""
+    if "validation" in dataset:
+        return dataset, None
+    assignment = stratified_split_labels(dataset["train"]["label"], seed)
+    if "test" in dataset:  # keep the dataset's own test split: what would be test stays in train
+        assignment = ["train" if split == "test" else split for split in assignment]
+    made = [split for split in SPLITS if split not in dataset or split == "train"]
+    splits = dict(dataset)
+    for split in made:
+        indices = [i for i, name in enumerate(assignment) if name == split]
+        if not indices:
+            raise ValueError(f"the train split ({len(assignment)} examples) is too small to make a {split} "
+                             "split from it: give the dataset a validation split")
+        splits[split] = dataset["train"].select(indices)
+    record = {"made_from": "train", "split_by": "stratified", "seed": seed,
+              "made": {split: len(splits[split]) for split in made if split != "train"}}
+    logger.info("no validation split: made %s from train (stratified, seed %d)", record["made"], seed)
+    return DatasetDict({name: splits[name] for name in SPLITS if name in splits}), record

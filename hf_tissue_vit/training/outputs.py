@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
 RESULTS_FILE = "all_results.json"  # written last: it marks a finished run
-_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id")  # copied from the dataset folder's metadata
+_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits")  # copied from the dataset folder's metadata
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

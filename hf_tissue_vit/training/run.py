@@ -121,7 +121,8 @@ def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = Non
         except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
             raise err.with_hint(NO_DOWNLOAD_HINT) from err
     return data.load_tissue_dataset(
-        dataset_dir=plan.dataset_dir, dataset_name=plan.dataset_name, label_names=label_names
+        dataset_dir=plan.dataset_dir, dataset_name=plan.dataset_name, label_names=label_names,
+        require_validation=False,
     )
 
 
@@ -146,11 +147,15 @@ def load_training_data(
     plan: RunPlan, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TrainingData:
     """Load the dataset (the main process first: it may build the default one) and decode its splits."""
-    from ..data import read_dataset_metadata
+    from ..data import complete_splits, read_dataset_metadata
 
     with training_args.main_process_first(desc="dataset"):
         dataset = load_dataset_for_training(plan, training_args.expected_label_names)
+    # Most Hub image datasets have only a train split: validation/test are made from it, seeded.
+    dataset, made_splits = complete_splits(dataset, training_args.seed)
     metadata = read_dataset_metadata(plan.dataset_dir) if plan.dataset_dir else {}
+    if made_splits:
+        metadata = {**metadata, "split_by": made_splits["split_by"], "made_splits": made_splits}
     mpp = _resolve_mpp(data_args.mpp, metadata, plan.dataset_dir)
     sizes = {name: len(split) for name, split in dataset.items()}
     tiles = {
