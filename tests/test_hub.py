@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import load_script, make_tiles, tile_pixels
+from conftest import FINETUNE_TINY, load_script, make_tiles, tile_pixels
 from hub_emulator import start_hub
 
 from hf_tissue_vit.constants import CLASS_NAMES
@@ -404,12 +404,6 @@ def test_finetune_on_a_hub_dataset_with_only_a_train_split(hub, tiny_dataset_dir
 
 
 # --------------------------------------------------------------------------- real training output
-FINETUNE_TINY = [
-    "--from_scratch", "--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
-    "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64", "--max_steps", "2",
-    "--per_device_train_batch_size", "4", "--n_bootstrap", "50", "--dataloader_num_workers", "0",
-    "--report_to", "none", "--use_cpu", "true",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
