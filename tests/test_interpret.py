@@ -19,12 +19,12 @@ from hf_tissue_vit.transforms import make_image_processor
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        (dict(num_labels=1000), 86_567_656),  # ViT-B/16, ImageNet head
-        (dict(num_labels=6), 85_803_270),  # ViT-B/16 with the six Kather classes
+        ({"num_labels": 1000}, 86_567_656),  # ViT-B/16, ImageNet head
+        ({"num_labels": 6}, 85_803_270),  # ViT-B/16 with the six Kather classes
         (dict(**TINY, image_size=35, patch_size=8, num_labels=6, qkv_bias=False), None),
         (dict(**TINY, image_size=(32, 48), patch_size=16, num_labels=3, num_channels=4), None),
-        (dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=3, intermediate_size=768,
-              image_size=64, patch_size=8, num_labels=6), None),
+        ({"hidden_size": 192, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 768,
+          "image_size": 64, "patch_size": 8, "num_labels": 6}, None),
     ],
 )
 def test_parameter_table_matches_model(kwargs, expected):
@@ -190,3 +190,19 @@ def test_attention_maps_script_dataset(tmp_path, tiny_dataset_dir, tiny_model_di
     assert len(list((out / "tiles").glob("*.png"))) == len(CLASS_NAMES)
     assert script.main(["--model", str(tiny_model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "nope",
                         "--output_dir", str(out)]) == 2
+
+
+def test_maps_are_drawn_on_the_tile_the_model_saw():
+    """With a center-cropping processor the overlay is the resized, cropped tile (the model's view);
+    without one, the tile itself at its own size."""
+    from transformers import BitImageProcessorPil
+
+    model = tiny_vit()
+    tile = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    cropping = BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    (item,) = interpret.explain_tiles(model, cropping, [tile])
+    resized = np.asarray(Image.fromarray(tile).resize((44, 32), Image.BICUBIC))  # shortest edge 40 -> 32
+    np.testing.assert_array_equal(item.tile, resized[:, 6:38])
+    assert item.rollout.shape == (32, 32)
+    (plain,) = interpret.explain_tiles(model, make_image_processor(32), [tile])
+    assert plain.tile is tile and plain.rollout.shape == (40, 56)
