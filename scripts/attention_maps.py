@@ -25,6 +25,7 @@ from hf_tissue_vit.imaging import decode_dataset_image
 from hf_tissue_vit.interpret import (
     HEAD_FUSIONS,
     explain_tiles,
+    load_vit_config,
     save_attention_grid,
     save_tile_figure,
 )
@@ -87,6 +88,7 @@ def tiles_from_dataset(args: AttentionArguments) -> tuple[list[np.ndarray], list
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(AttentionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    load_vit_config(args.model, "attention maps")  # a non-ViT model is refused before any work
     if args.dataset_dir is not None:
         tiles, names, truths = tiles_from_dataset(args)
     from hf_tissue_vit.modeling import load_for_inference

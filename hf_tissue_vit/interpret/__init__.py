@@ -3,10 +3,12 @@
 * :mod:`.parameters`: parameter table per component, closed form next to the model's count.
 * :mod:`.attention`: attention rollout, last-layer CLS attention, :func:`explain_tiles`.
 * :mod:`.figures`: overlays, per-tile figures and the per-class grid.
+* :mod:`.vit_config`: :func:`load_vit_config`, the scripts' one-line refusal of non-ViT models.
 """
 
 from .attention import (
     HEAD_FUSIONS,
+    SUPPORTED_MODEL_TYPES,
     AttentionMaps,
     TileAttention,
     attention_rollout,
@@ -14,6 +16,7 @@ from .attention import (
     compute_attention_maps,
     eager_attention,
     explain_tiles,
+    require_vit,
     rollout_matrix,
     upsample_map,
 )
@@ -26,9 +29,11 @@ from .parameters import (
     parameter_report_from_config,
     parameter_table,
 )
+from .vit_config import load_vit_config
 
 __all__ = [
     "HEAD_FUSIONS",
+    "SUPPORTED_MODEL_TYPES",
     "AttentionMaps",
     "ParameterRow",
     "TileAttention",
@@ -39,10 +44,12 @@ __all__ = [
     "eager_attention",
     "explain_tiles",
     "format_parameter_table",
+    "load_vit_config",
     "overlay_heatmap",
     "parameter_report",
     "parameter_report_from_config",
     "parameter_table",
+    "require_vit",
     "rollout_matrix",
     "save_attention_grid",
     "save_tile_figure",

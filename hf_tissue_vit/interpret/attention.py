@@ -7,6 +7,9 @@
 * :func:`compute_attention_maps` runs a model with eager attention (SDPA returns no weights) just for
   the call and restores the previous implementation; :func:`explain_tiles` does it for tiles, with
   the saved processor's exact preprocessing.
+
+Only ViT models (``model_type == "vit"``: a CLS token, then one token per patch) are supported;
+:func:`require_vit` refuses others with a clear error.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +35,15 @@ if TYPE_CHECKING:  # annotations only; transformers is imported where a model is
 logger = logging.getLogger(__name__)
 
 HEAD_FUSIONS = ("mean", "max")
+SUPPORTED_MODEL_TYPES = ("vit",)
+
+
+def require_vit(config: Any, what: str = "attention maps", name: str = "the model") -> None:
+    """Raise ValueError (one line, naming ``name``) unless ``config`` is a ViT's."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name} is a {model_type!r} model; {what} need a ViT (model_type 'vit': "
+                         "a CLS token and one token per patch)")
 
 
 def _stack_attentions(attentions: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -146,6 +158,7 @@ def compute_attention_maps(
     model: PreTrainedModel, pixel_values: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
 ) -> AttentionMaps:
     """Run ``model`` (a ViT) on preprocessed ``pixel_values`` [B, 3, H, W] and return its attention maps."""
+    require_vit(model.config)
     device = next(model.parameters()).device
     patch_h, patch_w = pair(model.config.patch_size)
     grid = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
@@ -191,6 +204,7 @@ def explain_tiles(
     """
     if head_fusion not in HEAD_FUSIONS:  # checked here so bad input fails before any forward pass
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}; got {head_fusion!r}")
+    require_vit(model.config)
     pixels = ProcessorTransform(processor)
     show_prepared = pixels.geometry is not None and bool(pixels.geometry.crops)
     label_names = label_names_of(model)
