@@ -21,8 +21,20 @@ from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.constants import KATHER_FOLDERS
-from hf_tissue_vit.interpret import HEAD_FUSIONS, explain_tiles, save_attention_grid, save_tile_figure
-from hf_tissue_vit.predict import check_inputs, iter_input_files, label_names_of, read_large_image
+from hf_tissue_vit.imaging import decode_dataset_image
+from hf_tissue_vit.interpret import (
+    HEAD_FUSIONS,
+    explain_tiles,
+    load_vit_config,
+    save_attention_grid,
+    save_tile_figure,
+)
+from hf_tissue_vit.predict import (
+    check_inputs,
+    iter_input_files,
+    label_names_of,
+    read_large_image,
+)
 
 
 @dataclass
@@ -59,7 +71,6 @@ def label_from_path(path: str, label_names: list[str]) -> str | None:
 
 def tiles_from_dataset(args: AttentionArguments) -> tuple[list[np.ndarray], list[str], list[str]]:
     from hf_tissue_vit.data import load_tissue_dataset
-    from hf_tissue_vit.transforms import image_to_uint8
 
     dataset = load_tissue_dataset(dataset_dir=args.dataset_dir)
     if args.split not in dataset:
@@ -71,12 +82,13 @@ def tiles_from_dataset(args: AttentionArguments) -> tuple[list[np.ndarray], list
     picked = [i for k in range(len(names)) for i in order[labels[order] == k][: args.n_per_class]]
     rows = split.select(picked)
     files = rows["filename"] if "filename" in rows.column_names else [f"{args.split}_{i}" for i in picked]
-    return [image_to_uint8(r["image"]) for r in rows], [Path(f).stem for f in files], [names[k] for k in rows["label"]]
+    return [decode_dataset_image(r["image"]) for r in rows], [Path(f).stem for f in files], [names[k] for k in rows["label"]]
 
 
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(AttentionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    load_vit_config(args.model, "attention maps")  # a non-ViT model is refused before any work
     if args.dataset_dir is not None:
         tiles, names, truths = tiles_from_dataset(args)
     from hf_tissue_vit.modeling import load_for_inference

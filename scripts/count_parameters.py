@@ -12,10 +12,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
+from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
-from hf_tissue_vit.interpret import format_parameter_table, parameter_report_from_config
+from hf_tissue_vit.interpret import (
+    format_parameter_table,
+    load_vit_config,
+    parameter_report_from_config,
+)
 
 
 @dataclass
@@ -29,23 +33,10 @@ class CountArguments:
             raise ValueError(f"--num_labels must be >= 0, got {self.num_labels}")
 
 
-def load_config(model: str, num_labels: int | None = None) -> PretrainedConfig:
-    """The model's config (num_labels overridden when given); FileNotFoundError when unreadable."""
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"--model {model!r}: cannot read a model config ({err})") from err
-    if config.model_type != "vit":
-        raise ValueError(f"--model {model!r} is a {config.model_type!r} model; the formulas are for ViT")
-    if num_labels is not None:
-        config.num_labels = num_labels  # rebuilds id2label/label2id
-    return config
-
-
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(CountArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    config = load_config(args.model, args.num_labels)
+    config = load_vit_config(args.model, "the parameter formulas", args.num_labels)
     rows = parameter_report_from_config(config)  # the model is built on the meta device: no memory
     print(format_parameter_table(rows))
     if rows[-1].expected != rows[-1].counted:

@@ -7,8 +7,9 @@ Folders are searched recursively for image files (any case of the extensions in
 hf_tissue_vit.constants.IMAGE_EXTENSIONS); quote glob patterns. CSV columns: file, label, score,
 error (empty when fine), one probability column per class, then top2_label, top2_score, ... when
 --top_k > 1. Unreadable files are rows with `error` set; the exit status stays 0.
---bf16 auto (default) runs bf16 autocast where the CPU/GPU has native bf16 (on an AMX CPU: +46% tiles/s,
-99.6% of predictions equal to fp32); --bf16 false gives fp32 numbers.
+--bf16 auto (default) runs a bf16 copy of the model where the CPU/GPU has native bf16 (predictions
+can differ slightly from fp32); --bf16 false gives fp32 numbers. Each tile gets exactly the
+pixel_values the saved image processor gives it (as pipeline() does).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ class PredictArguments:
     inputs: list[str] = field(metadata={"help": "Image files, folders (recursive) and/or glob patterns.", "nargs": "+"})
     output: str = field(default="predictions.csv", metadata={"help": "CSV file to write (atomically)."})
     tta: bool = field(default=False, metadata={"help": "Average softmax over the 8 dihedral views."})
-    batch_size: int = field(default=128, metadata={"help": "Tiles per forward pass (128 measured fastest on a 2-core CPU)."})
+    batch_size: int = field(default=128, metadata={"help": "Tiles per forward pass."})
     top_k: int = field(default=1, metadata={"help": "Also write the top-k labels and scores (k >= 2)."})
     num_workers: int = field(default=4, metadata={"help": "Image decoding threads (0 = none)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
     bf16: str = field(default="auto", metadata={
-        "help": "bf16 autocast: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
+        "help": "bf16 model copy: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
         "nargs": "?", "const": "true"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})

@@ -19,7 +19,12 @@ from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
 from hf_tissue_vit.hardware import parse_bf16_flag
-from hf_tissue_vit.predict import TilePredictor, open_large_image, save_tissue_map, tissue_map
+from hf_tissue_vit.predict import (
+    TilePredictor,
+    open_large_image,
+    save_tissue_map,
+    tissue_map,
+)
 
 
 @dataclass

@@ -19,12 +19,12 @@ from hf_tissue_vit.transforms import make_image_processor
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        (dict(num_labels=1000), 86_567_656),  # ViT-B/16, ImageNet head
-        (dict(num_labels=6), 85_803_270),  # ViT-B/16 with the six Kather classes
+        ({"num_labels": 1000}, 86_567_656),  # ViT-B/16, ImageNet head
+        ({"num_labels": 6}, 85_803_270),  # ViT-B/16 with the six Kather classes
         (dict(**TINY, image_size=35, patch_size=8, num_labels=6, qkv_bias=False), None),
         (dict(**TINY, image_size=(32, 48), patch_size=16, num_labels=3, num_channels=4), None),
-        (dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=3, intermediate_size=768,
-              image_size=64, patch_size=8, num_labels=6), None),
+        ({"hidden_size": 192, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 768,
+          "image_size": 64, "patch_size": 8, "num_labels": 6}, None),
     ],
 )
 def test_parameter_table_matches_model(kwargs, expected):
@@ -190,3 +190,72 @@ def test_attention_maps_script_dataset(tmp_path, tiny_dataset_dir, tiny_model_di
     assert len(list((out / "tiles").glob("*.png"))) == len(CLASS_NAMES)
     assert script.main(["--model", str(tiny_model_dir), "--dataset_dir", str(tiny_dataset_dir), "--split", "nope",
                         "--output_dir", str(out)]) == 2
+
+
+# --- non-ViT models are refused with one line, before any work -------------------------------------
+@pytest.fixture(scope="module")
+def convnext_dir(tmp_path_factory):
+    """A tiny random ConvNeXT classifier saved with a ConvNeXT processor (a model without attention)."""
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        ConvNextImageProcessorPil,
+    )
+
+    path = tmp_path_factory.mktemp("convnext") / "model"
+    config = ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=len(CLASS_NAMES))
+    ConvNextForImageClassification(config).save_pretrained(path)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}).save_pretrained(path)
+    return path
+
+
+def test_attention_maps_script_refuses_a_non_vit_model(convnext_dir, tmp_path, tiny_dataset_dir, capsys, monkeypatch):
+    import hf_tissue_vit.data
+    import hf_tissue_vit.modeling
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a non-ViT model must be refused before loading data or the model")
+
+    monkeypatch.setattr(hf_tissue_vit.modeling, "load_for_inference", no_work)
+    monkeypatch.setattr(hf_tissue_vit.data, "load_tissue_dataset", no_work)
+    (tmp_path / "tiles").mkdir()
+    Image.fromarray(np.zeros((35, 35, 3), np.uint8)).save(tmp_path / "tiles" / "a.png")
+    script = load_script("attention_maps")
+    out = tmp_path / "att"
+    for source in (["--images", str(tmp_path / "tiles")], ["--dataset_dir", str(tiny_dataset_dir)]):
+        assert script.main(["--model", str(convnext_dir), *source, "--output_dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: --model")
+        assert "'convnext'" in err and "ViT" in err
+    assert not out.exists()
+    count = load_script("count_parameters")  # the same refusal
+    assert count.main(["--model", str(convnext_dir)]) == 2
+    assert "'convnext'" in capsys.readouterr().err
+
+
+def test_library_refuses_a_non_vit_model(convnext_dir):
+    from transformers import AutoImageProcessor, ConvNextForImageClassification
+
+    model = ConvNextForImageClassification.from_pretrained(convnext_dir)
+    processor = AutoImageProcessor.from_pretrained(convnext_dir)
+    tile = np.zeros((35, 35, 3), np.uint8)
+    with pytest.raises(ValueError, match="'convnext' model; attention maps need a ViT"):
+        interpret.explain_tiles(model, processor, [tile])
+    with pytest.raises(ValueError, match="ViT"):
+        interpret.compute_attention_maps(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_maps_are_drawn_on_the_tile_the_model_saw():
+    """With a center-cropping processor the overlay is the resized, cropped tile (the model's view);
+    without one, the tile itself at its own size."""
+    from transformers import BitImageProcessorPil
+
+    model = tiny_vit()
+    tile = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    cropping = BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    (item,) = interpret.explain_tiles(model, cropping, [tile])
+    resized = np.asarray(Image.fromarray(tile).resize((44, 32), Image.BICUBIC))  # shortest edge 40 -> 32
+    np.testing.assert_array_equal(item.tile, resized[:, 6:38])
+    assert item.rollout.shape == (32, 32)
+    (plain,) = interpret.explain_tiles(model, make_image_processor(32), [tile])
+    assert plain.tile is tile and plain.rollout.shape == (40, 56)

@@ -1,4 +1,4 @@
-"""Batch prediction (predict.TilePredictor and scripts/predict.py) on a tiny random ViT."""
+"""Batch prediction (predict.TilePredictor and scripts/predict.py) on tiny random ViT and ConvNeXT models."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 
 from hf_tissue_vit import hardware
 from hf_tissue_vit.constants import CLASS_NAMES
-from hf_tissue_vit.predict import TilePredictor, _load_image, iter_input_files, probability_columns
+from hf_tissue_vit.imaging import load_rgb8, to_rgb8
+from hf_tissue_vit.predict import TilePredictor, iter_input_files, probability_columns
 from hf_tissue_vit.transforms import dihedral_views, make_image_processor
 
 
@@ -101,11 +102,12 @@ def test_batched_equals_one_at_a_time_and_processor(predictor, tile_dir):
     overlapped = TilePredictor(predictor.model, make_image_processor(32), batch_size=2, num_workers=2, bf16=False,
                                overlap=True)
     np.testing.assert_allclose(np.stack([r.probs for r in overlapped.predict_files(paths)]), batched, atol=1e-5)
-    # same preprocessing as the saved processor (the way pipeline() runs the model): the decode threads
-    # resize with PIL's bilinear filter as the processor does, so only float rounding differs
+    # the pixels of the saved processor (the way pipeline() runs the model), on tiles decoded by the
+    # package's mode rule (the RGBA tile goes onto white): only the batch differs
     processor = make_image_processor(32)
-    images = [Image.open(p).convert("RGB") for p in paths]
-    pixel_values = torch.as_tensor(np.asarray(processor(images)["pixel_values"]))
+    images = [to_rgb8(Image.open(p)) for p in paths]
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(predictor.pixel_values([np.asarray(im) for im in images]), pixel_values)
     with torch.inference_mode():
         reference = predictor.model(pixel_values=pixel_values).logits.softmax(-1).numpy()
     np.testing.assert_allclose(batched, reference, atol=1e-5)
@@ -116,7 +118,7 @@ def test_tta_is_mean_over_dihedral_views(tiny_model_dir, tile_dir, tmp_path):
     tta = TilePredictor.from_pretrained(str(tiny_model_dir), device="cpu", batch_size=4, tta=True, bf16=False)
     paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
     probs = np.stack([r.probs for r in tta.predict_files(paths)])
-    pixel_values = tta.transform(torch.from_numpy(np.stack([_load_image(p, 32) for p in paths])))
+    pixel_values = tta.pixel_values([load_rgb8(p) for p in paths])
     plain = TilePredictor(tta.model, make_image_processor(32), batch_size=4, bf16=False)
     manual = torch.stack([plain.predict_pixel_values(v) for v in dihedral_views(pixel_values)]).mean(0)
     np.testing.assert_allclose(probs, manual.numpy(), atol=1e-5)
@@ -221,3 +223,88 @@ def test_probability_columns_are_plain_class_names(predictor):
         probability_columns(["Tumor", "label"], PREDICTION_COLUMNS)
     with pytest.raises(ValueError, match="clash"):
         probability_columns(["Tumor", "Tumor"], PREDICTION_COLUMNS)
+
+
+# --- the model gets exactly the saved processor's pixel_values -----------------------------------
+def tiny_convnext(image_size: int = 32):
+    """A random tiny ``ConvNextForImageClassification`` (two stages, widths 8 and 16) with the 6 classes."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    config = ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=image_size,
+                            id2label=dict(enumerate(CLASS_NAMES)), label2id={n: i for i, n in enumerate(CLASS_NAMES)})
+    return ConvNextForImageClassification(config).eval()
+
+
+def processor_for(kind: str):
+    from transformers import (
+        BitImageProcessorPil,
+        ConvNextImageProcessorPil,
+        ViTImageProcessorPil,
+    )
+
+    return {
+        "vit_bicubic": lambda: ViTImageProcessorPil(resample=Image.BICUBIC, size={"height": 32, "width": 32}),
+        "bit_shortest_edge_crop": lambda: BitImageProcessorPil(size={"shortest_edge": 36},
+                                                               crop_size={"height": 32, "width": 32}),
+        "convnext_crop_pct": lambda: ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875),
+    }[kind]()
+
+
+@pytest.mark.parametrize("model_kind, processor_kind", [("vit", "vit_bicubic"), ("vit", "bit_shortest_edge_crop"),
+                                                        ("convnext", "convnext_crop_pct"), ("convnext", "vit_bicubic")])
+def test_probabilities_are_the_model_on_the_saved_processors_pixels(model_kind, processor_kind, tmp_path):
+    """Bicubic, shortest-edge + center crop and ConvNeXT crop_pct processors, square and non-square
+    tiles: the predictor's probabilities are the model's on the saved processor's pixel_values."""
+    from conftest import save_model_dir, tiny_vit
+    from transformers import AutoImageProcessor
+
+    model = tiny_vit() if model_kind == "vit" else tiny_convnext()
+    save_model_dir(model, tmp_path / "model")
+    processor_for(processor_kind).save_pretrained(tmp_path / "model")  # replaces the package's processor
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, shape in enumerate([(35, 35), (150, 150), (30, 41), (47, 36), (32, 32)]):
+        paths.append(tmp_path / f"tile_{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(paths[-1])
+    predictor = TilePredictor.from_pretrained(str(tmp_path / "model"), device="cpu", batch_size=8, bf16=False)
+    assert predictor.processor_transform.fast
+    probs = np.stack([r.probs for r in predictor.predict_files(paths)])
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "model")
+    pixel_values = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    assert torch.equal(predictor.pixel_values([load_rgb8(p) for p in paths]), pixel_values)
+    with torch.inference_mode():
+        reference = predictor.model(pixel_values=pixel_values).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(probs, reference, atol=1e-6)
+    tiles = [load_rgb8(p) for p in paths]
+    np.testing.assert_allclose(predictor.predict_tiles(tiles).numpy(), reference, atol=1e-6)
+
+
+def test_slow_path_processor_gives_its_own_pixels(predictor, tile_dir, caplog):
+    """A processor the fast path does not reproduce (EfficientNet's own rescale) is called itself per
+    batch, with a warning saying so; the probabilities are still the model's on its pixel_values."""
+    from transformers import EfficientNetImageProcessorPil
+
+    processor = EfficientNetImageProcessorPil(size={"height": 32, "width": 32}, rescale_offset=True)
+    with caplog.at_level("WARNING", logger="hf_tissue_vit.transforms.processor"):
+        slow = TilePredictor(predictor.model, processor, batch_size=3, num_workers=2, bf16=False)
+    assert not slow.processor_transform.fast and "slow path" in caplog.text
+    paths = sorted(str(p) for p in tile_dir.glob("tile_*.png"))
+    probs = np.stack([r.probs for r in slow.predict_files(paths)])
+    pixel_values = processor([Image.fromarray(load_rgb8(p)) for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        reference = slow.model(pixel_values=pixel_values).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(probs, reference, atol=1e-6)
+
+
+def test_convnext_model_predicts_without_attention_warnings(tmp_path, tile_dir, caplog):
+    """pipeline() runs any image classifier; so does the predictor (no attention kernel to pick)."""
+    from conftest import save_model_dir
+
+    save_model_dir(tiny_convnext(), tmp_path / "convnext")
+    with caplog.at_level("WARNING"):
+        predictor = TilePredictor.from_pretrained(str(tmp_path / "convnext"), device="cpu", batch_size=4)
+    assert not [r for r in caplog.records if r.name.startswith("hf_tissue_vit")]
+    rows = list(predictor.predict_files(sorted(str(p) for p in tile_dir.glob("*.png"))))
+    assert len(rows) == 7 and sum(bool(r.error) for r in rows) == 1  # empty.png
+    assert all(r.probs.sum() == pytest.approx(1.0, abs=1e-3) for r in rows if not r.error)

@@ -21,7 +21,7 @@ from hf_tissue_vit.predict import (
     save_tissue_map,
     tissue_map,
 )
-from hf_tissue_vit.transforms import TileTransform, make_image_processor
+from hf_tissue_vit.transforms import ProcessorTransform, make_image_processor
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 30
@@ -63,10 +63,9 @@ def mosaic(layout: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def colour_predictor() -> TilePredictor:
     processor = make_image_processor(32)
-    transform = TileTransform.from_processor(processor)
     rng = np.random.default_rng(123)
-    tiles = np.stack([tile_pixels(name, TILE, rng) for name in CLASS_NAMES])
-    prototypes = transform(torch.from_numpy(tiles)).mean(dim=(2, 3))
+    tiles = [tile_pixels(name, TILE, rng) for name in CLASS_NAMES]
+    prototypes = ProcessorTransform(processor)(tiles).mean(dim=(2, 3))
     # batch 2: 4 windows per strip on a 5-column grid, so strips, batches and row offsets all get exercised
     # fp32: the labels follow from exact colour distances
     return TilePredictor(MeanColourClassifier(prototypes), processor, batch_size=2, num_workers=0, bf16=False)
@@ -142,6 +141,24 @@ def test_bad_geometry(colour_predictor):
         tissue_map(colour_predictor, np.zeros((20, 50, 3), np.uint8), tile=30)
     with pytest.raises(ValueError, match="positive"):
         tissue_map(colour_predictor, np.zeros((60, 60, 3), np.uint8), tile=30, stride=0)
+
+
+def test_windows_get_the_saved_processors_pixels(tmp_path):
+    """Each window is classified on exactly the pixel_values the saved (here bicubic) processor gives
+    that window: the map's probabilities are the model's on the processor's output."""
+    from conftest import tiny_vit
+    from transformers import ViTImageProcessorPil
+
+    model = tiny_vit()
+    processor = ViTImageProcessorPil(resample=Image.BICUBIC, size={"height": 32, "width": 32})
+    predictor = TilePredictor(model, processor, batch_size=4, num_workers=2, bf16=False)
+    image = mosaic(np.array([[0, 1, 2], [5, 3, 4]]), 45, seed=3)  # no glass: every window is classified
+    result = tissue_map(predictor, image, tile=45, stride=45)
+    windows = [Image.fromarray(image[r * 45:(r + 1) * 45, c * 45:(c + 1) * 45]) for r in range(2) for c in range(3)]
+    with torch.inference_mode():
+        pixel_values = processor(windows, return_tensors="pt")["pixel_values"]
+        reference = model(pixel_values=pixel_values).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(result.probs.reshape(6, -1), reference, atol=1e-6)
 
 
 def test_script(tmp_path, capsys, tiny_model_dir):

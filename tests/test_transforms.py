@@ -14,14 +14,13 @@ from hf_tissue_vit.transforms import (
     TileTransform,
     dihedral_views,
     hed_to_rgb,
-    image_to_uint8,
     make_image_processor,
     rgb_to_hed,
 )
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
-OFF = dict(dihedral=False, random_resized_crop=False, stain_jitter=0.0, brightness=0.0, contrast=0.0)
+OFF = {"dihedral": False, "random_resized_crop": False, "stain_jitter": 0.0, "brightness": 0.0, "contrast": 0.0}
 
 
 def tiles(batch: int = 4, size: int = 35, seed: int = 0) -> torch.Tensor:
@@ -227,3 +226,121 @@ def test_bad_inputs():
 def test_augmentation_config_accepts_yaml_lists():
     config = AugmentationConfig(crop_scale=[0.5, 1], crop_ratio=[1, 1])
     assert config.crop_scale == (0.5, 1.0) and config.crop_ratio == (1.0, 1.0)
+
+
+# --- exact reproduction of a saved image processor (ProcessorTransform) ------------------------
+def _processor(kind: str):
+    from transformers import (
+        BitImageProcessorPil,
+        CLIPImageProcessorPil,
+        ConvNextImageProcessorPil,
+        ViTImageProcessorPil,
+    )
+
+    imagenet = {"image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225)}
+    return {
+        "package_32": lambda: make_image_processor(32),
+        "package_224_imagenet": lambda: make_image_processor(224, **imagenet),
+        "vit_bicubic": lambda: ViTImageProcessorPil(resample=Image.BICUBIC, size={"height": 64, "width": 64}),
+        "vit_bilinear_20x30": lambda: ViTImageProcessorPil(size={"height": 20, "width": 30}, **imagenet),
+        "convnext_224_crop_pct": lambda: ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875),
+        "convnext_48_crop_pct": lambda: ConvNextImageProcessorPil(size={"shortest_edge": 48}, crop_pct=0.9),
+        "convnext_384_warp": lambda: ConvNextImageProcessorPil(size={"shortest_edge": 384}),
+        "bit_shortest_edge_crop": lambda: BitImageProcessorPil(size={"shortest_edge": 40},
+                                                               crop_size={"height": 36, "width": 36}),
+        "clip_default": lambda: CLIPImageProcessorPil(),
+        "no_rescale": lambda: ViTImageProcessorPil(do_rescale=False, size={"height": 20, "width": 20}),
+        "no_normalize": lambda: ViTImageProcessorPil(do_normalize=False, resample=Image.NEAREST,
+                                                     size={"height": 20, "width": 20}),
+        "scalar_mean_std": lambda: ViTImageProcessorPil(image_mean=0.3, image_std=0.2, size={"height": 20, "width": 20}),
+    }[kind]()
+
+
+def _saved(processor, tmp_path):
+    """``processor`` saved and loaded back with AutoImageProcessor, as pipeline() and the predictor load it."""
+    from transformers import AutoImageProcessor
+
+    processor.save_pretrained(tmp_path)
+    return AutoImageProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["package_32", "package_224_imagenet", "vit_bicubic", "vit_bilinear_20x30",
+                                  "convnext_224_crop_pct", "convnext_48_crop_pct", "convnext_384_warp",
+                                  "bit_shortest_edge_crop", "clip_default", "no_rescale", "no_normalize",
+                                  "scalar_mean_std"])
+def test_processor_transform_equals_saved_processor(kind, tmp_path):
+    """Bit-equal pixel_values (values and dtype) to the saved processor's, on square and non-square tiles."""
+    from hf_tissue_vit.transforms import ProcessorTransform
+
+    processor = _saved(_processor(kind), tmp_path)
+    transform = ProcessorTransform(processor)
+    assert transform.fast, transform.slow_reason
+    rng = np.random.default_rng(0)
+    for shape in [(35, 35), (150, 150), (30, 40), (57, 41), (224, 224)]:
+        tiles = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(3)]
+        expected = processor([Image.fromarray(t) for t in tiles], return_tensors="pt")["pixel_values"]
+        for given in (tiles, [Image.fromarray(t) for t in tiles], torch.from_numpy(np.stack(tiles))):
+            out = transform(given)
+            assert out.dtype == expected.dtype and out.shape == expected.shape, (shape, out.shape)
+            assert torch.equal(out, expected), (kind, shape, (out.float() - expected.float()).abs().max())
+
+
+def test_tile_transform_eval_path_is_not_the_exact_processor():
+    """Why prediction does not use TileTransform: a bicubic processor gives other pixels, and says so."""
+    from transformers import ViTImageProcessorPil
+
+    from hf_tissue_vit.transforms import ProcessorTransform
+
+    images = tiles(3, 150)
+    processor = ViTImageProcessorPil(resample=Image.BICUBIC, size={"height": 64, "width": 64})
+    expected = processor([Image.fromarray(t) for t in images.numpy()], return_tensors="pt")["pixel_values"]
+    assert torch.equal(ProcessorTransform(processor)(images), expected)
+    assert not torch.equal(TileTransform.from_processor(processor)(images), expected)
+
+
+def test_tile_transform_warns_when_the_processor_resizes_otherwise(caplog):
+    from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil
+
+    with caplog.at_level("WARNING", logger="hf_tissue_vit.transforms.tile_transform"):
+        TileTransform.from_processor(make_image_processor(32))
+        assert not caplog.records
+        TileTransform.from_processor(ViTImageProcessorPil(resample=Image.BICUBIC, size={"height": 32, "width": 32}))
+        TileTransform.from_processor(ConvNextImageProcessorPil(size={"shortest_edge": 32}))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "PIL filter 3" in messages[0] and "crops" in messages[1]
+
+
+def inverting_processor():
+    """A PIL-backend ViT processor subclass with its own ``_preprocess`` (it inverts the pixels)."""
+    from transformers import ViTImageProcessorPil
+
+    class InvertingProcessor(ViTImageProcessorPil):
+        def _preprocess(self, images, *args, **kwargs):
+            return super()._preprocess([255 - image for image in images], *args, **kwargs)
+
+    return InvertingProcessor(size={"height": 24, "width": 24})
+
+
+def test_unknown_processor_steps_take_the_slow_path(caplog):
+    """A processor whose steps the fast path does not know is called itself, with a warning saying so."""
+    from transformers import EfficientNetImageProcessorPil
+
+    from hf_tissue_vit.transforms import ProcessorTransform
+
+    images = [t.numpy() for t in tiles(3, 35)]
+    for processor in (inverting_processor(), EfficientNetImageProcessorPil(size={"height": 24, "width": 24})):
+        with caplog.at_level("WARNING", logger="hf_tissue_vit.transforms.processor"):
+            transform = ProcessorTransform(processor)
+        assert not transform.fast and "slow path" in caplog.records[-1].getMessage()
+        expected = processor([Image.fromarray(t) for t in images], return_tensors="pt")["pixel_values"]
+        assert torch.equal(transform(images), expected)
+
+
+def test_processor_transform_rejects_non_rgb_tiles():
+    from hf_tissue_vit.transforms import ProcessorTransform
+
+    transform = ProcessorTransform(make_image_processor(32))
+    with pytest.raises(ValueError, match="uint8"):
+        transform([np.zeros((35, 35, 4), np.uint8)])
+    with pytest.raises(ValueError, match="RGB"):
+        transform([Image.new("RGBA", (35, 35))])

@@ -1,0 +1,57 @@
+"""Look inside a ViT: closed-form parameter counts and attention maps.
+
+* :mod:`.parameters`: parameter table per component, closed form next to the model's count.
+* :mod:`.attention`: attention rollout, last-layer CLS attention, :func:`explain_tiles`.
+* :mod:`.figures`: overlays, per-tile figures and the per-class grid.
+* :mod:`.vit_config`: :func:`load_vit_config`, the scripts' one-line refusal of non-ViT models.
+"""
+
+from .attention import (
+    HEAD_FUSIONS,
+    SUPPORTED_MODEL_TYPES,
+    AttentionMaps,
+    TileAttention,
+    attention_rollout,
+    cls_attention,
+    compute_attention_maps,
+    eager_attention,
+    explain_tiles,
+    require_vit,
+    rollout_matrix,
+    upsample_map,
+)
+from .figures import overlay_heatmap, save_attention_grid, save_tile_figure
+from .parameters import (
+    ParameterRow,
+    count_parameters,
+    format_parameter_table,
+    parameter_report,
+    parameter_report_from_config,
+    parameter_table,
+)
+from .vit_config import load_vit_config
+
+__all__ = [
+    "HEAD_FUSIONS",
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionMaps",
+    "ParameterRow",
+    "TileAttention",
+    "attention_rollout",
+    "cls_attention",
+    "compute_attention_maps",
+    "count_parameters",
+    "eager_attention",
+    "explain_tiles",
+    "format_parameter_table",
+    "load_vit_config",
+    "overlay_heatmap",
+    "parameter_report",
+    "parameter_report_from_config",
+    "parameter_table",
+    "require_vit",
+    "rollout_matrix",
+    "save_attention_grid",
+    "save_tile_figure",
+    "upsample_map",
+]
