@@ -18,7 +18,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from .. import hardware
 from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
-from ..transforms import TileTransform, make_image_processor
+from ..transforms import ProcessorTransform, TileTransform, make_image_processor
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .evaluation import TestPredictions, evaluate_test
 from .outputs import dataset_info, run_description, write_outputs
@@ -214,7 +214,8 @@ def build_trainer(
     model: Any, processor: Any, data: TrainingData, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TissueTrainer:
     """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator."""
-    eval_transform = TileTransform.from_processor(processor)
+    # Validation and test see exactly the saved processor's pixels, as predict.py and pipeline() do.
+    eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
     callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
     if training_args.early_stopping_patience:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,11 @@ def tile_dataset(split: Any, train: bool = False, cache: bool = True,
 
 
 class TileCollator:
-    """Stack items and turn them into ``pixel_values`` with the train or eval :class:`TileTransform`."""
+    """Stack items and turn them into ``pixel_values``: the augmenting :class:`TileTransform` for training
+    batches, the saved processor's exact preprocessing (``ProcessorTransform``) for the others."""
 
-    def __init__(self, train_transform: TileTransform, eval_transform: TileTransform, seed: int = 0) -> None:
+    def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
+                 seed: int = 0) -> None:
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
