@@ -10,10 +10,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRIC_MODULE_PATH",
+    "evaluate_library",
     "load_classification_metric",
     "make_compute_metrics",
     "classification_report",
@@ -34,16 +38,33 @@ __all__ = [
 
 # Folder holding tissue_classification.py; evaluate.load(<folder>) needs script name == folder name.
 METRIC_MODULE_PATH: Path = Path(__file__).resolve().parent / "evaluate_modules" / "tissue_classification"
-_BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
+_BOOTSTRAP_METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 # Bootstrap resamples are drawn in chunks so that index arrays stay below ~8M entries (64 MB).
 _BOOTSTRAP_CHUNK_ELEMENTS = 8_000_000
+
+
+def evaluate_library() -> ModuleType:
+    """The ``evaluate`` library, never a file named ``evaluate.py`` that shadows it.
+
+    ``python scripts/finetune.py`` puts ``scripts/`` first on ``sys.path``, and ``scripts/evaluate.py``
+    would then be imported as ``evaluate``: folders holding an ``evaluate.py`` are skipped for this import.
+    """
+    module = sys.modules.get("evaluate")
+    if module is not None and hasattr(module, "load"):
+        return module
+    sys.modules.pop("evaluate", None)
+    original = list(sys.path)
+    sys.path[:] = [p for p in original if not (Path(p or ".") / "evaluate.py").is_file()]
+    try:
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = original
 
 
 def load_classification_metric(**init_kwargs: Any) -> Any:
     """Load the local tissue_classification `evaluate` module (offline); kwargs go to evaluate.load,
     e.g. ``num_classes=6`` / ``label_names=[...]``, ``process_id``/``num_process``."""
-    import evaluate
-
+    evaluate = evaluate_library()
     if not (METRIC_MODULE_PATH / "tissue_classification.py").is_file():
         raise FileNotFoundError(
             f"metric script {METRIC_MODULE_PATH / 'tissue_classification.py'} is missing; reinstall hf_tissue_vit"
@@ -55,9 +76,9 @@ def _as_labels(values: Any, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of class ids, got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
+    fractional = array.size and not np.issubdtype(array.dtype, np.integer) and not np.all(np.mod(array, 1) == 0)
+    if fractional:
+        raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
     return array.astype(np.int64)
 
 
@@ -76,14 +97,20 @@ def _checked_pair(y_true: Any, y_pred: Any, num_classes: int | None = None) -> t
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict:
-    """Accuracy, macro_f1, per_class {name: {precision, recall, f1, support}} and confusion_matrix
-    (list of lists, rows = true class) for class ids indexing ``label_names``."""
+    """Accuracy, macro_f1, balanced_accuracy, per_class {name: {precision, recall, f1, support}} and
+    confusion_matrix (list of lists, rows = true class) for class ids indexing ``label_names``.
+
+    balanced_accuracy is the mean per-class recall over the classes that occur in ``y_true`` (a class
+    with no reference sample has no recall to average).
+    """
     label_names = list(label_names)
     true, pred = _checked_pair(y_true, y_pred, len(label_names))
     result = load_classification_metric(label_names=label_names).compute(predictions=pred, references=true)
+    recalls = [r for r, n in zip(result["recall"], result["support"]) if n > 0]
     return {
         "accuracy": result["accuracy"],
         "macro_f1": result["macro_f1"],
+        "balanced_accuracy": float(np.mean(recalls)),
         "per_class": {
             name: {
                 "precision": result["precision"][i],
@@ -123,11 +150,16 @@ def make_compute_metrics(label_names: Sequence[str]) -> Callable[[Any], dict[str
 
 
 def _confusion_scores(confusion: np.ndarray, metric: str) -> np.ndarray:
-    """Accuracy or macro-F1 of confusion matrices [N, K, K], same definitions as the evaluate module."""
+    """Accuracy, macro-F1 or balanced accuracy (mean recall of the classes present in the references) of
+    confusion matrices [N, K, K], same definitions as the evaluate module."""
     true_positive = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
     if metric == "accuracy":
         return true_positive.sum(axis=1) / confusion.sum(axis=(1, 2))
     support = confusion.sum(axis=2)
+    if metric == "balanced_accuracy":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall = np.where(support > 0, true_positive / support, 0.0)
+        return recall.sum(axis=1) / np.maximum((support > 0).sum(axis=1), 1)
     predicted = confusion.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = np.where(support + predicted > 0, 2 * true_positive / (support + predicted), 0.0)
@@ -143,7 +175,8 @@ def bootstrap_ci(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) confidence interval of accuracy or macro_f1 (vectorised)."""
+    """Percentile bootstrap (1 - alpha) confidence interval of accuracy, macro_f1 or balanced_accuracy
+    (vectorised)."""
     if metric not in _BOOTSTRAP_METRICS:
         raise ValueError(f"metric must be one of {_BOOTSTRAP_METRICS}, got {metric!r}")
     if int(n_boot) < 1:
