@@ -19,6 +19,6 @@ from .templates import render_card, render_text, template_path
 __all__ = [
     "DEFAULT_MODEL_LICENSE", "EVALUATION_SECTION_TEMPLATE", "EVALUATIONS_FILE", "MODEL_CARD_TEMPLATE", "MODEL_TAGS",
     "PACKAGE_TAG", "RUN_FILE", "ModelCardInfo", "build_model_card", "evaluation_section", "existing_card",
-    "hyperparameter_rows", "is_package_card",
-    "merged_card_data", "render_card", "render_text", "template_path", "write_model_card",
+    "hyperparameter_rows", "is_package_card", "merged_card_data", "render_card", "render_text", "template_path",
+    "write_model_card",
 ]
