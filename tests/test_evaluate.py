@@ -530,3 +530,20 @@ def test_the_script_runs_as_a_program(colour_model_dir, tiny_dataset_dir, tmp_pa
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| accuracy | 0.3333 |" in proc.stdout
+
+
+@pytest.mark.real_data
+def test_real_tiff_tiles_scored_and_card_updated(script, capsys, real_data_dir, trained_run_dir, tmp_path):
+    """The original Kather TIFFs (../shared/data/kather2016_tif_sample, 10 per class) in the release's
+    folder layout: all read, all scored, the card updated."""
+    tiles = real_data_dir.parent / "kather2016_tif_sample"
+    if not tiles.is_dir():
+        pytest.skip(f"real TIFF sample not found at {tiles}")
+    model = tmp_path / "run"
+    shutil.copytree(trained_run_dir, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    rc, results, output = evaluate(script, capsys, "--model", str(model), "--inputs", str(tiles), "--output_dir",
+                                   str(tmp_path / "eval"), "--update_card", "--eval_name", "Kather TIFF sample")
+    assert rc == 0, output
+    assert results["n_scored"] == 60 and results["n_skipped"] == 0 and results["n_left_out"] == 0
+    assert {c: v["support"] for c, v in results["per_class"].items()} == dict.fromkeys(CLASS_NAMES, 10)
+    assert "## Evaluation on Kather TIFF sample" in (model / "README.md").read_text()
