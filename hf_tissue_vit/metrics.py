@@ -10,10 +10,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRIC_MODULE_PATH",
+    "evaluate_library",
     "load_classification_metric",
     "make_compute_metrics",
     "classification_report",
@@ -39,11 +43,28 @@ _BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 _BOOTSTRAP_CHUNK_ELEMENTS = 8_000_000
 
 
+def evaluate_library() -> ModuleType:
+    """The ``evaluate`` library, never a file named ``evaluate.py`` that shadows it.
+
+    ``python scripts/finetune.py`` puts ``scripts/`` first on ``sys.path``, and ``scripts/evaluate.py``
+    would then be imported as ``evaluate``: folders holding an ``evaluate.py`` are skipped for this import.
+    """
+    module = sys.modules.get("evaluate")
+    if module is not None and hasattr(module, "load"):
+        return module
+    sys.modules.pop("evaluate", None)
+    original = list(sys.path)
+    sys.path[:] = [p for p in original if not (Path(p or ".") / "evaluate.py").is_file()]
+    try:
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = original
+
+
 def load_classification_metric(**init_kwargs: Any) -> Any:
     """Load the local tissue_classification `evaluate` module (offline); kwargs go to evaluate.load,
     e.g. ``num_classes=6`` / ``label_names=[...]``, ``process_id``/``num_process``."""
-    import evaluate
-
+    evaluate = evaluate_library()
     if not (METRIC_MODULE_PATH / "tissue_classification.py").is_file():
         raise FileNotFoundError(
             f"metric script {METRIC_MODULE_PATH / 'tissue_classification.py'} is missing; reinstall hf_tissue_vit"
@@ -76,8 +97,12 @@ def _checked_pair(y_true: Any, y_pred: Any, num_classes: int | None = None) -> t
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict:
-    """Accuracy, macro_f1, per_class {name: {precision, recall, f1, support}} and confusion_matrix
-    (list of lists, rows = true class) for class ids indexing ``label_names``."""
+    """Accuracy, macro_f1, balanced_accuracy, per_class {name: {precision, recall, f1, support}} and
+    confusion_matrix (list of lists, rows = true class) for class ids indexing ``label_names``.
+
+    balanced_accuracy is the mean per-class recall over the classes that occur in ``y_true`` (a class
+    with no reference sample has no recall to average).
+    """
     label_names = list(label_names)
     true, pred = _checked_pair(y_true, y_pred, len(label_names))
     result = load_classification_metric(label_names=label_names).compute(predictions=pred, references=true)

@@ -13,7 +13,7 @@ pull models and datasets:
 * ``POST /api/{t}s/NS/NAME/preupload/REV``         (``lfs`` for binary/large files, else ``regular``)
 * ``POST /[datasets/]NS/NAME.git/info/lfs/objects/batch`` + ``PUT /__lfs/OID`` (basic transfer)
 * ``POST /api/{t}s/NS/NAME/commit/REV``            (NDJSON: header, file, lfsFile, deletedFile, deletedFolder;
-  ``parentCommit`` checked, 412 when stale)
+  ``parentCommit`` checked, 412 when stale; ``?create_pr=1`` opens a pull request, see below)
 * ``GET  /api/{t}s/NS/NAME/commits/REV``, ``GET /api/{t}s/NS/NAME/refs``
 * ``POST /api/{t}s/NS/NAME/branch/BRANCH``         (``startingPoint``; 409 when it exists)
 * ``HEAD/GET /[datasets/]NS/NAME/resolve/REV/PATH`` (ETag, X-Repo-Commit, Content-Length, Range)
@@ -22,6 +22,11 @@ Errors carry the headers the client maps to exceptions: ``X-Error-Code: RepoNotF
 ``RevisionNotFound`` or ``EntryNotFound``; an unknown token gets 401 with
 ``X-Error-Message: Invalid credentials in Authorization header`` (as on the real Hub); a private
 repo is invisible (401 anonymous, 404 for another user); writing to someone else's repo is 403.
+
+Pull requests (``create_commit(..., create_pr=True)``): any signed-in user who can see the repo may open
+one (preupload and LFS upload included, as on the Hub); it is the branch ``refs/pr/N`` made from the
+target's head, holding the commit; the answer's ``pullRequestUrl`` ends in ``/discussions/N``; ``refs``
+lists it under ``pullRequests`` with ``?include_prs=1``, and ``resolve/refs%2Fpr%2FN/...`` reads it.
 
 Use ``start_hub()`` to run it on a free loopback port in a background thread.
 """
@@ -284,14 +289,15 @@ class HubHandler(BaseHTTPRequestHandler):
         if action == "paths-info" and method == "POST":
             return self._paths_info(self._repo(repo_type, repo_id, user), args[0], body)
         if action == "preupload" and method == "POST":
-            return self._preupload(self._repo(repo_type, repo_id, user, write=True), args[0], json.loads(body))
+            return self._preupload(self._repo(repo_type, repo_id, user, write=not self._pr(query, user)), args[0],
+                                   json.loads(body))
         if action == "commit" and method == "POST":
-            return self._create_commit(self._repo(repo_type, repo_id, user, write=True), args[0], body, query,
-                                       user)
+            return self._create_commit(self._repo(repo_type, repo_id, user, write=not self._pr(query, user)),
+                                       args[0], body, query, user)
         if action == "commits" and method == "GET":
             return self._list_commits(self._repo(repo_type, repo_id, user), args[0] if args else "main")
         if action == "refs" and method == "GET":
-            return self._refs(self._repo(repo_type, repo_id, user))
+            return self._refs(self._repo(repo_type, repo_id, user), query)
         if action == "branch" and method == "POST":
             return self._create_branch(self._repo(repo_type, repo_id, user, write=True), "/".join(args),
                                        json.loads(body or b"{}"))
@@ -423,7 +429,8 @@ class HubHandler(BaseHTTPRequestHandler):
             repo_type, ns, name = segs[0][:-1], segs[1], segs[2]
         else:
             repo_type, ns, name = "model", segs[0], segs[1]
-        self._repo(repo_type, f"{ns}/{name.removesuffix('.git')}", user, write=True)
+        # an upload for a pull request names no ref (huggingface_hub); any signed-in reader may make it
+        self._repo(repo_type, f"{ns}/{name.removesuffix('.git')}", user, write="ref" in payload or user is None)
         objects = []
         for obj in payload.get("objects", []):
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
@@ -440,8 +447,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(200, b"")
 
     def _create_commit(self, repo: Repo, revision: str, body: bytes, query: dict, user: str) -> None:
-        if query.get("create_pr"):
-            raise HubError(400, "emulator: pull requests are not supported")
+        pr_number = None
+        if self._pr(query, user):
+            revision, pr_number = self._open_pull_request(repo, revision)
         if revision not in repo.branches:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -477,7 +485,8 @@ class HubHandler(BaseHTTPRequestHandler):
         commit = self.state.new_commit(repo, revision, files, header["summary"], header.get("description", ""),
                                        user)
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
-        self._json({"success": True, "commitOid": commit.sha, "pullRequestUrl": None,
+        pr_url = f"{self.base_url}/{prefix}{repo.repo_id}/discussions/{pr_number}" if pr_number else None
+        self._json({"success": True, "commitOid": commit.sha, "pullRequestUrl": pr_url,
                     "commitUrl": f"{self.base_url}/{prefix}{repo.repo_id}/commit/{commit.sha}"})
 
     def _list_commits(self, repo: Repo, revision: str) -> None:
@@ -485,9 +494,34 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json([{"id": c.sha, "title": c.title, "message": c.message, "date": c.date,
                      "authors": [{"user": c.author}]} for c in repo.history(commit.sha)])
 
-    def _refs(self, repo: Repo) -> None:
-        self._json({"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha}
-                                 for b, sha in repo.branches.items()], "tags": [], "converts": []})
+    def _refs(self, repo: Repo, query: dict | None = None) -> None:
+        def refs(prs: bool) -> list[dict]:
+            return [{"name": b, "ref": b if prs else f"refs/heads/{b}", "targetCommit": sha}
+                    for b, sha in repo.branches.items() if b.startswith("refs/pr/") == prs]
+
+        out = {"branches": refs(False), "tags": [], "converts": []}
+        if (query or {}).get("include_prs", "").lower() in ("1", "true"):
+            out["pullRequests"] = refs(True)
+        self._json(out)
+
+    # ----------------------------------------------------------------- pull requests
+    @staticmethod
+    def _pr(query: dict, user: str | None) -> bool:
+        """True for a pull-request upload (``?create_pr=1``); it needs a signed-in user."""
+        if not query.get("create_pr"):
+            return False
+        if user is None:
+            raise HubError(401, "You must be authenticated to open a pull request", header_message=True)
+        return True
+
+    def _open_pull_request(self, repo: Repo, revision: str) -> tuple[str, int]:
+        """A new branch ``refs/pr/N`` at the head of ``revision``; returns (branch, N)."""
+        if revision not in repo.branches:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        number = 1 + sum(b.startswith("refs/pr/") for b in repo.branches)
+        branch = f"refs/pr/{number}"
+        repo.branches[branch] = repo.branches[revision]
+        return branch, number
 
     def _create_branch(self, repo: Repo, branch: str, payload: dict) -> None:
         if branch in repo.branches:

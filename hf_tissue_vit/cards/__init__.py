@@ -3,19 +3,22 @@
 from .build import build_model_card, existing_card, is_package_card, write_model_card
 from .model_card import (
     DEFAULT_MODEL_LICENSE,
+    EVALUATION_SECTION_TEMPLATE,
     EVALUATIONS_FILE,
     MODEL_CARD_TEMPLATE,
     MODEL_TAGS,
     PACKAGE_TAG,
     RUN_FILE,
     ModelCardInfo,
+    evaluation_section,
     hyperparameter_rows,
     merged_card_data,
 )
-from .templates import render_card, template_path
+from .templates import render_card, render_text, template_path
 
 __all__ = [
-    "DEFAULT_MODEL_LICENSE", "EVALUATIONS_FILE", "MODEL_CARD_TEMPLATE", "MODEL_TAGS", "PACKAGE_TAG", "RUN_FILE",
-    "ModelCardInfo", "build_model_card", "existing_card", "hyperparameter_rows", "is_package_card",
-    "merged_card_data", "render_card", "template_path", "write_model_card",
+    "DEFAULT_MODEL_LICENSE", "EVALUATION_SECTION_TEMPLATE", "EVALUATIONS_FILE", "MODEL_CARD_TEMPLATE", "MODEL_TAGS",
+    "PACKAGE_TAG", "RUN_FILE", "ModelCardInfo", "build_model_card", "evaluation_section", "existing_card",
+    "hyperparameter_rows", "is_package_card", "merged_card_data", "render_card", "render_text", "template_path",
+    "write_model_card",
 ]

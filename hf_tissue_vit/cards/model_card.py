@@ -17,9 +17,10 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, VIT_BIBTEX
-from .templates import render_card
+from .templates import render_card, render_text
 
 MODEL_CARD_TEMPLATE = "model_card.md"
+EVALUATION_SECTION_TEMPLATE = "evaluation_section.md"  # one "Evaluation on NAME" section
 MODEL_TAGS = ["histology", "pathology", "vision-transformer", "image-classification", "colorectal-cancer",
               "h-and-e", "hf_tissue_vit"]
 PACKAGE_TAG = "hf_tissue_vit"  # marks a card this package wrote (and may therefore rewrite)
@@ -187,7 +188,7 @@ class ModelCardInfo:
             test_rows=_test_rows(self.test) or None, has_tta=any(k.endswith("_tta") for k in self.test),
             validation_rows=[{"name": _NAMES[k], "value": fmt(v)} for k, v in self.validation.items()] or None,
             per_class=_per_class_rows(self.per_class) or None,
-            evaluations=[_evaluation_section(ev) for ev in self.evaluations] or None,
+            evaluation_sections=[evaluation_section(ev) for ev in self.evaluations] or None,
             vit_bibtex=VIT_BIBTEX, kather_bibtex=KATHER_BIBTEX if self.trained_with_package else None,
         )
         return variables
@@ -237,7 +238,14 @@ def _per_class_rows(per_class: dict[str, dict[str, Any]] | None) -> list[dict[st
              "support": v.get("support", "")} for name, v in (per_class or {}).items()]
 
 
-def _evaluation_section(ev: dict[str, Any]) -> dict[str, Any]:
+def evaluation_section(ev: dict[str, Any]) -> str:
+    """The "## Evaluation on NAME" section of one entry of EVALUATIONS_FILE, as Markdown: the package's
+    card renders every entry with it, and a card the user wrote gets it added (see
+    :mod:`hf_tissue_vit.evaluation.card`)."""
+    return render_text(EVALUATION_SECTION_TEMPLATE, ev=_evaluation_variables(ev))
+
+
+def _evaluation_variables(ev: dict[str, Any]) -> dict[str, Any]:
     return {"name": ev["name"], "dataset_name": ev["dataset_name"], "split": ev.get("split"),
             "n_scored": ev.get("n_scored"), "rows": _test_rows(ev["metrics"]),
             "has_tta": any(k.endswith("_tta") for k in ev["metrics"]),

@@ -23,6 +23,17 @@ def template_path(name: str) -> Path:
                             "reinstall hf_tissue_vit")
 
 
+def render_text(template: str, **variables: Any) -> str:
+    """Render the Markdown template ``template`` (a part of a card, no metadata) with ``variables``, the
+    way ``render_card`` renders a whole card (plain ``jinja2.Template``), runs of blank lines tidied."""
+    import re
+
+    import jinja2
+
+    text = jinja2.Template(template_path(template).read_text(encoding="utf-8")).render(**variables)
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
 def render_card(template: str, card_data: CardData, kind: str = "model", **variables: Any) -> ModelCard | DatasetCard:
     """Render the template ``template`` with ``card_data`` as YAML metadata and ``variables`` for Jinja.
 
