@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..imaging import load_rgb8
 from ..interpret import explain_tiles, overlay_heatmap
-from ..predict import TilePredictor, open_large_image, save_tissue_map, tissue_map
+from ..predict import TilePredictor, label_names_of, open_large_image, save_tissue_map, tissue_map
 from .exports import area_table, write_geojson
 from .model_info import ModelInfo, load_model_info, resolution_warning, tile_warnings
 
@@ -128,7 +128,8 @@ class AppModel:
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.predictor.label_names)
+        """Class names in label-id order (the order of the probabilities)."""
+        return label_names_of(self._explainer)
 
     # --- tiles --------------------------------------------------------------------------------
     def probabilities(self, path: str | os.PathLike) -> dict[str, float]:

@@ -57,6 +57,11 @@ class ModelInfo:
     license: str | None = None
 
     @property
+    def display_name(self) -> str:
+        """The Hub id, or a local folder's name (a path on the server says nothing to a visitor)."""
+        return Path(self.source).name if os.path.isdir(self.source) else self.source
+
+    @property
     def train_tile_um(self) -> float:
         """Side of a training tile in µm."""
         return self.train_tile_px * self.train_mpp
@@ -231,7 +236,7 @@ def about_markdown(info: ModelInfo) -> str:
     size = f"{info.num_parameters:,} parameters, " if info.num_parameters else ""
     parts = [
         "## The model",
-        (f"`{info.source}`: a Vision Transformer (ViT, {size}{info.image_size} px input"
+        (f"`{info.display_name}`: a Vision Transformer (ViT, {size}{info.image_size} px input"
         f"{f', {info.patch_size} px patches' if info.patch_size else ''}) {origin}. It sorts a tile of "
         f"H&E-stained colorectal tissue into one of {len(info.label_names)} classes."),
         info.preprocessing_text(),

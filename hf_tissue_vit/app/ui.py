@@ -38,6 +38,8 @@ CSS = """
 .warning-box {background: #fff7ed; border-left: 4px solid #ea580c; padding: 0.3em 0.9em; border-radius: 6px;}
 .small-print {font-size: 0.82em; color: #64748b;}
 #tile-verdict h2 {margin: 0.1em 0;}
+#tile-view img, #tile-rollout img {width: 100%; height: 100%; object-fit: contain; padding-top: 2.6em;
+  box-sizing: border-box;}
 """
 
 
@@ -168,7 +170,7 @@ def _tile_tab(model: AppModel, examples: Sequence[Example]) -> None:
             with gr.Row():
                 tile_view = gr.Image(label="The tile as read", interactive=False, format="png", height=260,
                                      elem_id="tile-view")
-                rollout = gr.Image(label="Attention rollout (where the model looked)", interactive=False,
+                rollout = gr.Image(label="Attention rollout (red: most)", interactive=False,
                                    format="png", height=260, elem_id="tile-rollout")
             probs = gr.Label(num_top_classes=len(info.label_names), label="Probability of each class",
                              show_heading=False, elem_id="tile-probs")
@@ -229,8 +231,9 @@ def _class_gallery(examples: Sequence[Example]) -> None:
 def build_app(model: AppModel, examples: Sequence[Example] = (), mosaic: str | None = None) -> gr.Blocks:
     """The app's Blocks for ``model`` (examples and mosaic optional)."""
     info = model.info
-    with gr.Blocks(title=f"H&E tissue classifier: {info.source}") as demo:
-        gr.Markdown(f"# H&E colorectal tissue classifier\nModel `{info.source}`: {len(info.label_names)} tissue "
+    # Uploads and outputs older than 2 h are deleted every hour: a Space runs for weeks.
+    with gr.Blocks(title=f"H&E tissue classifier: {info.display_name}", delete_cache=(3600, 7200)) as demo:
+        gr.Markdown(f"# H&E colorectal tissue classifier\nModel `{info.display_name}`: {len(info.label_names)} tissue "
                     f"classes ({', '.join(info.label_names)}), trained on Kather et al. 2016 tiles.",
                     elem_id="header")
         gr.Markdown(f"**{DISCLAIMER}**", elem_id="disclaimer")
