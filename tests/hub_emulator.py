@@ -2,12 +2,16 @@
 
 It speaks the parts of the Hub HTTP API that ``huggingface_hub`` 2.x (with
 ``HF_HUB_DISABLE_XET=1``), ``transformers`` 5.x and ``datasets`` 5.x use to push and
-pull models and datasets:
+pull models, datasets and Spaces:
 
 * ``GET  /api/whoami-v2``
 * ``POST /api/validate-yaml``
-* ``POST /api/repos/create``                      (409 when the repo exists, ``visibility`` private/public)
-* ``GET  /api/{models,datasets}/NS/NAME[/revision/REV]``   (``?blobs=1`` adds sizes and LFS info)
+* ``POST /api/repos/create``                      (409 when the repo exists, ``visibility`` private/public;
+  a Space needs ``sdk``: gradio, streamlit, docker or static, else 400)
+* ``GET  /api/{models,datasets,spaces}``           (``?author=``, ``?search=``, ``?models=``: the Spaces whose
+  README lists that model, as the Hub links them)
+* ``GET  /api/{models,datasets,spaces}/NS/NAME[/revision/REV]``   (``?blobs=1`` adds sizes and LFS info;
+  a Space also reports its ``sdk``, ``cardData``, ``models`` and a ``runtime``)
 * ``GET  /api/{t}s/NS/NAME/tree/REV[/PATH]``       (``?recursive=1``, ``?expand=1``)
 * ``POST /api/{t}s/NS/NAME/paths-info/REV``        (form data ``paths=...``)
 * ``POST /api/{t}s/NS/NAME/preupload/REV``         (``lfs`` for binary/large files, else ``regular``)
@@ -52,6 +56,7 @@ DEFAULT_USERS = {"hf_alice_token": "alice", "hf_bob_token": "bob"}
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".parquet", ".arrow", ".png", ".jpg", ".tif", ".tiff",
                 ".h5", ".msgpack", ".onnx", ".pkl", ".zip", ".gz")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
+SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
 GITATTRIBUTES = b"".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n".encode() for s in LFS_SUFFIXES)
 INVALID_TOKEN = "Invalid credentials in Authorization header"
 
@@ -107,6 +112,7 @@ class Repo:
     created_at: str
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    sdk: str | None = None  # Spaces only
 
     def resolve(self, revision: str) -> Commit | None:
         if revision in self.branches:
@@ -268,6 +274,9 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self._create_repo(json.loads(body or b"{}"), user)
             if method == "PUT" and len(segs) == 2 and segs[0] == "__lfs":
                 return self._lfs_put(segs[1], body)
+            if segs[0] == "api" and len(segs) == 2 and segs[1] in ("models", "datasets", "spaces") \
+                    and method == "GET":
+                return self._list_repos(segs[1][:-1], query, user)
             if segs[0] == "api" and len(segs) >= 4 and segs[1] in ("models", "datasets", "spaces"):
                 return self._api_repo(segs[1][:-1], segs[2:], query, body, user)
             if raw.endswith(".git/info/lfs/objects/batch") and method == "POST":
@@ -331,12 +340,59 @@ class HubHandler(BaseHTTPRequestHandler):
         url = f"{self.base_url}/{prefix}{repo_id}"
         if (repo_type, repo_id) in self.state.repos:
             return self._json({"error": f"You already created this {repo_type} repo", "url": url}, 409)
+        sdk = payload.get("sdk") if repo_type == "space" else None
+        if repo_type == "space" and sdk not in SPACE_SDKS:
+            raise HubError(400, f"Invalid sdk {sdk!r} for a Space: choose one of {list(SPACE_SDKS)}",
+                           header_message=True)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        repo = Repo(repo_type, repo_id, owner, private, _now())
+        repo = Repo(repo_type, repo_id, owner, private, _now(), sdk=sdk)
         self.state.repos[(repo_type, repo_id)] = repo
         self.state.new_commit(repo, "main", {".gitattributes": StoredFile(GITATTRIBUTES)}, "initial commit", "",
                               user)
         return self._json({"url": url, "name": repo_id, "id": uuid.uuid4().hex})
+
+    @staticmethod
+    def _card_data(commit: Commit) -> dict[str, Any]:
+        """The YAML metadata of the README at ``commit`` ({} when there is none or it does not parse)."""
+        readme = commit.files.get("README.md")
+        text = readme.content.decode("utf-8", "replace") if readme else ""
+        match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.DOTALL)
+        if not match:
+            return {}
+        try:
+            import yaml
+
+            meta = yaml.safe_load(match.group(1))
+        except Exception:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def _space_fields(self, repo: Repo, commit: Commit) -> dict[str, Any]:
+        card = self._card_data(commit)
+        models = card.get("models") or []
+        return {"sdk": repo.sdk, "cardData": card, "models": models if isinstance(models, list) else [models],
+                "subdomain": repo.repo_id.replace("/", "-").lower(),
+                "runtime": {"stage": "RUNNING", "hardware": {"current": "cpu-basic", "requested": "cpu-basic"},
+                            "storage": None, "gcTimeout": None, "replicas": {"current": 1, "requested": 1}}}
+
+    def _list_repos(self, repo_type: str, query: dict, user: str | None) -> None:
+        """``GET /api/{type}s``: repos visible to ``user``, filtered by author, search text and linked model."""
+        out = []
+        for (kind, repo_id), repo in sorted(self.state.repos.items()):
+            if kind != repo_type or (repo.private and user != repo.owner):
+                continue
+            if query.get("author") and repo.owner != query["author"]:
+                continue
+            if query.get("search") and query["search"].lower() not in repo_id.lower():
+                continue
+            commit = repo.commits[repo.branches["main"]]
+            extra = self._space_fields(repo, commit) if repo_type == "space" else {}
+            if query.get("models") and query["models"] not in extra.get("models", []):
+                continue
+            out.append({"_id": repo_id, "id": repo_id, "author": repo.owner, "sha": commit.sha,
+                        "private": repo.private, "likes": 0, "tags": [], "createdAt": repo.created_at,
+                        "lastModified": commit.date, **extra})
+        self._json(out)
 
     def _repo_info(self, repo: Repo, revision: str, query: dict) -> None:
         commit = self._commit(repo, revision)
@@ -352,7 +408,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json({"_id": repo.repo_id, "id": repo.repo_id, "author": repo.owner, "sha": commit.sha,
                     "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
                     "tags": [], "createdAt": repo.created_at, "lastModified": commit.date,
-                    "siblings": siblings})
+                    "siblings": siblings, **(self._space_fields(repo, commit) if repo.repo_type == "space" else {})})
 
     def _entry(self, path: str, f: StoredFile | None, commit: Commit, expand: bool) -> dict:
         if f is None:

@@ -1,0 +1,269 @@
+"""What the app tells its user about the model: classes, input size and preprocessing, training
+resolution and test results, read from the model's own files (a local output dir or a Hub repo).
+
+Files read: ``config.json`` (labels, input and patch size), ``preprocessor_config.json`` (resize,
+rescale, normalisation), ``all_results.json`` (test metrics with their 95% CIs, dataset) and the model
+card ``README.md`` (its ``model-index`` when all_results.json is absent). Only config.json is required.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..constants import CLASS_DESCRIPTIONS, KATHER_CITATION, TILE_SIZE
+
+logger = logging.getLogger(__name__)
+
+# Kather 2016 tiles: 150 px at 0.495 µm/px (20x objective); the package trains on them.
+TRAINING_MPP = 0.495
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+DISCLAIMER = ("For research and teaching only. Not a medical device: do not use it for diagnosis "
+              "or any clinical decision.")
+
+
+@dataclass
+class MetricRow:
+    """One test metric: value, 95% CI bounds (None when unknown) and the 8-view TTA value."""
+
+    name: str
+    value: float
+    ci95: tuple[float, float] | None = None
+    tta: float | None = None
+
+
+@dataclass
+class ModelInfo:
+    """Everything the app shows about a model; see :func:`load_model_info`."""
+
+    source: str
+    label_names: list[str]
+    image_size: int
+    patch_size: int | None = None
+    resample: str = "bilinear"
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    train_tile_px: int = TILE_SIZE
+    train_mpp: float = TRAINING_MPP
+    test_metrics: list[MetricRow] = field(default_factory=list)
+    split_by: str | None = None
+    dataset_dir: str | None = None
+    num_parameters: int | None = None
+    base_model: str | None = None
+    license: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The Hub id, or a local folder's name (a path on the server says nothing to a visitor)."""
+        return Path(self.source).name if os.path.isdir(self.source) else self.source
+
+    @property
+    def train_tile_um(self) -> float:
+        """Side of a training tile in µm."""
+        return self.train_tile_px * self.train_mpp
+
+    def preprocessing_text(self) -> str:
+        """One sentence: what happens to a tile before the model sees it (from the saved processor)."""
+        norm = ""
+        if self.image_mean and self.image_std:
+            mean = ", ".join(f"{v:.3g}" for v in self.image_mean)
+            std = ", ".join(f"{v:.3g}" for v in self.image_std)
+            norm = f", normalised with mean ({mean}) and std ({std})"
+        return (f"The tile is read as 8-bit RGB, resized to {self.image_size} × {self.image_size} px "
+                f"({self.resample}), rescaled to [0, 1]{norm}. The model was trained on "
+                f"{self.train_tile_px} × {self.train_tile_px} px tiles at {self.train_mpp} µm/px "
+                f"({self.train_tile_um:.0f} × {self.train_tile_um:.0f} µm, 20× objective).")
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _model_file(model: str, name: str) -> Path | None:
+    """``name`` of a local model folder or a Hub model repo (downloaded to the HF cache); None when absent."""
+    if os.path.isdir(model):
+        path = Path(model) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, name))
+    except EntryNotFoundError:
+        return None
+
+
+def _metrics_from_results(results: dict[str, Any]) -> list[MetricRow]:
+    rows = []
+    for key, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        value = results.get(f"test_{key}")
+        if value is None:
+            continue
+        ci = results.get(f"test_{key}_ci95")
+        tta = results.get(f"test_{key}_tta")
+        rows.append(MetricRow(name, float(value), (float(ci[0]), float(ci[1])) if ci else None,
+                              float(tta) if tta is not None else None))
+    return rows
+
+
+def _metrics_from_card(card: Any) -> list[MetricRow]:
+    """Test metrics from the card's ``model-index`` (no CIs there)."""
+    if card is None:
+        return []
+    return [MetricRow(r.metric_name or r.metric_type, float(r.metric_value))
+            for r in (card.data.eval_results or []) if r.dataset_split in (None, "test")]
+
+
+def _label_names(config: dict[str, Any]) -> list[str]:
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def _size(processor: dict[str, Any], config: dict[str, Any]) -> int:
+    size = processor.get("size") or {}
+    if isinstance(size, dict):
+        value = size.get("height") or size.get("shortest_edge")
+    else:
+        value = size
+    return int(value or config.get("image_size") or 224)
+
+
+def _dataset_tile_size(dataset_dir: str | None) -> list[int] | None:
+    """Tile size recorded by prepare_dataset.py in the training dataset's folder, when it is at hand."""
+    if not dataset_dir or not Path(dataset_dir).is_dir():
+        return None
+    from ..data import read_dataset_metadata
+
+    return (read_dataset_metadata(dataset_dir).get("checks") or {}).get("tile_size")
+
+
+def load_model_info(model: str) -> ModelInfo:
+    """Read :class:`ModelInfo` from a local output dir or a Hub model id.
+
+    Raises FileNotFoundError naming ``model`` when it has no config.json.
+    """
+    config = _read_json(_model_file(model, "config.json"))
+    if not config:
+        raise FileNotFoundError(f"--model {model!r}: no config.json (give a training output dir or a Hub model id)")
+    processor = _read_json(_model_file(model, "preprocessor_config.json"))
+    results = _read_json(_model_file(model, "all_results.json"))
+    card_path = _model_file(model, "README.md")
+    card = None
+    if card_path is not None:
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(card_path)
+    dataset = results.get("dataset") or {}
+    model_block = results.get("model") or {}
+    metrics = _metrics_from_results(results) or _metrics_from_card(card)
+    tile = dataset.get("tile_size") or _dataset_tile_size(dataset.get("dataset_dir"))
+    return ModelInfo(
+        source=model,
+        label_names=results.get("label_names") or _label_names(config),
+        image_size=_size(processor, config),
+        patch_size=config.get("patch_size"),
+        resample=RESAMPLE_NAMES.get(processor.get("resample"), "bilinear"),
+        image_mean=processor.get("image_mean"),
+        image_std=processor.get("image_std"),
+        train_tile_px=int(tile[0] if isinstance(tile, (list, tuple)) else tile or TILE_SIZE),
+        test_metrics=metrics,
+        split_by=dataset.get("split_by"),
+        dataset_dir=dataset.get("dataset_dir"),
+        num_parameters=model_block.get("num_parameters"),
+        base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
+        license=card.data.license if card is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings for a tile that does not look like the training tiles
+# --------------------------------------------------------------------------------------------
+SIZE_TOLERANCE = 1.5  # a side more than 1.5x larger or smaller than the training tile
+MPP_TOLERANCE = 0.3  # a stated resolution more than 30% away from the training one
+ASPECT_TOLERANCE = 1.2
+
+
+def resolution_warning(info: ModelInfo, mpp: float | None) -> str | None:
+    """A warning when a stated resolution (µm/px) is far from the training one; None when close or unknown."""
+    if mpp is None or abs(mpp / info.train_mpp - 1) <= MPP_TOLERANCE:
+        return None
+    magnification = 20 * info.train_mpp / mpp  # the training resolution is a 20x objective's
+    return (f"The image's resolution is {mpp:.3g} µm/px (about {magnification:.0f}× objective); the model "
+            f"was trained at {info.train_mpp} µm/px (20×). Predictions at other magnifications are unreliable.")
+
+
+def tile_warnings(info: ModelInfo, width: int, height: int, mpp: float | None = None) -> list[str]:
+    """Plain-language warnings when a tile's size, shape or stated resolution (µm/px) differs from training."""
+    warnings = []
+    side = max(width, height)
+    if side > info.train_tile_px * SIZE_TOLERANCE or min(width, height) < info.train_tile_px / SIZE_TOLERANCE:
+        warnings.append(
+            f"This image is {width} × {height} px, but the model was trained on {info.train_tile_px} × "
+            f"{info.train_tile_px} px tiles ({info.train_tile_um:.0f} µm across). It is resized to "
+            f"{info.image_size} px as a whole, so cells appear at a scale the model has not seen. "
+            "For a larger field of view use the Larger image tab.")
+    if max(width, height) > ASPECT_TOLERANCE * min(width, height):
+        warnings.append(f"This image is not square ({width} × {height} px): it is stretched to a square.")
+    resolution = resolution_warning(info, mpp)
+    if resolution:
+        warnings.append(resolution)
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# The About tab
+# --------------------------------------------------------------------------------------------
+def _metric_table(metrics: list[MetricRow]) -> str:
+    has_tta = any(m.tta is not None for m in metrics)
+    lines = ["| metric | test | 95% CI |" + (" with 8-view TTA |" if has_tta else ""),
+             "|---|---:|---|" + ("---:|" if has_tta else "")]
+    for m in metrics:
+        ci = f"[{m.ci95[0]:.3f}, {m.ci95[1]:.3f}]" if m.ci95 else "not in the card"
+        tta = (f" {m.tta:.3f} |" if m.tta is not None else " |") if has_tta else ""
+        lines.append(f"| {m.name} | {m.value:.3f} | {ci} |{tta}")
+    return "\n".join(lines)
+
+
+def about_markdown(info: ModelInfo) -> str:
+    """Markdown of the About tab: the model, its test results, the classes, the training data and the limits."""
+    origin = f"fine-tuned from `{info.base_model}`" if info.base_model else "trained with `hf_tissue_vit`"
+    size = f"{info.num_parameters:,} parameters, " if info.num_parameters else ""
+    parts = [
+        "## The model",
+        (f"`{info.display_name}`: a Vision Transformer (ViT, {size}{info.image_size} px input"
+        f"{f', {info.patch_size} px patches' if info.patch_size else ''}) {origin}. It sorts a tile of "
+        f"H&E-stained colorectal tissue into one of {len(info.label_names)} classes."),
+        info.preprocessing_text(),
+        "## Test results",
+    ]
+    if info.test_metrics:
+        split = {"stratified": " (tiles split stratified by class: tiles of one slide can be in train and "
+                               "test, so these numbers can be optimistic for new slides)",
+                 "slide": " (slide-disjoint split: no slide in two splits)"}.get(info.split_by or "", "")
+        parts += [(f"Measured once on the held-out test split{split}; the intervals are 95% bootstrap "
+                  "confidence intervals."), _metric_table(info.test_metrics)]
+    else:
+        parts.append("The model's files hold no test results.")
+    parts += ["## The classes",
+              "H&E colours nuclei blue/purple (hematoxylin) and cytoplasm and collagen pink (eosin).",
+              "\n".join(["| class | what it looks like in H&E |", "|---|---|",
+                         *[f"| **{name}** | {CLASS_DESCRIPTIONS.get(name, '')} |" for name in info.label_names]])]
+    parts += [
+        "## Data",
+        (f"Kather et al. (2016) colorectal cancer histology tiles, {info.train_tile_px} × {info.train_tile_px} px "
+        f"at {info.train_mpp} µm/px, one centre and one scanner; released under CC-BY 4.0. {KATHER_CITATION}."),
+        "## Intended use",
+        (f"**{DISCLAIMER}** Expect lower accuracy on other labs' staining, scanners or magnifications, "
+        "and on tissue that is none of the classes above."),
+    ]
+    if not os.path.isdir(info.source):
+        from huggingface_hub import constants
+
+        parts.append(f"Model page and card: {constants.ENDPOINT}/{info.source}")
+    return "\n\n".join(parts)

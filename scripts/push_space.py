@@ -1,0 +1,90 @@
+"""Create or update a Gradio Space that runs the demo app on a model already on the Hub.
+
+    HF_TOKEN=hf_xxx python scripts/push_space.py outputs/vit-scratch-cpu --repo_id USER/MODEL \
+        --space USER/SPACE [--examples DIR] [--dataset_dir data/kather6] [--n_per_class 2] \
+        [--package "hf_tissue_vit[app] @ git+https://github.com/OWNER/hf_tissue_vit@v0.1.0"] [--private] \
+        [--space_dir folder_to_keep] [--no_push]
+
+Push the model first (scripts/push_to_hub.py OUTPUT_DIR --repo_id USER/MODEL). The Space gets app.py
+(loads USER/MODEL from the Hub), requirements.txt (this package's [app] extra, pinned: --package),
+README.md (sdk: gradio, sdk_version, app_file, models: [USER/MODEL], license) and examples/: a few
+test tiles per class from --examples DIR, else from the test split of --dataset_dir or of the dataset
+OUTPUT_DIR was trained on (Kather 2016, CC-BY 4.0, attributed in the Space's README).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.hub import HubAuthError
+
+
+@dataclass
+class SpaceArguments:
+    output_dir: str = field(metadata={"help": "Training output dir of the model (for its dataset and licence)."})
+    repo_id: str = field(metadata={"help": "The model repo on the Hub, USER/MODEL (pushed already)."})
+    space: str = field(metadata={"help": "The Space repo, USER/SPACE (created when missing)."})
+    examples: str | None = field(default=None, metadata={"help": "Folder of example tiles for the Space."})
+    dataset_dir: str | None = field(default=None, metadata={"help": "Dataset whose test split gives the examples "
+                                                                    "(default: the one OUTPUT_DIR was trained on)."})
+    n_per_class: int = field(default=2, metadata={"help": "Example tiles per class from the test split."})
+    package: str | None = field(default=None, metadata={"help": "requirements.txt line installing hf_tissue_vit[app] "
+                                                                "(default: this release, pinned)."})
+    private: bool = field(default=False, metadata={"help": "Create the Space as private."})
+    space_dir: str | None = field(default=None, metadata={"help": "Write the Space files here (kept); default a "
+                                                                  "temporary folder."})
+    no_push: bool = field(default=False, metadata={"help": "Only write the Space files (with --space_dir)."})
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--repo_id", self.repo_id), ("--space", self.space)):
+            if value.count("/") != 1 or not all(value.split("/")):
+                raise ValueError(f"{flag} must look like USER/NAME (got {value!r})")
+        if not Path(self.output_dir, "config.json").is_file():
+            raise FileNotFoundError(f"OUTPUT_DIR {self.output_dir!r} has no config.json: give a training output dir")
+        if self.examples is not None and not Path(self.examples).is_dir():
+            raise FileNotFoundError(f"--examples {self.examples!r}: no such folder")
+        if self.no_push and not self.space_dir:
+            raise ValueError("--no_push needs --space_dir (where to keep the files)")
+        if self.n_per_class < 1:
+            raise ValueError(f"--n_per_class must be >= 1, got {self.n_per_class}")
+
+
+def _run(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # OUTPUT_DIR given positionally, as documented
+        argv = ["--output_dir", *argv]
+    (args,) = HfArgumentParser(SpaceArguments).parse_args_into_dataclasses(args=argv)
+    from hf_tissue_vit.app.examples import MOSAIC_NAME, find_examples, make_mosaic
+    from hf_tissue_vit.app.model_info import load_model_info
+    from hf_tissue_vit.app.space import DEFAULT_REQUIREMENT, check_model_on_hub, push_space, write_space
+
+    requirement = args.package or DEFAULT_REQUIREMENT
+    if not args.no_push:
+        check_model_on_hub(args.repo_id)  # before any work: the Space would have nothing to load
+    info = load_model_info(args.output_dir)
+    folder = Path(args.space_dir or tempfile.mkdtemp(prefix="space_"))
+    picked = Path(tempfile.mkdtemp(prefix="space_examples_"))  # copied into the Space by write_space
+    examples = find_examples(info.label_names, picked, args.examples, args.dataset_dir or info.dataset_dir,
+                             args.n_per_class)
+    mosaic = make_mosaic(examples, picked / MOSAIC_NAME) if examples else None
+    write_space(folder, args.repo_id, examples, mosaic, requirement, info.license)
+    print(f"wrote the Space files ({len(examples)} example tiles) to {folder}")
+    if not args.no_push:
+        url = push_space(folder, args.space, private=args.private)
+        print(f"pushed the Space {args.space}: {url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write and push the Space; 2 on bad input, 1 when the Hub refuses the token."""
+    return run_main(_run, argv, exit_codes={HubAuthError: 1})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
