@@ -14,7 +14,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .cards import write_model_card
+from .cards import EVALUATIONS_FILE, write_model_card
+from .fileio import atomic_write_json
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 # What a model repo gets: the model, its processor and config, the card and the evaluation outputs.
 # Checkpoints, optimizer states, pickles (*.bin, *.pt, *.pth, *.pkl), logs and anything else stay local.
+SPACE_FILE = "hf_tissue_vit_space.json"  # the demo Space of the model, linked from its card
 MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
+               EVALUATIONS_FILE, SPACE_FILE,
                "test_predictions.csv", "trainer_state.json", "*.png"]
 REQUIRED_MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json"]
 
@@ -50,7 +53,7 @@ def check_repo_id(repo_id: str, flag: str = "--repo_id", namespace: bool = True)
     return repo_id
 
 
-def _auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
+def auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
     """A clearer error for 401/403 answers; other errors are returned unchanged."""
     status = err.response.status_code if err.response is not None else None
     if status == 401:
@@ -68,7 +71,7 @@ def _create_repo(api: HfApi, repo_id: str, repo_type: str, private: bool, revisi
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     except HfHubHTTPError as err:
-        raise _auth_error(err, repo_id, "creating") from err
+        raise auth_error(err, repo_id, "creating") from err
 
 
 def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
@@ -103,7 +106,7 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
             commit_message=commit_message or f"Upload {output_dir.name} with hf_tissue_vit",
         )
     except HfHubHTTPError as err:
-        raise _auth_error(err, repo_id, "uploading to") from err
+        raise auth_error(err, repo_id, "uploading to") from err
     logger.info("pushed %s to %s (%s)", output_dir, repo_id, info.commit_url)
     return info.commit_url
 
@@ -126,6 +129,26 @@ def push_dataset(dataset_dict: DatasetDict, repo_id: str, private: bool = False,
         info = dataset_dict.push_to_hub(repo_id, private=private, token=token,
                                         commit_message=commit_message or "Upload dataset with hf_tissue_vit")
     except HfHubHTTPError as err:
-        raise _auth_error(err, repo_id, "uploading to") from err
+        raise auth_error(err, repo_id, "uploading to") from err
     logger.info("pushed dataset to %s (%s)", repo_id, info.commit_url)
+    return info.commit_url
+
+
+def link_space(output_dir: str | Path, repo_id: str, space_id: str, token: str | None = None) -> str | None:
+    """Record the demo Space in the model folder, re-render its card (which then links the Space) and
+    upload both to the model repo ``repo_id``; returns the commit URL (None when the folder's card is
+    the user's own, which is left as it is)."""
+    output_dir = Path(output_dir)
+    atomic_write_json(output_dir / SPACE_FILE, {"space_id": check_repo_id(space_id, "--space")})
+    card = write_model_card(output_dir, repo_id, space_id=space_id)
+    if card is None:
+        return None
+    api = HfApi(token=token)
+    try:
+        info = api.upload_folder(repo_id=repo_id, folder_path=output_dir, repo_type="model",
+                                 allow_patterns=["README.md", SPACE_FILE],
+                                 commit_message=f"Link the demo Space {space_id}")
+    except HfHubHTTPError as err:
+        raise auth_error(err, repo_id, "linking the Space on") from err
+    logger.info("the card of %s links the Space %s (%s)", repo_id, space_id, info.commit_url)
     return info.commit_url

@@ -9,7 +9,8 @@ Push the model first (scripts/push_to_hub.py OUTPUT_DIR --repo_id USER/MODEL). T
 (loads USER/MODEL from the Hub), requirements.txt (this package's [app] extra, pinned: --package),
 README.md (sdk: gradio, sdk_version, app_file, models: [USER/MODEL], license) and examples/: a few
 test tiles per class from --examples DIR, else from the test split of --dataset_dir or of the dataset
-OUTPUT_DIR was trained on (Kather 2016, CC-BY 4.0, attributed in the Space's README).
+OUTPUT_DIR was trained on (Kather 2016, CC-BY 4.0, attributed in the Space's README). The model's
+card (local and on the Hub) then links the Space.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
-from hf_tissue_vit.hub import HubAuthError
+from hf_tissue_vit.hub import HubAuthError, check_repo_id, link_space
 
 
 @dataclass
@@ -42,9 +43,8 @@ class SpaceArguments:
     no_push: bool = field(default=False, metadata={"help": "Only write the Space files (with --space_dir)."})
 
     def __post_init__(self) -> None:
-        for flag, value in (("--repo_id", self.repo_id), ("--space", self.space)):
-            if value.count("/") != 1 or not all(value.split("/")):
-                raise ValueError(f"{flag} must look like USER/NAME (got {value!r})")
+        check_repo_id(self.repo_id, "--repo_id")
+        check_repo_id(self.space, "--space")
         if not Path(self.output_dir, "config.json").is_file():
             raise FileNotFoundError(f"OUTPUT_DIR {self.output_dir!r} has no config.json: give a training output dir")
         if self.examples is not None and not Path(self.examples).is_dir():
@@ -78,6 +78,8 @@ def _run(argv: list[str] | None) -> int:
     if not args.no_push:
         url = push_space(folder, args.space, private=args.private)
         print(f"pushed the Space {args.space}: {url}")
+        if link_space(args.output_dir, args.repo_id, args.space):
+            print(f"the model card of {args.repo_id} now links the Space")
     return 0
 
 

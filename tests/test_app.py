@@ -396,10 +396,14 @@ def test_space_pushed_to_the_emulator_runs(model_dir, uploads, tmp_path):
     hub_url, server = start_hub()
     try:
         hub = {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"}
-        names = {"outputs/vit-scratch-cpu": str(model_dir), "USER/": "alice/"}
+        model = shutil.copytree(model_dir, tmp_path / "model")  # the push writes the Space link into it
+        names = {"outputs/vit-scratch-cpu": str(model), "USER/": "alice/"}
         env = client_env(tmp_path / "push_home", HF_TOKEN=ALICE, **hub)
         run(docs_command("push_to_hub", **names), env, tmp_path)
         run(docs_command("push_space", **names), env, tmp_path)
+        model_card = server.state.main_files("model", "alice/vit-kather")["README.md"].decode()
+        assert "(https://huggingface.co/spaces/alice/vit-kather-demo)" in model_card  # the card links the Space
+        assert "alice/vit-kather-demo" in (model / "README.md").read_text()
 
         files = server.state.main_files("space", "alice/vit-kather-demo")
         assert server.state.repos[("space", "alice/vit-kather-demo")].sdk == "gradio"

@@ -102,7 +102,7 @@ def test_replacing_a_users_card_keeps_its_metadata_and_invents_nothing(tmp_path)
     assert meta["base_model"] == "google/vit-base-patch16-224" and meta["datasets"] == ["bob/tiles"]
     assert meta["license"] == "apache-2.0" and "generated_from_trainer" in meta["tags"]
     assert "hf_tissue_vit" not in meta["tags"] and "metrics" not in meta and "model-index" not in meta
-    assert "hf_tissue_vit" not in card.text and "Kather" not in card.text and "150 × 150" not in card.text
+    assert "trained with" not in card.text and "Kather" not in card.text and "150 × 150" not in card.text
     assert "| 2 | c |" in card.text and "google/vit-base-patch16-224" in card.text
 
 
@@ -139,3 +139,14 @@ def test_one_repo_id_check(bad):
     with pytest.raises(ValueError, match="--repo_id"):
         check_repo_id(bad)
     assert check_repo_id("alice/tiny") == "alice/tiny"
+
+
+def test_a_card_this_package_wrote_is_rewritten_not_kept(tmp_path):
+    """Also for a folder it did not train: its own card is recognised by the mark in the text."""
+    folder, _ = _plain_trainer_folder(tmp_path / "plain")
+    (folder / "README.md").unlink()
+    first = write_model_card(folder, "bob/plain")
+    assert first is not None and "hf_tissue_vit" not in ModelCard.load(first).data.to_dict().get("tags", [])
+    second = write_model_card(folder, "bob/plain", space_id="bob/demo")
+    assert second is not None and "https://huggingface.co/spaces/bob/demo" in second.read_text()
+    assert not (folder / "README.user.md").exists()

@@ -127,9 +127,9 @@ def write_space(folder: str | os.PathLike, model_id: str, examples: Sequence[Exa
 
 
 def _hub_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
-    from ..hub import _auth_error  # the package's one mapping of 401/403 to a clear HubAuthError
+    from ..hub import auth_error  # the package's one mapping of 401/403 to a clear HubAuthError
 
-    return _auth_error(err, repo_id, action)
+    return auth_error(err, repo_id, action)
 
 
 def check_model_on_hub(model_id: str, token: str | None = None) -> None:

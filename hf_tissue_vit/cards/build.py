@@ -13,6 +13,7 @@ from .model_card import DEFAULT_MODEL_LICENSE, PACKAGE_TAG, ModelCardInfo, read_
 logger = logging.getLogger(__name__)
 
 USER_CARD_BACKUP = "README.user.md"
+CARD_MARK = "<!-- This card was written by hf_tissue_vit"  # the template's first line
 
 
 def existing_card(output_dir: str | Path) -> ModelCard | None:
@@ -22,8 +23,8 @@ def existing_card(output_dir: str | Path) -> ModelCard | None:
 
 
 def is_package_card(card: ModelCard | None) -> bool:
-    """True when this package wrote ``card`` (its tag is in the metadata), so it may be rewritten."""
-    return card is not None and PACKAGE_TAG in (card.data.tags or [])
+    """True when this package wrote ``card`` (its mark in the text, or its tag), so it may be rewritten."""
+    return card is not None and (CARD_MARK in card.text or PACKAGE_TAG in (card.data.tags or []))
 
 
 def _parameter_table(output_dir: Path) -> str | None:
