@@ -1,15 +1,15 @@
 """The demo app and its Space, as a user meets them.
 
-* ``scripts/app.py`` is launched with the command docs_app.md shows (tiny random ViT, synthetic tiles) and
+* ``scripts/app.py`` is launched with the command README.md shows (tiny random ViT, synthetic tiles) and
   queried through ``gradio_client``: a tile's probabilities equal ``scripts/predict.py``'s for the same
   file; the tissue-map endpoint returns the overlay, the class areas and the CSV/GeoJSON files.
 * Headless Chromium (Debian's ``chromium``, driven by Playwright) opens the page, uploads a tile, reads
   the predicted class from the page and compares it with predict.py's, then makes a tissue map.
   Where chromium or Playwright is missing the test skips locally and FAILS when ``CI=true``.
-* The Space: ``scripts/push_space.py`` (docs_app.md's command) pushes it to the Hub emulator; its
+* The Space: ``scripts/push_space.py`` (README.md's command) pushes it to the Hub emulator; its
   ``app.py`` is downloaded into a fresh HF_HOME, launched against the emulator and queried once.
 * ``HF_TISSUE_VIT_APP_SCREENSHOT_MODEL=OUTPUT_DIR`` (a real trained model) makes
-  ``test_readme_screenshot`` write docs_app.md's screenshot (``model_card/images/app_screenshot.png``, or
+  ``test_readme_screenshot`` write README.md's screenshot (``model_card/images/app_screenshot.png``, or
   the path in ``HF_TISSUE_VIT_APP_SCREENSHOT``) with the browser test's code.
 """
 
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_emulator import start_hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS = REPO_ROOT / "docs_app.md"
+README = REPO_ROOT / "README.md"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
@@ -76,10 +76,11 @@ def require_browser() -> None:
 # Helpers: the documented commands, processes, predict.py
 # --------------------------------------------------------------------------------------------
 def docs_command(script: str, **replace: str) -> list[str]:
-    """The ``python scripts/<script>.py ...`` line of docs_app.md's shell blocks, split, with text replaced."""
-    blocks = re.findall(r"```bash\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
+    """The ``python scripts/<script>.py ...`` line of README's demo-app section, split, with text replaced."""
+    section = README.read_text(encoding="utf-8").split("## 6. The demo app", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     lines = [line for block in blocks for line in block.splitlines() if line.startswith(f"python scripts/{script}.py")]
-    assert lines, f"docs_app.md shows no `python scripts/{script}.py` command"
+    assert lines, f"README.md shows no `python scripts/{script}.py` command"
     text = lines[0]
     for old, new in replace.items():
         text = text.replace(old, new)
@@ -201,7 +202,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app_url(model_dir: Path, work: Path) -> Iterator[str]:
-    """docs_app.md's launch command on the tiny model, on a free port."""
+    """README.md's launch command on the tiny model, on a free port."""
     require("gradio", "the [app] extra")
     port = free_port()
     cmd = docs_command("app", **{"outputs/vit-scratch-cpu": str(model_dir)}) + ["--port", str(port)]
@@ -363,7 +364,7 @@ def test_browser_tile_and_tissue_map(app_url, uploads, expected, tmp_path):
 
 @pytest.mark.slow
 def test_readme_screenshot(tmp_path):
-    """Writes docs_app.md's screenshot: the app on a real trained model, an example test tile clicked."""
+    """Writes README.md's screenshot: the app on a real trained model, an example test tile clicked."""
     model = os.environ.get("HF_TISSUE_VIT_APP_SCREENSHOT_MODEL")
     if not model:
         pytest.skip("set HF_TISSUE_VIT_APP_SCREENSHOT_MODEL=OUTPUT_DIR (a real trained model) to write the screenshot")

@@ -482,8 +482,9 @@ def test_missing_split_and_missing_model(script, capsys, colour_model_dir, tiny_
 
 # --------------------------------------------------------------------------- the documented commands
 def _documented_commands() -> list[list[str]]:
-    """The ``python scripts/evaluate.py ...`` commands of docs_evaluate.md, as argv lists."""
-    text = (REPO_ROOT / "docs_evaluate.md").read_text(encoding="utf-8")
+    """The ``python scripts/evaluate.py ...`` commands of README's evaluation section, as argv lists."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.split("## 5. Evaluating a model on labelled tiles", 1)[1].split("\n## 6.", 1)[0]
     commands, current = [], ""
     for line in text.splitlines():
         line = line.strip()
@@ -496,7 +497,7 @@ def _documented_commands() -> list[list[str]]:
 
 
 def test_documented_commands_run(script, capsys, trained_run_dir, tiny_dataset_dir, tmp_path, monkeypatch):
-    """docs_evaluate.md's commands, as typed, in a folder laid out like the project's: outputs/scratch (a
+    """README.md's commands, as typed, in a folder laid out like the project's: outputs/scratch (a
     finetune.py run), data/kather6 (its dataset), ../shared/data/kather2016_tif_sample and CRC-VAL-HE-7K
     (synthetic tiles in the Kather and NCT layouts)."""
     work = tmp_path / "work"

@@ -128,3 +128,14 @@ def test_benchmark_quick_command(tmp_path: Path) -> None:
     results = json.loads((out / "benchmark.json").read_text())
     assert set(results["sections"]) == {"data", "train", "infer"}
     assert (out / "benchmark.md").read_text() in done.stdout  # the tables are printed too
+
+
+def test_ci_runs_the_readme_install_and_test_commands() -> None:
+    """.ci/run installs with README's install command and runs README's test command."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    install = re.search(r'^pip install -e "([^"]+)"', readme, re.M).group(1)
+    assert f'python -m pip install --quiet -e "{install}"' in ci
+    assert "python -m pytest tests -q" in readme and "python -m pytest tests -q" in ci
