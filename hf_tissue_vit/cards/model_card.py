@@ -208,6 +208,7 @@ class ModelCardInfo:
 
 
 _NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy"}
+_METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro F1", "balanced_accuracy": "Balanced accuracy"}
 
 
 def _metric_entries(metrics: dict[str, Any], dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
@@ -217,7 +218,7 @@ def _metric_entries(metrics: dict[str, Any], dataset_name: str, dataset_type: st
     for key, metric_type, extra in (("accuracy", "accuracy", {}), ("balanced_accuracy", "balanced_accuracy", {}),
                                     ("macro_f1", "f1", {"metric_args": {"average": "macro"}})):
         if metrics.get(key) is not None:
-            entries.append(EvalResult(**task, metric_type=metric_type, metric_name=_NAMES[key].capitalize(),
+            entries.append(EvalResult(**task, metric_type=metric_type, metric_name=_METRIC_NAMES[key],
                                       metric_value=float(metrics[key]), **extra))
     return entries
 
