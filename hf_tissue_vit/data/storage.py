@@ -79,11 +79,16 @@ def _is_temp(name: str) -> bool:
     return name.startswith((_TMP_PREFIX, _OLD_PREFIX))
 
 
+def _is_ignorable(name: str) -> bool:
+    """Entries that do not make a folder the user's: our temporaries, a file system's lost+found."""
+    return _is_temp(name) or name == "lost+found"
+
+
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """Absolute output path; error if it cannot be created or written (a file in the way, a read-only
     place), or is a non-empty folder that is not one of our datasets. Writes nothing."""
     out = check_writable_dir(output_dir, "--output_dir")
-    if out.is_dir() and not _is_our_dataset(out) and any(not _is_temp(p.name) for p in out.iterdir()):
+    if out.is_dir() and not _is_our_dataset(out) and any(not _is_ignorable(p.name) for p in out.iterdir()):
         raise ValueError(
             f"--output_dir {out} is not empty and holds no dataset built by hf_tissue_vit ({METADATA_FILE} missing); "
             "pass a new or empty folder"
