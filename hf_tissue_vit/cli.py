@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable, Mapping
 
@@ -10,16 +11,38 @@ from collections.abc import Callable, Mapping
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ConnectionError)
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError that escaped the checks: the path(s), the system's reason and its code.
+
+    ``str(OSError)`` shows ``[Errno 30] Read-only file system: '/x'``; errors without a path (raised
+    by libraries with their own message) are shown as they are.
+    """
+    if err.filename is None:
+        return str(err)
+    paths = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 is not None else "")
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    reason = err.strerror or type(err).__name__
+    return f"{paths}: {reason}{f' ({code})' if code else ''}; check that this path can be written and is not in use"
+
+
 def run_main(
     body: Callable[[list[str] | None], int],
     argv: list[str] | None = None,
     exit_codes: Mapping[type[BaseException], int] | None = None,
 ) -> int:
     """Return ``body(argv)``; on a :data:`USER_ERRORS` exception print ``error: <message>`` to stderr
-    and return 2. ``exit_codes`` maps other exception types to their own status (checked first)."""
+    and return 2. ``exit_codes`` maps other exception types to their own status (checked first).
+
+    Any other OSError (a read-only folder, a busy mount point, a folder where a file must go, ...)
+    that a check did not catch first also becomes one line naming the path (:func:`describe_os_error`),
+    with status 2.
+    """
     handled = {**(exit_codes or {}), **{error: 2 for error in USER_ERRORS if error not in (exit_codes or {})}}
     try:
         return body(argv)
     except tuple(handled) as err:
         print(f"error: {err}", file=sys.stderr)
         return next(code for error, code in handled.items() if isinstance(err, error))
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 2

@@ -1,9 +1,13 @@
 """Atomic file output: write to a temp file in the target's folder, then ``os.replace`` it into place.
 
 A reader (or a resumed run) then sees either the old file or the complete new one, never a
-partial write. ``tempfile.mkstemp`` creates files with mode 0600; the helpers here give the
-result the permissions ``open()`` would have given it (``0o666 & ~umask``), so outputs stay
-readable by the group/other users the umask allows.
+partial write. :func:`check_writable_dir` / :func:`check_writable_file` refuse an output that cannot be
+written before any work starts; :func:`temp_name` / :func:`remove_stale_temps` name temporaries after
+the process that made them, so a later run can remove those of a killed one.
+
+``tempfile.mkstemp`` creates files with mode 0600; the helpers here give the result the permissions
+``open()`` would have given it (``0o666 & ~umask``), so outputs stay readable by the group/other users
+the umask allows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +107,90 @@ def fix_permissions(folder: str | os.PathLike, pattern: str = "*.safetensors") -
             os.chmod(path, mode)
             changed.append(path)
     return changed
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (a dangling symlink counts as existing)."""
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_write(folder: Path, flag: str, target: Path) -> None:
+    """Create and remove a temp file in ``folder``; ValueError naming ``flag`` and ``target`` if that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hf_tissue_vit-write-test-")
+    except OSError as err:
+        where = "" if folder == target else f" (its nearest existing folder {folder})"
+        raise ValueError(f"{flag} {target} cannot be written{where}: {err.strerror or err}; "
+                         "choose a location you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """The absolute ``path`` if it is a folder that exists and can be written, or can be created.
+
+    Raises ValueError (naming ``flag``) when a file is where the folder or one of its parents must go,
+    or when the folder (or, if it does not exist, its nearest existing parent) is not writable. Nothing
+    is left behind: the check is a temp file created and removed at once. Run it before long work.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = _nearest_existing(target)
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"cannot be created: {existing} is a file"
+        raise ValueError(f"{flag} {target} {what}, not a folder; pass another path or move the file")
+    _probe_write(existing, flag, target)
+    return target
+
+
+def check_writable_file(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """The absolute ``path`` if a file can be written there (by :func:`atomic_write`: a temp file in its
+    folder, then renamed); ValueError naming ``flag`` when it is a folder, a parent is a file, or the
+    folder is not writable. Creates nothing."""
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise ValueError(f"{flag} {target} is a folder; give a file path (e.g. {target / 'predictions.csv'})")
+    existing = _nearest_existing(target.parent)
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {target} cannot be created: {existing} is a file, not a folder")
+    _probe_write(existing, flag, target)
+    return target
+
+
+def temp_name(prefix: str, suffix: str = "") -> str:
+    """``<prefix><pid>-<random><suffix>``: a temporary's name that says which process made it."""
+    return f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a process of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the :func:`temp_name` files and folders in ``folder`` whose process is gone (e.g. killed);
+    returns what was removed. Temporaries of running processes are left alone."""
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[0-9a-f]+{re.escape(suffix)}")
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or process_alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        logger.info("removed %s, left by a process that is gone", path)
+        removed.append(path)
+    return removed

@@ -82,17 +82,24 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
 
     The package's model card (README.md) is rendered again first, so it names ``repo_id``; a card the
     folder's author wrote is pushed as it is unless ``replace_user_card`` (see ``write_model_card``).
-    Only MODEL_FILES are uploaded; pushing again makes a new commit on the same repo (files that did
-    not change are skipped). ``revision`` is a branch, created from main when missing.
+    The folder is checked first (:func:`hf_tissue_vit.modelfolder.check_model_folder`: an unfinished
+    finetune.py run is refused) and must be writable. Only MODEL_FILES are uploaded; pushing again
+    makes a new commit on the same repo (files that did not change are skipped). ``revision`` is a
+    branch, created from main when missing.
     """
+    from .fileio import check_writable_dir
+    from .modelfolder import check_model_folder
+
     output_dir = Path(output_dir)
     check_repo_id(repo_id)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"output dir {output_dir} does not exist: pass the --output_dir of a training run")
+    check_model_folder(output_dir, "output_dir")  # an unfinished run is refused, naming what is missing
     missing = [name for name in REQUIRED_MODEL_FILES if not (output_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{output_dir} lacks {', '.join(missing)}: it is not a finished training output "
                                 "dir (train first, or point at the run's --output_dir)")
+    check_writable_dir(output_dir, "output_dir")  # the card is rendered into it before the upload
 
     write_model_card(output_dir, repo_id, replace_user_card=replace_user_card, license=license,
                      base_model=base_model, dataset_id=dataset_id)

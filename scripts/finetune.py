@@ -47,7 +47,7 @@ def _run(argv: list[str] | None) -> int:
     if training_args.process_index == 0:
         summary = {k: results[k] for k in SUMMARY_KEYS if k in results}
         print(json.dumps(summary, indent=2))
-        print(f"outputs written to {training_args.output_dir}")
+        print(f"outputs in {training_args.output_dir}")
     return 0
 
 

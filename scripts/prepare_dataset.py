@@ -16,7 +16,6 @@ Your own tiles (class folders or train/ val/ test/), with their resolution in mi
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from hf_tissue_vit.data import (
     SPLIT_MODES,
     build_dataset_with_report,
     check_hub_id,
+    check_md5,
     check_mpp,
     check_output_dir,
     push_dataset,
@@ -36,6 +36,7 @@ from hf_tissue_vit.data import (
     record_hub_dataset_id,
     save_dataset,
 )
+from hf_tissue_vit.hub import HubAuthError
 
 
 @dataclass
@@ -76,10 +77,7 @@ class PrepareArguments:
         check_mpp(self.mpp, "--mpp")
         if self.private and not self.push_to_hub:
             raise ValueError("--private only applies with --push_to_hub")
-        if self.md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
-            raise ValueError(f"--md5 must be 32 hex digits, got {self.md5!r}")
-        if self.md5:
-            self.md5 = self.md5.lower()
+        self.md5 = check_md5(self.md5, "--md5")
 
 
 def _run(argv: list[str] | None) -> int:
@@ -103,8 +101,9 @@ def _run(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build, save (and optionally push) the dataset; 2 on bad input."""
-    return run_main(_run, argv)
+    """Build, save (and optionally push) the dataset; 2 on bad input, 1 when the Hub refuses the token
+    (the dataset is saved by then; rerun with a valid token to push it)."""
+    return run_main(_run, argv, exit_codes={HubAuthError: 1})
 
 
 if __name__ == "__main__":

@@ -439,8 +439,8 @@ def test_load_tissue_dataset(tiny_dataset_dir: Path) -> None:
 def test_load_tissue_dataset_errors(tiny_dataset_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tissue_dataset(tmp_path / "missing")
-    (tmp_path / ".half.tmp-abc").mkdir()
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    (tmp_path / "half" / ".hf_tissue_vit-tmp-123-abcd").mkdir(parents=True)  # a first build was killed
+    with pytest.raises(ValueError, match="did not finish"):
         load_tissue_dataset(tmp_path / "half")
     (tmp_path / "junk").mkdir()
     with pytest.raises(ValueError, match="dataset_dict.json"):
@@ -581,7 +581,8 @@ def test_download_good_checksum_builds_and_is_reused(zip_server, tmp_path: Path)
     cache = tmp_path / "cache"
     dataset, report = build_dataset_with_report(None, url=f"{base}/good/kather.zip", md5=md5, cache_dir=cache)
     assert sum(ds.num_rows for ds in dataset.values()) == 60 and report.source_kind == "release_zip"
-    assert sorted(p.name for p in cache.iterdir()) == ["kather.zip"]
+    cached = data.cached_zip_path(f"{base}/good/kather.zip", cache)
+    assert [p for p in cache.rglob("*") if p.is_file()] == [cached] and cached.name == "kather.zip"
     again = build_dataset(None, url=f"{base}/good/kather.zip", md5=md5, cache_dir=cache)
     assert requests["/good/kather.zip"] == 1
     assert split_files(again) == split_files(dataset)
@@ -592,9 +593,9 @@ def test_download_bad_checksum_caches_nothing(zip_server, tmp_path: Path) -> Non
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="checksum mismatch"):
         download_kather_zip(f"{base}/good/kather.zip", md5="f" * 32, cache_dir=cache)
-    assert list(cache.iterdir()) == []
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
     # a wrong file in the cache is not trusted either: it is fetched again
-    (cache / "kather.zip").write_bytes(b"stale")
+    data.cached_zip_path(f"{base}/good/kather.zip", cache).write_bytes(b"stale")
     assert download_kather_zip(f"{base}/good/kather.zip", md5=md5, cache_dir=cache).read_bytes()[:2] == b"PK"
     assert requests["/good/kather.zip"] == 2
 
@@ -604,7 +605,7 @@ def test_download_cut_connection_caches_nothing(zip_server, tmp_path: Path) -> N
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError, match="connection cut"):
         download_kather_zip(f"{base}/cut/kather.zip", md5=md5, cache_dir=cache)
-    assert list(cache.iterdir()) == []
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
     with pytest.raises(DownloadError, match="404"):
         download_kather_zip(f"{base}/missing.zip", md5=md5, cache_dir=cache)
 

@@ -13,9 +13,13 @@ from hf_tissue_vit.fileio import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    check_writable_dir,
+    check_writable_file,
     default_mode,
     fix_permissions,
+    remove_stale_temps,
     save_figure_atomic,
+    temp_name,
 )
 
 
@@ -76,3 +80,49 @@ def test_fix_permissions_opens_private_weights(tmp_path: Path, umask_022) -> Non
     (tmp_path / "config.json").write_text("{}")
     assert fix_permissions(tmp_path) == [weights]
     assert _mode(weights) == 0o644 and fix_permissions(tmp_path) == []
+
+
+def test_writable_checks_name_what_is_in_the_way_and_create_nothing(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert check_writable_dir(tmp_path / "new" / "deeper", "--output_dir") == tmp_path / "new" / "deeper"
+    assert check_writable_file(tmp_path / "new" / "out.csv", "--output") == tmp_path / "new" / "out.csv"
+    with pytest.raises(ValueError, match=r"--output_dir .*afile is a file, not a folder"):
+        check_writable_dir(tmp_path / "afile", "--output_dir")
+    with pytest.raises(ValueError, match=r"--output_dir .*/afile/run cannot be created: .*afile is a file"):
+        check_writable_dir(tmp_path / "afile" / "run", "--output_dir")
+    with pytest.raises(ValueError, match=r"--output .* is a folder; give a file path"):
+        check_writable_file(tmp_path, "--output")
+    with pytest.raises(ValueError, match=r"--output .*/afile/x.csv cannot be created: .*afile is a file"):
+        check_writable_file(tmp_path / "afile" / "x.csv", "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the checks left nothing behind
+
+
+def test_unwritable_folder_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A folder the process cannot write (read-only mount, permissions): the probe file cannot be made."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ValueError, match=r"--output_dir .*/out cannot be written \(its nearest existing folder "
+                                         r".*\): Permission denied"):
+        check_writable_dir(tmp_path / "out", "--output_dir")
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = tmp_path / f".x-tmp-{dead}-0a1b2c3d"
+    (stale / "inside").mkdir(parents=True)
+    (tmp_path / f".x-tmp-{dead}-ffff0000.part").write_text("half")
+    mine = tmp_path / temp_name(".x-tmp-")
+    mine.mkdir()
+    other = tmp_path / f".y-tmp-{dead}-0a1b2c3d"
+    other.mkdir()
+    assert remove_stale_temps(tmp_path, ".x-tmp-") == [stale]
+    assert remove_stale_temps(tmp_path, ".x-tmp-", ".part") == [tmp_path / f".x-tmp-{dead}-ffff0000.part"]
+    assert mine.is_dir() and other.is_dir()  # a running process's temporary and another prefix stay

@@ -123,6 +123,7 @@ def make_output_dir(path: Path) -> Path:
     }
     (path / "all_results.json").write_text(json.dumps(results, indent=2))
     (path / "hf_tissue_vit_run.json").write_text("{}")  # the mark of a finetune.py output dir
+    (path / "hf_tissue_vit_complete.json").write_text("{}")  # ... whose run has finished
     header = "filename,label,prediction," + ",".join(CLASS_NAMES)
     (path / "test_predictions.csv").write_text(header + "\na.tif,Tumor,Tumor," + ",".join(["0.1666"] * 6) + "\n")
     for name in ("confusion_matrix.png", "training_curves.png"):
@@ -250,7 +251,8 @@ def test_push_keeps_a_users_own_card(hub, tmp_path, tmp_path_factory):
     url, server = hub
     folder = tmp_path / "plain"
     shutil.copytree(make_output_dir(tmp_path / "base"), folder)
-    (folder / "hf_tissue_vit_run.json").unlink()
+    for name in ("hf_tissue_vit_run.json", "hf_tissue_vit_complete.json"):
+        (folder / name).unlink()
     (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.7, "epoch": 3.0}))
     own = "---\nbase_model: google/vit-base-patch16-224\nlicense: apache-2.0\n---\n\n# mine\n\nMy words.\n"
     (folder / "README.md").write_text(own)

@@ -344,7 +344,8 @@ def _resume_args(dataset_dir: Path, out: Path) -> list[str]:
     return [sys.executable, str(SCRIPT), *TINY_MODEL, *FAST, "--dataset_dir", str(dataset_dir), "--output_dir",
             str(out), "--num_train_epochs", "5", "--eval_strategy", "steps", "--save_strategy", "steps",
             "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--logging_strategy", "steps",
-            "--hidden_dropout_prob", "0.1", "--data_seed", "3", "--patch_keep", "0.6", "--ema_decay", "0.8"]  # fmt: skip
+            "--hidden_dropout_prob", "0.1", "--data_seed", "3", "--patch_keep", "0.6",
+            "--ema_decay", "0.8"]  # fmt: skip
 
 
 def test_offline_without_dataset_names_finetune_flags(tmp_path: Path, monkeypatch, capsys):
@@ -392,6 +393,12 @@ def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_pa
     assert (reference / "test_predictions.csv").read_text() == (resumed / "test_predictions.csv").read_text()
     wa, wb = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the results describe the whole run, not only the part after the resume
+    first, second = b["train_pieces"]
+    last = json.loads((resumed / "trainer_state.json").read_text())["global_step"]
+    assert first["from_step"] == 0 and first["to_step"] == second["from_step"] >= 4 and second["to_step"] == last
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    assert b["train_runtime"] == pytest.approx(first["runtime"] + second["runtime"], abs=1e-3)
 
 
 def test_ema_run_selects_and_saves_the_weight_average(tiny_dataset_dir: Path, tmp_path: Path):

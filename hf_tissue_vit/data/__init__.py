@@ -26,6 +26,8 @@ from .card import DatasetCardInfo, dataset_card
 from .download import (
     DEFAULT_DOWNLOAD_TIMEOUT,
     DownloadError,
+    cached_zip_path,
+    check_md5,
     default_cache_dir,
     download_kather_zip,
     md5_of_file,
@@ -67,7 +69,9 @@ __all__ = [
     "DownloadError",
     "build_dataset",
     "build_dataset_with_report",
+    "cached_zip_path",
     "check_hub_id",
+    "check_md5",
     "check_mpp",
     "check_output_dir",
     "class_name_for",

@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict
 
 from ..constants import ALL_CLASS_NAMES, CLASS_NAMES, KATHER_MPP, TILE_SIZE, ZENODO_URL
 from .decode import Tile, decode_entries, duplicate_groups
-from .download import download_kather_zip, md5_of_file, release_location
+from .download import check_md5, download_kather_zip, md5_of_file, release_location
 from .hub_source import check_hub_id, hub_entries, is_hub_id
 from .report import BuildReport
 from .schema import SLIDE_PATTERN, SPLITS, dataset_features, split_class_counts
@@ -184,7 +184,8 @@ def build_dataset_with_report(
     start = time.perf_counter()
     if split_by not in SPLIT_MODES:
         raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}")
-    check_mpp(mpp)  # a bad value fails before any work
+    check_mpp(mpp)  # bad values fail before any work
+    md5 = check_md5(md5)
     class_names = list(ALL_CLASS_NAMES if keep_all_classes else CLASS_NAMES)
     kind, where = resolve_source(source, source_type)
     kind, where, shown = _local_source(kind, where, md5, url, cache_dir)

@@ -1,4 +1,8 @@
-"""Download of the Kather release zip (Zenodo) into the HF cache, checked by MD5."""
+"""Download of the Kather release zip (Zenodo) into the HF cache, checked by MD5.
+
+The cache is keyed by URL: ``<cache>/<sha256(url)[:16]>/<file name>``, so two URLs with the same file
+name never share a download. An expected MD5 is checked on every use of a cached file.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +21,7 @@ from huggingface_hub import constants as hf_constants
 
 from .. import __version__
 from ..constants import ZENODO_MD5, ZENODO_URL
+from ..fileio import remove_stale_temps, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,23 @@ class DownloadError(ConnectionError):
 def default_cache_dir() -> Path:
     """Where the Kather zip is cached: ``$HF_HOME/hf_tissue_vit/downloads``."""
     return Path(hf_constants.HF_HOME) / "hf_tissue_vit" / "downloads"
+
+
+def check_md5(md5: str | None, where: str = "--md5") -> str | None:
+    """``md5`` in lower case if it is 32 hex digits (None passes); ValueError naming ``where`` otherwise."""
+    if md5 is None:
+        return None
+    text = str(md5).strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise ValueError(f"{where} must be an MD5 checksum of 32 hex digits, got {md5!r}")
+    return text.lower()
+
+
+def cached_zip_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the download of ``url`` is cached (one folder per URL, the file keeps its name)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "download.zip"
+    return cache / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] / name
 
 
 def md5_of_file(path: str | os.PathLike) -> str:
@@ -100,25 +123,37 @@ def _fetch(url: str, part: Path, timeout: float) -> tuple[str, int]:
     return digest.hexdigest(), received
 
 
+def _adopt_unkeyed(final: Path, md5: str | None) -> None:
+    """A zip cached by an older version as ``<cache>/<name>`` is moved to its URL's place when it has the
+    expected MD5 (without one, it cannot be told apart from another URL's file and is left alone)."""
+    legacy = final.parent.parent / final.name
+    if md5 is not None and not final.exists() and legacy.is_file() and md5_of_file(legacy) == md5:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, final)
+        logger.info("moved the cached %s to %s", legacy, final)
+
+
 def download_kather_zip(
     url: str = ZENODO_URL, md5: str | None = ZENODO_MD5, cache_dir: str | os.PathLike | None = None,
     timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
 ) -> Path:
-    """Download ``url`` into the cache (once), check its MD5, and return the zip's path.
+    """Download ``url`` into the cache (once per URL, see :func:`cached_zip_path`), check its MD5 (any
+    case), and return the zip's path.
 
-    The bytes go to ``<name>.part`` and are renamed only after the checksum matched, so a cut
-    connection or a wrong file never looks like a complete download. A cached zip with the right
-    checksum is reused without any request.
+    The bytes go to a ``.part`` file and are renamed only after the checksum matched, so a cut
+    connection or a wrong file never looks like a complete download; ``.part`` files of killed
+    downloads are removed. A cached zip with the right checksum is reused without any request.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "download.zip"
-    final = cache / name
+    md5 = check_md5(md5, "md5")
+    final = cached_zip_path(url, cache_dir)
+    _adopt_unkeyed(final, md5)
     if _cached(final, md5):
         return final
     if _offline():
         raise DownloadError(f"offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) forbids downloading {url}")
-    cache.mkdir(parents=True, exist_ok=True)
-    part = cache / f"{name}.{os.getpid()}.part"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent, f".{final.name}.", ".part")
+    part = final.parent / temp_name(f".{final.name}.", ".part")
     logger.info("downloading %s to %s", url, final)
     actual, received = _fetch(url, part, timeout)
     if md5 is not None and actual != md5:
@@ -135,11 +170,13 @@ def release_location(url: str = ZENODO_URL, md5: str | None = None) -> tuple[str
     """(URL, MD5) to download for ``url``: for the Zenodo URL, the release's MD5 is checked.
 
     ``HF_TISSUE_VIT_KATHER_URL`` / ``HF_TISSUE_VIT_KATHER_MD5`` replace the Zenodo URL, so a mirror
-    of the release (or a test server) can stand in for Zenodo without changing code.
+    of the release (or a test server) can stand in for Zenodo without changing code. An MD5 is checked
+    to be 32 hex digits (in any case) before anything is downloaded.
     """
+    md5 = check_md5(md5)
     if url == ZENODO_URL:
         url = os.environ.get("HF_TISSUE_VIT_KATHER_URL", url)
-        md5 = md5 or os.environ.get("HF_TISSUE_VIT_KATHER_MD5")
+        md5 = md5 or check_md5(os.environ.get("HF_TISSUE_VIT_KATHER_MD5") or None, "HF_TISSUE_VIT_KATHER_MD5")
     if md5 is None and url == ZENODO_URL:
         md5 = ZENODO_MD5
     return url, md5

@@ -123,12 +123,19 @@ class _Tree:
     source: str
     class_names: Sequence[str]
     report: BuildReport
+    folders: Sequence[str] = ()  # every folder of the source (``a/b``), also those without image files
+
+    def subfolders(self, base: str, below: Sequence[str]) -> set[str]:
+        """The folders directly in ``base``: those holding images, and empty ones (so they are not 'missing')."""
+        names = {p.split("/")[0] for p in below if "/" in p}
+        names |= {f[len(base):].split("/")[0] for f in self.folders if f.startswith(base) and len(f) > len(base)}
+        return {name for name in names if name and not _is_os_junk(name)}
 
     def entries_under(self, base: str, split: str | None, prefix: str, used: set[str]) -> list[Entry]:
         """Entries of the class folders in ``base``; adds each file it takes to ``used``."""
         below = [p[len(base):] for p in self.images if p.startswith(base)]
         where = f"source {self.source!r}" + (f" split {split!r}" if split else "")
-        mapping, unknown = _class_folders({p.split("/")[0] for p in below if "/" in p}, self.class_names, where)
+        mapping, unknown = _class_folders(self.subfolders(base, below), self.class_names, where)
         if unknown:
             logger.warning("ignoring folder(s) that are no Kather class: %s", ", ".join(base + u for u in unknown))
         entries = []
@@ -142,11 +149,11 @@ class _Tree:
                 continue
             entries.append(Entry(name=(base + rel)[len(prefix):], class_name=name, read=self.reader(base + rel),
                                  split=split))
+        folder_of = {name: folder for folder, name in mapping.items()}
         for name in self.class_names:
             if not any(e.class_name == name for e in entries):
-                raise ValueError(
-                    f"source {self.source!r}: class folder {base}{FOLDER_OF_CLASS[name]} has no image files"
-                )
+                folder = folder_of.get(name, FOLDER_OF_CLASS[name])
+                raise ValueError(f"source {self.source!r}: class folder {base}{folder} is empty (no image files)")
         return entries
 
 
@@ -165,9 +172,9 @@ def _note_ignored(files: Sequence[str], used: set[str], report: BuildReport) -> 
 
 def tree_entries(
     files: Sequence[str], reader: Reader, source: str, class_names: Sequence[str], report: BuildReport,
-    container: str, expected_kind: str = "auto",
+    container: str, expected_kind: str = "auto", folders: Sequence[str] = (),
 ) -> list[Entry]:
-    """Entries of a release or split layout given the file list of a folder or a zip."""
+    """Entries of a release or split layout given the file list (and the folders) of a folder or a zip."""
     images = [f for f in files if _is_image_name(f)]
     if not images:
         raise ValueError(
@@ -183,7 +190,7 @@ def tree_entries(
         raise ValueError(f"--source_type {expected_kind} was given, but {source!r} looks like a {kind} layout")
     prefix = f"{root}/" if root else ""
     groups = _split_folders(images, prefix, source) if kind == "split" else [(None, prefix)]
-    tree = _Tree(images, reader, source, class_names, report)
+    tree = _Tree(images, reader, source, class_names, report, folders)
     used: set[str] = set()
     entries = [e for split, base in groups for e in tree.entries_under(base, split, prefix, used)]
     _note_ignored(files, used, report)
@@ -194,19 +201,23 @@ def tree_entries(
 def folder_entries(root: Path, class_names: Sequence[str], report: BuildReport, expected_kind: str) -> list[Entry]:
     """Entries of a folder on disk (symlinked folders followed)."""
     files: list[str] = []
+    folders: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         rel = Path(dirpath).relative_to(root).as_posix()
         files.extend(f if rel == "." else f"{rel}/{f}" for f in filenames)
+        folders.extend(d if rel == "." else f"{rel}/{d}" for d in dirnames)
     files.sort()
-    return tree_entries(
-        files, lambda p: lambda: (root / p).read_bytes(), str(root), class_names, report, "folder", expected_kind
-    )
+    return tree_entries(files, lambda p: lambda: (root / p).read_bytes(), str(root), class_names, report, "folder",
+                        expected_kind, folders)
 
 
 def zip_entries(zf: zipfile.ZipFile, source: str, class_names: Sequence[str], report: BuildReport,
                 expected_kind: str) -> list[Entry]:
     """Entries of an open zip; they read from ``zf``, so decode them before it is closed."""
     files = sorted(n for n in zf.namelist() if n and not n.endswith("/"))
+    folders = sorted({n.rstrip("/") for n in zf.namelist() if n.endswith("/")}
+                     | {f.rsplit("/", 1)[0] for f in files if "/" in f})
     # Zip readers are not thread-safe, but decoding here is sequential.
-    return tree_entries(files, lambda p: (lambda: zf.read(p)), source, class_names, report, "zip", expected_kind)
+    return tree_entries(files, lambda p: (lambda: zf.read(p)), source, class_names, report, "zip", expected_kind,
+                        folders)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,13 @@ from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
 
 from .. import __version__
-from ..fileio import atomic_write_json, atomic_write_text, default_mode
+from ..fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    remove_stale_temps,
+    temp_name,
+)
 from .card import dataset_card
 from .report import BuildReport
 from .schema import SPLITS, describe_columns, split_class_counts, split_name_for
@@ -30,6 +35,9 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "hf_tissue_vit_dataset.json"
 _TOP_LEVEL = ("source", "source_kind", "split_by", "seed", "class_names", "split_slides")
 _NOT_CHECKS = ("split_class_counts", "build_seconds", "mpp")
+# Temporaries of a save, inside the output folder, named after the saving process (fileio.temp_name).
+_TMP_PREFIX = ".hf_tissue_vit-tmp-"
+_OLD_PREFIX = ".hf_tissue_vit-old-"
 
 
 def dataset_metadata(
@@ -67,12 +75,20 @@ def _is_our_dataset(path: Path) -> bool:
         return False
 
 
+def _is_temp(name: str) -> bool:
+    return name.startswith((_TMP_PREFIX, _OLD_PREFIX))
+
+
+def _is_ignorable(name: str) -> bool:
+    """Entries that do not make a folder the user's: our temporaries, a file system's lost+found."""
+    return _is_temp(name) or name == "lost+found"
+
+
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Absolute output path; error if it is a file or a non-empty folder that is not one of our datasets."""
-    out = Path(output_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not _is_our_dataset(out):
+    """Absolute output path; error if it cannot be created or written (a file in the way, a read-only
+    place), or is a non-empty folder that is not one of our datasets. Writes nothing."""
+    out = check_writable_dir(output_dir, "--output_dir")
+    if out.is_dir() and not _is_our_dataset(out) and any(not _is_ignorable(p.name) for p in out.iterdir()):
         raise ValueError(
             f"--output_dir {out} is not empty and holds no dataset built by hf_tissue_vit ({METADATA_FILE} missing); "
             "pass a new or empty folder"
@@ -86,35 +102,66 @@ def _write_extras(folder: Path, metadata: dict[str, Any]) -> None:
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
 
+def _package_entries(out: Path) -> set[str]:
+    """The names of what a previous save wrote into ``out``: its splits, dataset_dict.json, card, metadata."""
+    names = {"dataset_dict.json", "README.md", METADATA_FILE}
+    try:
+        splits = json.loads((out / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or []
+    except (OSError, ValueError, AttributeError):
+        splits = []
+    return names | {str(split) for split in splits if "/" not in str(split) and str(split) not in ("", ".", "..")}
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the package's entries of ``out`` by those of ``new`` (a folder inside ``out``), entry by entry.
+
+    The user's other files stay. dataset_dict.json goes first and comes back last, so no loader sees a
+    mix of two builds; the metadata file (the mark of our folder) is replaced in one rename and so is
+    always there, and a rebuild after a kill mid-swap is accepted.
+    """
+    incoming = {p.name for p in new.iterdir()}
+    first, last = [n for n in (METADATA_FILE,) if n in incoming], [n for n in ("dataset_dict.json",) if n in incoming]
+    ordered = first + sorted(incoming - {METADATA_FILE, "dataset_dict.json"}) + last
+    trash = out / temp_name(_OLD_PREFIX)
+    trash.mkdir()
+    leaving = (_package_entries(out) | incoming) - {METADATA_FILE}
+    for name in ["dataset_dict.json", *sorted(leaving - {"dataset_dict.json"})]:
+        if (out / name).exists() or (out / name).is_symlink():
+            os.replace(out / name, trash / name)
+    for name in ordered:
+        os.replace(new / name, out / name)
+    shutil.rmtree(trash, ignore_errors=True)
+    new.rmdir()
+
+
 def save_dataset(
     dataset_dict: DatasetDict, output_dir: str | os.PathLike, *, report: BuildReport | None = None,
     hub_dataset_id: str | None = None,
 ) -> Path:
-    """Save atomically: ``save_to_disk`` + card + metadata into a temp folder, then rename it into place.
+    """Save: ``save_to_disk`` + card + metadata into a temporary folder inside ``output_dir``, then move
+    its entries into place (see :func:`_swap_in`).
 
-    A previous dataset of ours at ``output_dir`` is replaced only once the new one is complete;
-    a non-empty folder of anything else is refused.
+    A previous dataset of ours at ``output_dir`` is replaced only once the new one is complete, and
+    only what the package wrote is replaced: the user's other files there (notes, scripts) stay. A
+    non-empty folder of anything else is refused. Temporaries left by a killed save are removed first.
+    Saving inside the folder, not next to it, also works when ``output_dir`` is a mount point.
     """
     out = check_output_dir(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for prefix in (_TMP_PREFIX, _OLD_PREFIX):
+        remove_stale_temps(out, prefix)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     metadata = dataset_metadata(dataset_dict, report, hub_dataset_id)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
+    tmp = out / temp_name(_TMP_PREFIX)
     try:
         dataset_dict.save_to_disk(str(tmp))
         _write_extras(tmp, metadata)
-        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; the dataset should not be
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     logger.info("saved dataset to %s (%s)", out, metadata["split_sizes"])
     return out
 
@@ -146,11 +193,10 @@ def push_dataset(
 # --------------------------------------------------------------------------------------------
 def _load_from_dir(path: Path, where: str) -> Any:
     if not path.exists():
-        partial = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
-        hint = (f"; a build into it did not finish (found {partial[0]}): run scripts/prepare_dataset.py again"
-                if partial else "; build it with scripts/prepare_dataset.py --output_dir " + str(path))
-        raise FileNotFoundError(f"{where} does not exist{hint}")
+        raise FileNotFoundError(f"{where} does not exist; build it with scripts/prepare_dataset.py --output_dir {path}")
     if not (path / "dataset_dict.json").is_file():
+        if _is_our_dataset(path) or any(_is_temp(p.name) for p in path.iterdir()):
+            raise ValueError(f"{where}: a build into it did not finish; run scripts/prepare_dataset.py again")
         what = (
             "a single split (Dataset), not train/validation/test"
             if (path / "state.json").is_file()

@@ -4,7 +4,9 @@ Modules, in the order a run uses them:
 
 - :mod:`.arguments`: ``ModelArguments``, ``DataArguments``, ``TissueTrainingArguments``, YAML recipes,
   :func:`parse_args`.
-- :mod:`.rundir`: the run signature that owns an output dir, resume from the last complete checkpoint.
+- :mod:`.rundir`: the run signature that owns an output dir, resume from the last complete checkpoint,
+  a finished run left as it is, a restarted run's old final files removed.
+- :mod:`.progress`: runtime and loss of the whole run across resumes (a record in every checkpoint).
 - :mod:`.tiles`: tiles decoded once into uint8 tensors (cached), :class:`TileDataset`,
   :class:`TileCollator` (batched augmentation in the DataLoader workers).
 - :mod:`.ema`, :mod:`.trainer`: the weight average and :class:`TissueTrainer`.
@@ -29,6 +31,7 @@ from .outputs import (
     write_json_atomic,
     write_predictions_csv,
 )
+from .progress import PROGRESS_FILE, TrainingProgress
 from .run import (
     NO_DOWNLOAD_HINT,
     RunPlan,
@@ -41,9 +44,12 @@ from .run import (
 )
 from .rundir import (
     RUN_FILE,
+    RUN_OUTPUT_FILES,
     check_output_dir,
     claim_output_dir,
+    finished_run,
     last_complete_checkpoint,
+    remove_run_outputs,
     run_signature,
 )
 from .tiles import (
@@ -58,8 +64,9 @@ from .tiles import (
 from .trainer import TissueTrainer, make_compute_metrics
 
 __all__ = [
-    "ARG_CLASSES", "DECODE_CACHE_VERSION", "EMA_FILE", "NO_DOWNLOAD_HINT", "PREDICTION_COLUMNS", "RESULTS_FILE",
-    "RUN_FILE", "DataArguments", "EMACallback", "EpochCallback", "ModelArguments", "RunPlan", "TestPredictions",
+    "ARG_CLASSES", "DECODE_CACHE_VERSION", "EMA_FILE", "NO_DOWNLOAD_HINT", "PREDICTION_COLUMNS", "PROGRESS_FILE",
+    "RESULTS_FILE", "RUN_FILE", "RUN_OUTPUT_FILES", "TrainingProgress", "finished_run", "remove_run_outputs",
+    "DataArguments", "EMACallback", "EpochCallback", "ModelArguments", "RunPlan", "TestPredictions",
     "TileCollator", "TileDataset", "TissueTrainer", "TissueTrainingArguments", "TrainingData", "WeightEMA",
     "check_output_dir", "claim_output_dir", "decode_tiles", "default_dataset_dir", "default_decode_cache_dir",
     "evaluate_test", "last_complete_checkpoint", "load_dataset_for_training", "load_recipe", "load_training_data",

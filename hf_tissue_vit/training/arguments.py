@@ -7,6 +7,7 @@ Values that need no file or network are checked in ``__post_init__``; the run's 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 from transformers.integrations import is_tensorboard_available
 
 from .. import hardware
@@ -226,7 +228,24 @@ class TissueTrainingArguments(TrainingArguments):
         if self.early_stopping_patience and not self.load_best_model_at_end:
             raise ValueError("--early_stopping_patience needs --load_best_model_at_end true")
 
+    def _check_schedule(self) -> None:
+        """Batch sizes, learning rate and length: errors Trainer would hit only once training (or the first
+        evaluation) started, after the output dir was claimed; and a run that would train nothing."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"--learning_rate must be a positive number (e.g. 1e-4), got {self.learning_rate}; "
+                             "with 0 the model would not train")
+        if self.max_steps is None or self.max_steps <= 0:
+            epochs = self.num_train_epochs
+            if not (math.isfinite(epochs) and epochs > 0):
+                raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps > 0), got {epochs}; "
+                                 "with 0 the run would save an untrained model")
+
     def _check_package_options(self) -> None:
+        self._check_schedule()
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.n_bootstrap < 0:
@@ -272,16 +291,39 @@ def load_recipe(parser: HfArgumentParser, path: str) -> dict[str, Any]:
         raise ValueError(f"--config {path}: not valid YAML ({err})") from err
     if not isinstance(values, dict):
         # ValueError, not TypeError: a bad recipe is the user's to fix (cli.run_main reports ValueError)
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values")  # noqa: TRY004
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
     values.update(values.pop("augmentation", None) or {})
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {unknown}; keys must be finetune.py flag names")
     values.pop("config", None)
-    # argparse converts string defaults with the flag's type but leaves other values as they are;
-    # YAML reads "1e-3" as a string, which the float type then converts.
-    return values
+    actions = {action.dest: action for action in parser._actions}
+    return {key: _recipe_value(path, key, value, actions[key]) for key, value in values.items()}
+
+
+def _recipe_value(path: str, key: str, value: Any, action: Any) -> Any:
+    """A recipe value converted with its flag's type (argparse leaves non-string defaults as they are, so a
+    wrong type would surface later under the flag's name only); ValueError naming the recipe key."""
+    if value is None:
+        return None
+    many = action.nargs in ("+", "*")
+    items = value if isinstance(value, list) else [value]
+    try:
+        if isinstance(value, dict) or (isinstance(value, list) and not many):
+            raise ValueError("expected a single value")
+        if isinstance(value, float) and action.type is int and not value.is_integer():
+            raise ValueError("expected a whole number")
+        converted = [action.type(item if isinstance(item, str) else str(item)) if action.type else item
+                     for item in items]
+        if action.choices is not None and any(item not in action.choices for item in converted):
+            raise ValueError(f"expected one of {list(action.choices)}")
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        kind = ("choice" if action.choices is not None else "true/false" if action.type is string_to_bool
+                else getattr(action.type, "__name__", "value"))
+        raise ValueError(f"--config {path}: key {key}: {value!r} is not a valid {kind} for --{action.dest} "
+                         f"({err})") from None
+    return converted if many else converted[0]
 
 
 def _config_flag(argv: list[str]) -> str | None:

@@ -23,8 +23,9 @@ from .trainer import TissueTrainer
 logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
-RESULTS_FILE = "all_results.json"  # written last: it marks a finished run
-_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits")  # copied from the dataset folder's metadata
+RESULTS_FILE = "all_results.json"
+# copied from the dataset folder's metadata
+_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -103,15 +104,17 @@ def _figure(path: Path, draw: Any, *args: Any, **kwargs: Any) -> None:
     """Call a metrics.plot_* function (it writes atomically); a failed figure must not cost the model."""
     try:
         draw(*args, str(path), **kwargs)
-    except Exception as err:  # noqa: BLE001 - matplotlib failures vary
+    except Exception as err:
         logger.warning("could not write %s: %s", path, err)
 
 
 def write_outputs(
     trainer: TissueTrainer, results: dict[str, Any], predictions: TestPredictions | None, push: bool
 ) -> None:
-    """Predictions CSV, figures, all_results.json (last: it marks a finished run), card, push."""
+    """Predictions CSV, figures, all_results.json, card, then the completion marker (the folder is a
+    finished run from then on: :func:`hf_tissue_vit.modelfolder.mark_run_complete`), then the push."""
     from .. import cards, metrics
+    from ..modelfolder import mark_run_complete
 
     out = Path(trainer.args.output_dir)
     label_names = results["label_names"]
@@ -126,6 +129,7 @@ def write_outputs(
             metric=metric if metric.startswith("eval_") else f"eval_{metric}")  # fmt: skip
     write_json_atomic(out / RESULTS_FILE, results)
     cards.write_model_card(out)
+    mark_run_complete(out)
     if push:
         from .. import hub
 

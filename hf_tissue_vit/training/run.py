@@ -21,8 +21,8 @@ from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
 from ..transforms import ProcessorTransform, TileTransform, make_image_processor
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .evaluation import TestPredictions, evaluate_test
-from .outputs import dataset_info, run_description, write_outputs
-from .rundir import check_output_dir, claim_output_dir, run_signature
+from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
+from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
 
@@ -47,6 +47,7 @@ class RunPlan:
     build_default_dataset: bool  # no --dataset_dir/--dataset_name: build the default dataset if missing
     signature: dict
     resume: str | None  # checkpoint to resume from
+    finished: bool = False  # the output dir holds this run, finished: nothing to train or write
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,12 @@ def validate_run(
     model_args: ModelArguments, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> RunPlan:
     """Check everything that can be checked before the data is read (model, output dir, resume)."""
+    from ..modelfolder import check_model_folder
+
     _warn_single_cpu_process()
+    checkpoint = None if model_args.from_scratch else model_args.model_name_or_path
+    if checkpoint and not Path(checkpoint, "config.json").is_file():
+        check_model_folder(checkpoint, "--model_name_or_path")  # a dataset folder, a missing folder: said first
     spec = check_model(
         model_args.model_name_or_path,
         from_scratch=model_args.from_scratch,
@@ -91,12 +97,15 @@ def validate_run(
         patch_size=model_args.patch_size,
         overrides=model_args.overrides(),
     )
+    if checkpoint:
+        check_model_folder(checkpoint, "--model_name_or_path")  # safetensors weights there; a run that finished
     build_default = not (data_args.dataset_dir or data_args.dataset_name)
     dataset_dir = str(default_dataset_dir()) if build_default else data_args.dataset_dir
     signature = run_signature(model_args, data_args, training_args, dataset_dir)
     attn_implementation = hardware.resolve_attn_implementation(
         model_args.attn_implementation, training_args.device, bool(training_args.bf16)
     )
+    finished = finished_run(signature, training_args)
     return RunPlan(
         model=spec,
         attn_implementation=attn_implementation,
@@ -104,7 +113,8 @@ def validate_run(
         dataset_name=data_args.dataset_name,
         build_default_dataset=build_default,
         signature=signature,
-        resume=check_output_dir(signature, training_args),
+        resume=None if finished else check_output_dir(signature, training_args),
+        finished=finished,
     )
 
 
@@ -258,14 +268,33 @@ def evaluate_test_split(
     )
 
 
+def finished_results(training_args: TissueTrainingArguments) -> dict[str, Any]:
+    """The all_results.json of a finished run in the output dir, pushed when ``--push_to_hub`` asks for it."""
+    import json
+
+    out = Path(training_args.output_dir)
+    logger.warning("%s already holds this run, finished: nothing is trained or written (pass "
+                   "--overwrite_output_dir true to train it again)", out)
+    if training_args.push_after_training and training_args.process_index == 0:
+        from .. import hub
+
+        hub.push_output_dir(str(out), training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+                            revision=training_args.hub_revision)
+    return json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
+
+
 def run_finetune(
     model_args: ModelArguments, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> dict[str, Any]:
     """Train, select the best checkpoint on validation, evaluate test once, write the output dir.
 
-    Returns the all_results.json dictionary. The arguments are not changed.
+    Returns the all_results.json dictionary. The arguments are not changed. A run whose output dir
+    already holds it, finished, is not trained again: its results are returned as they are (and, with
+    ``--push_to_hub``, its folder is pushed).
     """
     plan = validate_run(model_args, data_args, training_args)
+    if plan.finished:
+        return finished_results(training_args)
     data = load_training_data(plan, data_args, training_args)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
     trainer = build_trainer(model, processor, data, data_args, training_args)

@@ -1,5 +1,13 @@
 """Ownership of an output dir and resume: a run signature (``hf_tissue_vit_run.json``) says which run
-a folder holds, so a rerun resumes its own last complete checkpoint and refuses another run's folder."""
+a folder holds, so a rerun resumes its own last complete checkpoint and refuses another run's folder.
+
+A folder's life: :func:`check_output_dir` (writes nothing) -> :func:`claim_output_dir` when training
+starts: the completion marker (:data:`~hf_tissue_vit.modelfolder.COMPLETE_FILE`) and the final files a
+previous run of the package left (:data:`RUN_OUTPUT_FILES`) are removed, then the signature is
+written -> the run writes its final files at its end, and the marker last
+(:func:`~hf_tissue_vit.modelfolder.mark_run_complete`). A rerun of a finished run
+(:func:`finished_run`) changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +23,21 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fileio import atomic_write_json
+from ..cards.model_card import EVALUATIONS_FILE
+from ..fileio import atomic_write_json, check_writable_dir
+from ..modelfolder import COMPLETE_FILE, RUN_FILE, is_complete_run, read_run_file
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "hf_tissue_vit_run.json"  # identifies the run that owns an output dir
+# What a run writes into its folder's root, besides checkpoints and README.md (removed only when it
+# is the package's card): removed when a run starts in a folder a run of the package owned, so a
+# folder never mixes one run's final files with another's. External evaluations describe old weights.
+RUN_OUTPUT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json",
+    "all_results.json", "test_predictions.csv", "confusion_matrix.png", "training_curves.png", "trainer_state.json",
+    "training_args.bin", EVALUATIONS_FILE,
+)  # fmt: skip
+_SHARDS = "model-*-of-*.safetensors"
 SIGNATURE_TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor",
@@ -106,15 +124,24 @@ def _check_owner(out: Path, signature: dict) -> None:
         )
 
 
-def check_output_dir(signature: dict, training_args: TrainingArguments) -> str | None:
-    """Check that the output dir is free or holds this run, and return the checkpoint to resume from.
+def finished_run(signature: dict, training_args: TrainingArguments) -> bool:
+    """True when the output dir holds this very run, finished (complete), and ``--overwrite_output_dir``
+    is not set: there is nothing to train or write."""
+    out = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir or not out.is_dir() or not is_complete_run(out):
+        return False
+    return read_run_file(out) is not None and not _diff(read_run_file(out), signature)
 
-    Raises ``ValueError`` when it holds another run (or unrelated files) and ``--overwrite_output_dir``
-    is not set. Writes nothing (see :func:`claim_output_dir`).
+
+def check_output_dir(signature: dict, training_args: TrainingArguments) -> str | None:
+    """Check that the output dir can be written and is free or holds this run, and return the checkpoint
+    to resume from.
+
+    Raises ``ValueError`` when it cannot be created or written, or holds another run (or unrelated
+    files) and ``--overwrite_output_dir`` is not set. Writes nothing (see :func:`claim_output_dir`).
     """
     out = Path(training_args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out} is a file; give a folder")
+    check_writable_dir(out, "--output_dir")
     if out.is_dir() and any(out.iterdir()) and not training_args.overwrite_output_dir:
         _check_owner(out, signature)
     resume = _requested_resume(training_args.resume_from_checkpoint)
@@ -134,12 +161,38 @@ def check_output_dir(signature: dict, training_args: TrainingArguments) -> str |
     return resume
 
 
+def remove_run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """Remove the final files a run of the package wrote into ``output_dir`` (:data:`RUN_OUTPUT_FILES`, model
+    shards, the package's README.md card) and the completion marker first; the user's other files, the
+    logs and the checkpoints stay. Returns the names removed."""
+    from ..cards import existing_card, is_package_card
+
+    out = Path(output_dir)
+    (out / COMPLETE_FILE).unlink(missing_ok=True)  # first: from here on the folder is not a finished run
+    names = [name for name in RUN_OUTPUT_FILES if (out / name).is_file()]
+    names += sorted(path.name for path in out.glob(_SHARDS) if path.is_file())
+    try:
+        ours = is_package_card(existing_card(out))
+    except (OSError, ValueError):  # an unreadable README.md is not the package's
+        ours = False
+    names += ["README.md"] if ours else []
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    if names:
+        logger.info("removed the previous run's final files from %s: %s", out, ", ".join(names))
+    return names
+
+
 def claim_output_dir(signature: dict, training_args: TrainingArguments, resume: str | None) -> None:
-    """Make the output dir this run's (main process): write the signature; with ``--overwrite_output_dir``
-    and nothing to resume, remove old checkpoints so that they cannot be resumed by mistake."""
+    """Make the output dir this run's (main process): remove the marker and final files a previous run of
+    the package left (see :func:`remove_run_outputs`; they are written again at the end); with
+    ``--overwrite_output_dir`` and nothing to resume, remove old checkpoints so that they cannot be resumed
+    by mistake; then write the signature."""
     if not training_args.should_save:
         return
     out = Path(training_args.output_dir)
+    if (out / RUN_FILE).is_file() or (out / COMPLETE_FILE).is_file():
+        remove_run_outputs(out)
     if training_args.overwrite_output_dir and resume is None and out.is_dir():
         for path in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             if path.is_dir():

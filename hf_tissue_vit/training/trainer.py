@@ -1,20 +1,24 @@
 """``TissueTrainer``: ``transformers.Trainer`` with dihedral test-time augmentation, an optional weight
-average (:mod:`.ema`) and checkpoint loading that matches transformers 5's ViT key names."""
+average (:mod:`.ema`), checkpoint loading that matches transformers 5's ViT key names, and results of
+the whole run when it was resumed (:mod:`.progress`)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..fileio import fix_permissions
 from ..transforms import dihedral_views
 from .ema import EMA_FILE, EMACallback, WeightEMA
+from .progress import TrainingProgress
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,15 @@ def make_compute_metrics(label_names: Sequence[str]) -> Callable[[Any], dict[str
     return compute_metrics
 
 
+class _PieceClock(TrainerCallback):
+    """When the training loop of the current ``train()`` call began (Trainer's own start, after set-up)."""
+
+    start: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.time()
+
+
 class TissueTrainer(Trainer):
     """Trainer whose prediction can average softmax over the 8 dihedral views (``self.tta``).
 
@@ -43,6 +56,9 @@ class TissueTrainer(Trainer):
 
     tta: bool = False
     ema: WeightEMA | None = None
+    _progress: TrainingProgress | None = None  # the run up to the checkpoint this train() call resumed
+    _clock: _PieceClock | None = None
+    _schedule_samples: float | None = None
 
     def enable_ema(self, decay: float) -> None:
         """Average the weights during training (see :class:`WeightEMA`): evaluation and checkpoint
@@ -51,13 +67,49 @@ class TissueTrainer(Trainer):
         self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), decay)
         self.add_callback(EMACallback(self))
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
+        """Trainer's ``train``; its metrics describe the whole run, also when resumed (see :mod:`.progress`)."""
+        self._progress = None if isinstance(resume_from_checkpoint, bool) else (
+            TrainingProgress.from_checkpoint(resume_from_checkpoint))
+        if self._clock is None:
+            self._clock = _PieceClock()
+            self.add_callback(self._clock)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.ema is not None:
             if not (self.args.load_best_model_at_end and self.state.best_model_checkpoint):
                 self.ema.copy_to_model()
             self.ema = None  # the model now holds the averaged weights: no more swapping
-        return result
+        if self._progress is None:
+            return result
+        whole = self._progress.extended(self._progress.step, self.state.global_step, result.metrics["train_runtime"],
+                                        self._total_loss_scalar)
+        metrics = whole.whole_run_metrics(result.metrics, self._schedule_samples, self.state.max_steps)
+        return TrainOutput(result.global_step, metrics["train_loss"], metrics)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Resumed from the checkpoint at the end of a --max_steps schedule (killed before the results):
+            # transformers would run one step past the schedule before checking it; there is nothing to train.
+            logger.info("the checkpoint is at the end of the schedule (step %d): nothing left to train",
+                        self.state.global_step)
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        self._schedule_samples = num_train_samples  # the whole schedule's samples, for the whole run's speed
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+    def _save_progress(self, folder: Path) -> None:
+        """The run's record up to this checkpoint (every process joins the gather of the unlogged loss)."""
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        if self._progress is None or not self.args.should_save:
+            return
+        start = self._clock.start if self._clock is not None and self._clock.start is not None else time.time()
+        record = self._progress.extended(self._progress.step, self.state.global_step, time.time() - start,
+                                         self._total_loss_scalar + pending)
+        folder.mkdir(parents=True, exist_ok=True)
+        record.save(folder)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if self.ema is None:
@@ -69,11 +121,12 @@ class TissueTrainer(Trainer):
             self.ema.swap()
 
     def _save_checkpoint(self, model, trial):
+        # Written before Trainer's trainer_state.json, which marks a checkpoint complete.
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.ema is not None and self.args.should_save:
-            # Written before Trainer's trainer_state.json, which marks a checkpoint complete.
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             self.ema.save(folder / EMA_FILE)
+        self._save_progress(folder)
         super()._save_checkpoint(model, trial)
 
     def _load_weights_from(self, folder: str, model: torch.nn.Module | None = None) -> None:

@@ -1,0 +1,147 @@
+"""What counts as a model: the one check every consumer of a model argument runs (push, predict, tissue
+map, attention maps, evaluation, fine-tuning from a checkpoint).
+
+A model argument is one of:
+
+- a **finetune.py run folder** (it holds :data:`RUN_FILE`). Its final files (:data:`RUN_FINAL_FILES`)
+  are written at the very end of a run and :data:`COMPLETE_FILE` after them, last and atomically.
+  The folder is complete only when both are there; a run that is stopped, still running, or
+  restarted (which removes the marker first) is refused, naming what is missing.
+- a **plain model folder** from ``save_pretrained`` (transformers' examples, a ``checkpoint-N`` folder):
+  valid with ``config.json`` and safetensors weights. Pickled weights (``pytorch_model.bin``) are
+  refused: the package loads safetensors only.
+- a **Hub model id**, passed through (checked by :func:`hf_tissue_vit.hub.check_repo_id`).
+
+A ``datasets`` folder (``dataset_dict.json``, the package's dataset metadata) is refused as "a dataset
+folder, not a model".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from . import __version__
+from .fileio import atomic_write_json
+
+RUN_FILE = "hf_tissue_vit_run.json"  # the signature of the finetune.py run that owns a folder
+COMPLETE_FILE = "hf_tissue_vit_complete.json"  # written last, once every final file of a run is there
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one of them: the weights
+PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+# What a finished run folder must hold beside the marker (the weights: one of WEIGHT_FILES); its card
+# (README.md) is written before the marker too, but can always be rendered again from these.
+RUN_FINAL_FILES = ("config.json", "preprocessor_config.json", "all_results.json")
+DATASET_FILES = ("dataset_dict.json", "hf_tissue_vit_dataset.json", "dataset_info.json")
+
+ModelKind = Literal["run", "model", "hub"]
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def missing_run_files(folder: str | os.PathLike) -> list[str]:
+    """The final files of a run folder that are not there (the marker last); [] for a complete run."""
+    folder = Path(folder)
+    missing = [] if _has_weights(folder) else [WEIGHT_FILES[0]]
+    missing += [name for name in RUN_FINAL_FILES if not (folder / name).is_file()]
+    return missing + ([] if (folder / COMPLETE_FILE).is_file() else [COMPLETE_FILE])
+
+
+def is_complete_run(folder: str | os.PathLike) -> bool:
+    """True for a finetune.py run folder whose run has finished (see the module docstring)."""
+    return (Path(folder) / RUN_FILE).is_file() and not missing_run_files(folder)
+
+
+def mark_run_complete(folder: str | os.PathLike) -> Path:
+    """Write :data:`COMPLETE_FILE` (atomically) once the run's final files are in ``folder``."""
+    folder = Path(folder)
+    missing = [name for name in missing_run_files(folder) if name != COMPLETE_FILE]
+    if missing:
+        raise FileNotFoundError(f"{folder}: cannot mark the run complete, {', '.join(missing)} missing")
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != COMPLETE_FILE)
+    return atomic_write_json(folder / COMPLETE_FILE, {"complete": True, "files": files, "hf_tissue_vit": __version__})
+
+
+def is_dataset_folder(folder: str | os.PathLike) -> bool:
+    """True for a saved ``datasets`` folder (a DatasetDict, a single split, or one of the package's)."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in DATASET_FILES) or (folder / "state.json").is_file()
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """A missing path that could be a Hub id: no absolute/relative path syntax, at most one ``/``, and no
+    local folder named like its namespace."""
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1:
+        return False
+    return not ("/" in text and Path(text.split("/")[0]).is_dir())
+
+
+def _check_run(folder: Path, flag: str) -> None:
+    missing = missing_run_files(folder)
+    if not missing:
+        return
+    checkpoints = sorted((p.name for p in folder.glob("checkpoint-*") if p.is_dir() and _has_weights(p)),
+                         key=lambda name: int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else -1)
+    hint = f", or pass one of its checkpoints (e.g. {folder / checkpoints[-1]})" if checkpoints else ""
+    raise ValueError(
+        f"{flag} {folder} is an unfinished finetune.py run ({', '.join(missing)} missing; {COMPLETE_FILE} is "
+        f"written when a run has finished): it was stopped, is still running or was restarted. Rerun "
+        f"finetune.py with the same command to finish it (it resumes from its last checkpoint){hint}"
+    )
+
+
+def _check_plain(folder: Path, flag: str) -> None:
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{flag} {folder} holds no {CONFIG_FILE}: it is not a model folder (pass the "
+                         "--output_dir of finetune.py, a save_pretrained folder or a Hub model id)")
+    if _has_weights(folder):
+        return
+    pickled = [name for name in PICKLED_WEIGHT_FILES if (folder / name).is_file()]
+    if pickled:
+        raise ValueError(
+            f"{flag} {folder} has its weights only as {', '.join(pickled)}: this package loads safetensors only "
+            "(pickles can run code). Convert them: `AutoModelForImageClassification.from_pretrained(folder)"
+            ".save_pretrained(folder)` writes model.safetensors"
+        )
+    raise ValueError(f"{flag} {folder} has {CONFIG_FILE} but no weights (model.safetensors): save the model with "
+                     "save_pretrained, or pass the --output_dir of a finished finetune.py run")
+
+
+def check_model_folder(path: str | os.PathLike, flag: str = "--model") -> ModelKind:
+    """Check a model argument before any work; returns its kind (``"run"``, ``"model"`` or ``"hub"``).
+
+    Raises ValueError (one line naming ``flag``, the folder, what is missing and what to do) for an
+    unfinished run folder, a dataset folder, a folder without config or safetensors weights, a file,
+    or a missing local path; FileNotFoundError for a missing path that cannot be a Hub id.
+    """
+    text = os.fspath(path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if (folder / RUN_FILE).is_file():
+            _check_run(folder, flag)
+            return "run"
+        if is_dataset_folder(folder) and not (folder / CONFIG_FILE).is_file():
+            raise ValueError(f"{flag} {folder} is a dataset folder, not a model: pass a model (the --output_dir of "
+                             "finetune.py, a save_pretrained folder or a Hub model id)")
+        _check_plain(folder, flag)
+        return "model"
+    if folder.exists():
+        raise ValueError(f"{flag} {folder} is a file, not a model folder")
+    if not _looks_like_hub_id(text):
+        raise FileNotFoundError(f"{flag} {folder}: no such folder (pass a model folder or a Hub model id USER/NAME)")
+    from .hub import check_repo_id
+
+    check_repo_id(text, flag, namespace=False)
+    return "hub"
+
+
+def read_run_file(folder: str | os.PathLike) -> dict | None:
+    """The run signature a folder holds, or None when it holds none (or an unreadable one)."""
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
