@@ -29,8 +29,31 @@ from PIL import Image
 
 KATHER_MPP = 0.495
 TILE = 150
+REAL_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "kather2016_6class"
 GLASS = 245
 JPEG = {"compression": "jpeg", "compressionargs": {"level": 90}, "subsampling": (2, 2), "photometric": "rgb"}
+
+
+# The slide of the README picture: a piece of tissue on glass, classes in regions (. = glass;
+# T Tumor, S Stroma, C Complex, L Lympho, D Debris, M Mucosa: the label order of the package).
+DEMO_LAYOUT_TEXT = """
+..............
+....TTTSS.....
+..TTTTSSSSC...
+.LLTTTSSSCCC..
+.LLLTTDDSCCMM.
+..LLDDDDCCMMM.
+..LLLDDSSMMMM.
+...LL.SSSMMM..
+.......SS.....
+..............
+"""
+
+
+def parse_layout(text: str, codes: str = "TSCLDM") -> np.ndarray:
+    """A layout grid from rows of characters: ``codes[k]`` is class k, anything else glass (-1)."""
+    rows = [line for line in text.strip().splitlines() if line]
+    return np.array([[codes.index(ch) if ch in codes else -1 for ch in row] for row in rows])
 
 
 def glass(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -210,3 +233,42 @@ def save_model(model, processor, path: str | Path) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return Path(path)
+
+
+def candidate_tiles(per_class: int = 80) -> dict[int, np.ndarray]:
+    """Candidate source tiles per class id: the first real Kather tiles of each class folder when
+    ../shared has them, synthetic ones (tests/conftest.py's styles) otherwise."""
+    from hf_tissue_vit.constants import CLASS_NAMES, KATHER_FOLDERS
+
+    if REAL_TILES.is_dir():
+        out = {}
+        for k, folder in enumerate(list(KATHER_FOLDERS)[:6]):
+            paths = sorted(p for p in (REAL_TILES / folder).iterdir() if p.suffix.lower() in (".png", ".tif"))
+            out[k] = np.stack([np.asarray(Image.open(p).convert("RGB"))[:TILE, :TILE] for p in paths[:per_class]])
+        return out
+    from conftest import tile_pixels
+
+    rng = np.random.default_rng(0)
+    return {k: np.stack([tile_pixels(name, TILE, rng) for _ in range(6)]) for k, name in enumerate(CLASS_NAMES)}
+
+
+def write_demo(folder: str | Path, model, processor, tiles: dict[int, np.ndarray]) -> Path:
+    """The README example: ``folder/outputs/vit-scratch-cpu`` (the colour model) and
+    ``folder/slides/synthetic_40x.tif`` (:data:`DEMO_LAYOUT_TEXT` at 0.25 µm/px)."""
+    folder = Path(folder)
+    (folder / "slides").mkdir(parents=True, exist_ok=True)
+    save_model(model, processor, folder / "outputs" / "vit-scratch-cpu")
+    image = at_mpp(layout_image(parse_layout(DEMO_LAYOUT_TEXT), tiles), 0.25)
+    write_pyramid(folder / "slides" / "synthetic_40x.tif", image, 0.25)
+    return folder
+
+
+if __name__ == "__main__":  # python tests/slide_helpers.py DIR: the README picture's model and slide
+    import sys
+
+    from hf_tissue_vit.constants import CLASS_NAMES
+
+    candidates = candidate_tiles()
+    colour_model, colour_processor = colour_vit(candidates, CLASS_NAMES)
+    print(write_demo(sys.argv[1], colour_model, colour_processor, select_tiles(colour_model, colour_processor,
+                                                                                  candidates)))

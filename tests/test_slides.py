@@ -18,21 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA_DIR, load_script, tile_pixels
+from conftest import load_script, tile_pixels
 from PIL import Image
 from slide_helpers import (
+    DEMO_LAYOUT_TEXT,
     KATHER_MPP,
     at_mpp,
+    candidate_tiles,
     colour_vit,
     corrupt_tile,
     glass,
     layout_image,
+    parse_layout,
     save_model,
     select_tiles,
+    write_demo,
     write_pyramid,
 )
 
-from hf_tissue_vit.constants import CLASS_NAMES, KATHER_FOLDERS
+from hf_tissue_vit.constants import CLASS_NAMES
 from hf_tissue_vit.predict import TilePredictor
 from hf_tissue_vit.slides import (
     BACKGROUND,
@@ -63,22 +67,10 @@ LAYOUT = np.array([
 CELL_UM = 150 * KATHER_MPP  # one layout cell: a 150 px Kather tile
 
 
-def _candidates() -> dict[int, np.ndarray]:
-    """Up to 40 tiles per class: real Kather tiles when ../shared has them, synthetic otherwise."""
-    if REAL_DATA_DIR.is_dir():
-        out = {}
-        for k, folder in enumerate(list(KATHER_FOLDERS)[:6]):
-            paths = sorted(p for p in (REAL_DATA_DIR / folder).iterdir() if p.suffix.lower() in (".png", ".tif"))
-            out[k] = np.stack([np.asarray(Image.open(p).convert("RGB"))[:150, :150] for p in paths[:40]])
-        return out
-    rng = np.random.default_rng(0)
-    return {k: np.stack([tile_pixels(name, 150, rng) for _ in range(6)]) for k, name in enumerate(CLASS_NAMES)}
-
-
 @pytest.fixture(scope="module")
 def colour_model():
     """(model, processor, tiles it classifies right): the source of every slide below."""
-    candidates = _candidates()
+    candidates = candidate_tiles()
     model, processor = colour_vit(candidates, CLASS_NAMES)
     tiles = select_tiles(model, processor, candidates)
     assert all(len(t) for t in tiles.values()), {k: len(t) for k, t in tiles.items()}
@@ -152,6 +144,8 @@ def test_level_choice_and_window_size(slides):
 def test_map_matches_layout(slides, predictor, slide):
     result = map_slide(predictor, str(slides[slide]), _options(workers=2), KATHER_MPP)
     np.testing.assert_array_equal(result.labels, LAYOUT)
+    side = CELL_UM / (0.25 if slide == "40x" else 0.5)  # 297 or 148.5 level-0 px per cell
+    assert result.geometry.cell_box(2, 3) == pytest.approx((3 * side, 2 * side, 4 * side, 3 * side))
     assert np.isnan(result.probs[LAYOUT == B]).all() and not np.isnan(result.probs[LAYOUT != B]).any()
     fractions = result.fractions()
     tissue = int((LAYOUT != B).sum())
@@ -332,16 +326,12 @@ def _doc_commands() -> list[str]:
             if line.strip().startswith("python scripts/tissue_map.py")]
 
 
-def test_readme_slide_command(colour_model, model_dir, tmp_path):
+def test_readme_slide_command(colour_model, tmp_path):
     """The command of docs_slides.md, verbatim, in a folder holding its model and slide."""
     commands = _doc_commands()
     assert commands, "docs_slides.md shows no tissue_map.py command"
-    work = tmp_path / "work"
-    (work / "outputs").mkdir(parents=True)
-    (work / "slides").mkdir()
-    os.symlink(model_dir, work / "outputs" / "vit-scratch-cpu")
-    image = at_mpp(layout_image(LAYOUT, colour_model[2]), 0.25)
-    write_pyramid(work / "slides" / "synthetic_40x.tif", image, 0.25)
+    work = write_demo(tmp_path / "work", *colour_model)  # the model and slide of the README picture
+    layout = parse_layout(DEMO_LAYOUT_TEXT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for command in commands:
         argv = shlex.split(command)
@@ -350,8 +340,7 @@ def test_readme_slide_command(colour_model, model_dir, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     out = work / "maps" / "synthetic_40x"
     assert (out / "tissue_map.geojson").is_file() and (out / "tissue_map.png").is_file()
-    labels = np.load(out / "labels.npy")
-    assert labels.shape == LAYOUT.shape and (labels[LAYOUT == B] == B).all()  # bf16 auto: classes not checked
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), layout)  # bf16 or not: select_tiles checked both
 
 
 # --- memory ----------------------------------------------------------------------------------

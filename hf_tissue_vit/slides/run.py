@@ -150,35 +150,39 @@ def _classify_stream(predictor: Any, blocks: Iterator, labels: np.ndarray, probs
         flush()
 
 
-def map_slide(predictor: Any, path: str, options: SlideMapOptions, target_mpp: float | None) -> SlideMap:
-    """Map one slide (see the module docstring); ValueError for bad input, OSError if it cannot be read."""
+def map_slide(predictor: Any, path: str | SlideReader, options: SlideMapOptions,
+              target_mpp: float | None) -> SlideMap:
+    """Map one slide (a path, or a reader already open; see the module docstring). ValueError for
+    bad input, OSError when the slide cannot be read."""
+    if not isinstance(path, SlideReader):
+        with open_slide(path, options.slide_mpp, options.max_image_pixels) as reader:
+            return map_slide(predictor, reader, options, target_mpp)
+    reader = path
     start = time.perf_counter()
-    with open_slide(path, options.slide_mpp, options.max_image_pixels) as reader:
-        geometry = plan_windows(reader, options.tile, options.stride, target_mpp)
-        fraction, overview, downsample = _tissue_cells(reader, geometry, options)
-        n_classes = len(predictor.label_names)
-        labels = np.full((geometry.rows, geometry.cols), BACKGROUND, np.int16)
-        probs = np.full((geometry.rows, geometry.cols, n_classes), np.nan, np.float32)
-        cells = np.argwhere(fraction > 1 - options.background_threshold)
-        block = block_size(geometry)
-        batch = int(getattr(predictor, "batch_size", 64))
-        prefetch = max(2, math.ceil(2 * batch / (block * block))) + options.workers
-        logger.info("%s: level %d (downsample %.3g), %dx%d windows of %.1f level-0 px, %d with tissue",
-                    path, geometry.level, geometry.downsample, geometry.rows, geometry.cols, geometry.window0,
-                    len(cells))
-        errors: list[str] = []
-        with tqdm(total=len(cells), unit="window", desc=Path(path).name, disable=not options.progress) as bar:
-            blocks = iter_blocks(reader, geometry, group_cells(cells, block), options.workers, prefetch)
-            _classify_stream(predictor, blocks, labels, probs, errors, bar)
-        if errors:
-            logger.warning("%s: %d windows could not be read (first: %s)", path, len(errors), errors[0])
-        return SlideMap(path, geometry, labels, probs, fraction, list(predictor.label_names), reader.describe(),
-                        overview, downsample, errors, time.perf_counter() - start)
+    geometry = plan_windows(reader, options.tile, options.stride, target_mpp)
+    fraction, overview, downsample = _tissue_cells(reader, geometry, options)
+    n_classes = len(predictor.label_names)
+    labels = np.full((geometry.rows, geometry.cols), BACKGROUND, np.int16)
+    probs = np.full((geometry.rows, geometry.cols, n_classes), np.nan, np.float32)
+    cells = np.argwhere(fraction > 1 - options.background_threshold)
+    block = block_size(geometry)
+    batch = int(getattr(predictor, "batch_size", 64))
+    prefetch = max(2, math.ceil(2 * batch / (block * block))) + options.workers
+    logger.info("%s: level %d (downsample %.3g), %dx%d windows of %.1f level-0 px, %d with tissue",
+                reader.path, geometry.level, geometry.downsample, geometry.rows, geometry.cols, geometry.window0,
+                len(cells))
+    errors: list[str] = []
+    with tqdm(total=len(cells), unit="window", desc=Path(reader.path).name, disable=not options.progress) as bar:
+        blocks = iter_blocks(reader, geometry, group_cells(cells, block), options.workers, prefetch)
+        _classify_stream(predictor, blocks, labels, probs, errors, bar)
+    if errors:
+        logger.warning("%s: %d windows could not be read (first: %s)", reader.path, len(errors), errors[0])
+    return SlideMap(reader.path, geometry, labels, probs, fraction, list(predictor.label_names), reader.describe(),
+                    overview, downsample, errors, time.perf_counter() - start)
 
 
-def _output_dirs(paths: Sequence[str], output_dir: Path, single: bool) -> list[Path]:
-    if single:
-        return [output_dir]
+def _output_dirs(paths: Sequence[str], output_dir: Path) -> list[Path]:
+    """One sub-folder per slide, named after it (a number added where two slides share a name)."""
     dirs, used = [], set()
     for path in paths:
         name, n = Path(path).stem or "slide", 1
@@ -196,19 +200,30 @@ def map_slides(predictor: Any, inputs: Sequence[str | os.PathLike], output_dir: 
     options = options or SlideMapOptions()
     paths = expand_inputs(inputs)
     target = model_mpp(predictor, options.mpp)
-    for path in paths:  # every bad input is found before the first slide is mapped
-        check_slide(path, options, target)
     output_dir = Path(output_dir)
-    single = len(paths) == 1 and os.path.isfile(os.fspath(inputs[0])) and len(inputs) == 1
-    rows = []
-    for path, out in zip(paths, _output_dirs(paths, output_dir, single), strict=True):
-        try:
-            result = map_slide(predictor, path, options, target)
-        except OSError as err:  # unreadable while mapping (the overview level, I/O): next slide
-            logger.error("%s: %s", path, err)
-            rows.append(summary_row(None, path, str(out), f"{type(err).__name__}: {err}"))
-            continue
-        save_slide_map(result, out, options.max_side)
-        rows.append(summary_row(result.fractions(), path, str(out)))
+    if len(paths) == 1:  # one slide: checked and mapped through one reader (a plain image is decoded once)
+        with open_slide(paths[0], options.slide_mpp, options.max_image_pixels) as reader:
+            plan_windows(reader, options.tile, options.stride, target)
+            single = len(inputs) == 1 and os.path.isfile(os.fspath(inputs[0]))
+            out = output_dir if single else _output_dirs(paths, output_dir)[0]
+            rows = [_map_and_save(predictor, reader, options, target, out)]
+    else:
+        for path in paths:  # every bad input is found before the first slide is mapped
+            check_slide(path, options, target)
+        rows = []
+        for path, out in zip(paths, _output_dirs(paths, output_dir), strict=True):
+            with open_slide(path, options.slide_mpp, options.max_image_pixels) as reader:
+                rows.append(_map_and_save(predictor, reader, options, target, out))
     write_summary(rows, list(predictor.label_names), output_dir / "summary.csv")
     return rows
+
+
+def _map_and_save(predictor: Any, reader: SlideReader, options: SlideMapOptions, target: float | None,
+                  out: Path) -> dict[str, Any]:
+    try:
+        result = map_slide(predictor, reader, options, target)
+    except OSError as err:  # unreadable while mapping (the overview level, I/O): the run goes on
+        logger.error("%s: %s", reader.path, err)
+        return summary_row(None, reader.path, str(out), f"{type(err).__name__}: {err}")
+    save_slide_map(result, out, options.max_side)
+    return summary_row(result.fractions(), reader.path, str(out))

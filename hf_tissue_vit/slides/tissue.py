@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 SATURATION_RANGE = (0.05, 0.10)  # clip of the Otsu threshold on (max - min) / max
 GLASS_LEVEL = 200  # a pixel whose darkest channel is below this is darker than glass
 BLACK_LEVEL = 30  # a pixel whose brightest channel is at most this is scanner padding
-_STRIP_PIXELS = 16 << 20  # level pixels read at once for the overview
+_STRIP_PIXELS = 4 << 20  # level pixels read at once for the overview
 
 
 def overview_downsample(reader: SlideReader, geometry: WindowGeometry, max_side: int) -> float:
