@@ -9,7 +9,8 @@ recipe's shape (random weights, config.mpp 0.495), then times on the same window
 - forward only: ``TilePredictor.predict_tiles`` on the windows already in memory;
 - reading only: the threaded block reader (``--workers`` threads), OpenSlide and, when installed,
   tiffslide behind the same reader interface;
-- end to end: ``map_slide`` (overview, tissue mask, threaded reading, classification).
+- end to end: ``map_slide`` (overview, tissue mask, threaded reading, classification), per
+  window it classified (tissue; a pale window may count as background).
 
 The measurements take turns ``--repeats`` times and the best wall time of each is kept, with that
 run's CPU time of this process (less sensitive to other load on a shared machine). Prints one
@@ -164,12 +165,13 @@ def main() -> None:
             if tiff_reader is not None:
                 tiff_reader.close()
         n = len(windows)
-        assert runs["end_to_end"][2].counts()["tissue_windows"] == n, "every window of the slide is tissue"
-        result.update(windows=n, level=geometry.level, window_px_level0=geometry.window0)
+        tissue = runs["end_to_end"][2].counts()["tissue_windows"]  # pale windows may count as background
+        result.update(windows=n, tissue_windows=tissue, level=geometry.level, window_px_level0=geometry.window0)
         for name, (wall, cpu, _) in runs.items():
-            result[f"{name}_windows_per_s"] = round(n / wall, 1)
-            result[f"{name}_cpu_ms_per_window"] = round(1000 * cpu / n, 3)
-        result["end_to_end_vs_forward"] = round(runs["forward_only"][0] / runs["end_to_end"][0], 3)
+            count = tissue if name == "end_to_end" else n
+            result[f"{name}_windows_per_s"] = round(count / wall, 1)
+            result[f"{name}_cpu_ms_per_window"] = round(1000 * cpu / count, 3)
+        result["end_to_end_vs_forward"] = round(result["end_to_end_windows_per_s"] / result["forward_only_windows_per_s"], 3)
     result["machine"] = machine_info()
     print(json.dumps(result, indent=2))
 
