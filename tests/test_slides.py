@@ -225,6 +225,24 @@ def test_several_slides_folder_and_glob(slides, model_dir, tmp_path):
     assert all(f"{tumor:.6g}" in row for row in rows[1:])
 
 
+def test_a_slide_failing_while_mapped_does_not_stop_the_others(slides, model_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = folder / "a_good.tif"
+    good.symlink_to(slides["40x"])
+    bad = folder / "b_bad_overview.tif"
+    bad.write_bytes(slides["40x"].read_bytes())
+    corrupt_tile(bad, page=1, index=0)  # the overview (about 1024 px) is read from level 1
+    out = tmp_path / "maps"
+    code = load_script("tissue_map").main(["--model", str(model_dir), "--image", str(folder), "--output_dir", str(out),
+                                           "--bf16", "false"])
+    assert code == 1
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[1].startswith(str(good)) and rows[2].startswith(str(bad)) and "SlideReadError" in rows[2]
+    np.testing.assert_array_equal(np.load(out / "a_good" / "labels.npy"), LAYOUT)
+    assert not (out / "b_bad_overview").exists()
+
+
 def test_plain_image_keeps_windows_of_tile_pixels(predictor, colour_model, tmp_path):
     """A PNG has no µm/px: windows are --tile image pixels, as before slides were supported."""
     image = layout_image(LAYOUT, colour_model[2])

@@ -205,7 +205,8 @@ class ImageReader(SlideReader):
             raise ValueError(f"--image {self.path!r} is larger than the pixel limit ({err}); raise it with "
                              "--max_image_pixels, or for a pyramidal slide " + WSI_INSTALL_HINT) from err
         except (OSError, SyntaxError, ValueError) as err:
-            hint = f"; for a slide format {WSI_INSTALL_HINT}" if self.path.lower().endswith(_VENDOR_ONLY) else ""
+            vendor = self.path.lower().endswith(_VENDOR_ONLY)
+            hint = f"; to read slide formats {WSI_INSTALL_HINT}" if vendor and not openslide_available() else ""
             raise ValueError(f"--image {self.path!r} is neither a slide nor an image: {err}{hint}") from err
         self._image = image
         self.levels = [Level(image.width, image.height, 1.0)]

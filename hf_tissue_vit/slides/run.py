@@ -98,9 +98,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 def model_mpp(predictor: Any, override: float | None = None) -> float | None:
     """The µm/px windows are read at: ``override`` (--mpp), else the model's ``config.mpp``."""
-    if override is not None:
-        return float(override)
     value = getattr(getattr(getattr(predictor, "model", None), "config", None), "mpp", None)
+    if override is not None:
+        if value and abs(float(value) - override) > 0.01 * override:
+            logger.warning("--mpp %g overrides the model's config.mpp %g", override, float(value))
+        return float(override)
     return float(value) if value else None
 
 
