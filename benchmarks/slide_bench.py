@@ -152,15 +152,14 @@ def main() -> None:
         with open_slide(slide) as reader:
             geometry = plan_windows(reader, 150, 150, target)
             windows = read_all(reader, geometry, args.workers)
-            batch = torch.from_numpy(np.stack(windows))
-            predictor.predict_tiles(batch[: args.batch_size])  # warm-up
+            predictor.predict_tiles(windows[: args.batch_size])  # warm-up
             readers = {"openslide_read": lambda: read_all(reader, geometry, args.workers)}
             try:
                 tiff_reader = TiffSlideReader(str(slide))
                 readers["tiffslide_read"] = lambda: read_all(tiff_reader, geometry, args.workers)
             except ImportError:
                 tiff_reader = None
-            runs = interleaved(args.repeats, forward_only=lambda: predictor.predict_tiles(batch),
+            runs = interleaved(args.repeats, forward_only=lambda: predictor.predict_tiles(windows),
                                end_to_end=lambda: map_slide(predictor, str(slide), options, target), **readers)
             if tiff_reader is not None:
                 tiff_reader.close()

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .geometry import WindowGeometry, plan_windows
@@ -129,7 +128,7 @@ def _classify_stream(predictor: Any, blocks: Iterator, labels: np.ndarray, probs
     tiles: list[np.ndarray] = []
 
     def flush() -> None:
-        p = predictor.predict_tiles(torch.from_numpy(np.stack(tiles))).numpy()
+        p = predictor.predict_tiles(list(tiles)).numpy()  # uint8 HxWx3 arrays: the predictor's processor
         rr, cc = np.array(cells).T
         probs[rr, cc] = p
         labels[rr, cc] = p.argmax(axis=1)
