@@ -315,6 +315,18 @@ def test_corrupt_tile_is_reported_and_the_run_goes_on(colour_model, predictor, t
     assert result.fractions()["unreadable_windows"] == 2
 
 
+def test_slide_regions_become_rgb_on_white():
+    """OpenSlide gives RGBA: transparent where nothing was scanned (glass), opaque elsewhere."""
+    from hf_tissue_vit.imaging import to_rgb8
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2] = (200, 50, 150, 255)  # scanned tissue
+    out = np.asarray(to_rgb8(Image.fromarray(rgba, "RGBA")))
+    assert (out[:2] == (200, 50, 150)).all() and (out[2:] == 255).all()
+    opaque = np.asarray(to_rgb8(Image.fromarray(np.dstack([rgba[..., :3], np.full((4, 4), 255, np.uint8)]), "RGBA")))
+    assert (opaque == rgba[..., :3]).all()
+
+
 # --- tissue detection ------------------------------------------------------------------------
 def test_tissue_mask_drops_small_pieces():
     rgb = np.full((60, 80, 3), 245, np.uint8)

@@ -10,6 +10,11 @@ cache: OpenSlide puts a handle into a permanent error state after a failed read 
 so the thread that met the error drops its handle and opens a new one, and the other threads'
 reads are not affected. :class:`ImageReader` decodes a plain image once (one level).
 
+OpenSlide rather than tiffslide: it reads every vendor format pathologists have (MRXS, VMS, SCN,
+DICOM and the TIFF-based ones), tiffslide only TIFF-based ones. tiffslide read the benchmark's
+JPEG TIFF with less CPU per window, but reading is a small part of a window's cost next to the
+model's forward pass either way (``benchmarks/slide_bench.py`` measures both readers).
+
 Example::
 
     with open_slide("slide.svs") as reader:

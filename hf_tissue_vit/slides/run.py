@@ -60,6 +60,7 @@ class SlideMapOptions:
     background_threshold: float = 0.8  # windows with at least this background fraction are skipped
     min_tissue_area: float = 0.25  # tissue pieces smaller than this many window areas are ignored
     workers: int = 2  # reading threads
+    overlap: bool | None = None  # read while the model runs; None: unless the predictor runs on the CPU
     max_side: int = 1024  # longest side of the picture's overview
     max_image_pixels: int | None = None  # PIL's pixel limit for plain images
     progress: bool = True
@@ -151,6 +152,14 @@ def _classify_stream(predictor: Any, blocks: Iterator, labels: np.ndarray, probs
         flush()
 
 
+def _overlap(predictor: Any, options: SlideMapOptions) -> bool:
+    """Read ahead during the forward pass only when it does not run on the CPU the readers need."""
+    if options.overlap is not None:
+        return options.overlap
+    device = getattr(predictor, "device", None)
+    return getattr(device, "type", "cpu") != "cpu"
+
+
 def map_slide(predictor: Any, path: str | SlideReader, options: SlideMapOptions,
               target_mpp: float | None) -> SlideMap:
     """Map one slide (a path, or a reader already open; see the module docstring). ValueError for
@@ -174,7 +183,8 @@ def map_slide(predictor: Any, path: str | SlideReader, options: SlideMapOptions,
                 len(cells))
     errors: list[str] = []
     with tqdm(total=len(cells), unit="window", desc=Path(reader.path).name, disable=not options.progress) as bar:
-        blocks = iter_blocks(reader, geometry, group_cells(cells, block), options.workers, prefetch)
+        blocks = iter_blocks(reader, geometry, group_cells(cells, block), options.workers, prefetch,
+                             _overlap(predictor, options), chunk_windows=batch)
         _classify_stream(predictor, blocks, labels, probs, errors, bar)
     if errors:
         logger.warning("%s: %d windows could not be read (first: %s)", reader.path, len(errors), errors[0])

@@ -1,12 +1,13 @@
-"""Reading windows: blocks of neighbouring windows read in threads, at most ``prefetch`` blocks ahead.
+"""Reading windows: blocks of neighbouring windows read in threads, a bounded number at a time.
 
 Windows are read a block at a time (one ``read_region`` of up to ``block`` x ``block`` windows of
 the chosen level, so OpenSlide decodes each slide tile once and the per-call cost is shared) and
 each window is resampled from the block to ``tile`` x ``tile`` px with PIL's bilinear filter over
 its exact, possibly fractional, box (antialiased when it shrinks). A block that fails (a corrupt
 tile) is read again window by window, so only the windows touching the bad tile are lost; each is
-reported with its error. Blocks are read by a thread pool (OpenSlide and PIL release the GIL) into
-a bounded window of futures: memory stays at ``prefetch`` blocks whatever the slide's size.
+reported with its error. Blocks are read by a thread pool (OpenSlide and PIL release the GIL),
+either ahead of the consumer into a bounded window of futures or chunk by chunk (see
+:func:`iter_blocks`): memory stays at a few batches of windows whatever the slide's size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,22 +101,52 @@ def read_block(reader: SlideReader, geometry: WindowGeometry, cells: np.ndarray)
 
 
 def iter_blocks(reader: SlideReader, geometry: WindowGeometry, blocks: Iterable[np.ndarray],
-                workers: int = 2, prefetch: int = 8) -> Iterator[WindowBlock]:
-    """Yield :class:`WindowBlock` objects in order, read by ``workers`` threads at most ``prefetch``
-    blocks ahead of the consumer (``workers`` 0: read in the calling thread)."""
+                workers: int = 2, prefetch: int = 8, overlap: bool = True,
+                chunk_windows: int = 64) -> Iterator[WindowBlock]:
+    """Yield :class:`WindowBlock` objects in order, read by ``workers`` threads (0: in the calling thread).
+
+    ``overlap``: keep up to ``prefetch`` blocks reading while the consumer works (a GPU's forward
+    pass leaves the CPU free). Otherwise blocks are read in chunks of about ``chunk_windows``
+    windows, all threads on one chunk, and nothing is read while the consumer holds a chunk: on a
+    CPU, reading threads that run beside torch's threads slow both down.
+    """
     if workers <= 0:
         for cells in blocks:
             yield read_block(reader, geometry, cells)
         return
-    pending: deque[Future] = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="slide-read") as pool:
-        try:
-            for cells in blocks:
-                pending.append(pool.submit(read_block, reader, geometry, cells))
-                if len(pending) >= max(1, prefetch):
-                    yield pending.popleft().result()
-            while pending:
+        yield from (_overlapped if overlap else _chunked)(pool, reader, geometry, blocks,
+                                                          prefetch if overlap else chunk_windows)
+
+
+def _overlapped(pool: ThreadPoolExecutor, reader: SlideReader, geometry: WindowGeometry,
+                blocks: Iterable[np.ndarray], prefetch: int) -> Iterator[WindowBlock]:
+    pending: deque[Future] = deque()
+    try:
+        for cells in blocks:
+            pending.append(pool.submit(read_block, reader, geometry, cells))
+            if len(pending) >= max(1, prefetch):
                 yield pending.popleft().result()
-        finally:  # consumer stopped early (error, Ctrl-C): drop what was not started
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # consumer stopped early (error, Ctrl-C): drop what was not started
+        for future in pending:
+            future.cancel()
+
+
+def _chunked(pool: ThreadPoolExecutor, reader: SlideReader, geometry: WindowGeometry,
+             blocks: Iterable[np.ndarray], chunk_windows: int) -> Iterator[WindowBlock]:
+    chunk: list[np.ndarray] = []
+    iterator = iter(blocks)
+    while True:
+        cells = next(iterator, None)
+        if cells is not None:
+            chunk.append(cells)
+            if sum(len(c) for c in chunk) < max(1, chunk_windows):
+                continue
+        if not chunk:
+            return
+        futures = [pool.submit(read_block, reader, geometry, c) for c in chunk]
+        wait(futures)  # the whole chunk is read before the consumer gets any of it
+        chunk = []
+        yield from (future.result() for future in futures)
