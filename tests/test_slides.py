@@ -159,11 +159,13 @@ def test_map_matches_layout(slides, predictor, slide):
     assert fractions["background_windows"] == int((LAYOUT == B).sum()) and fractions["unreadable_windows"] == 0
 
 
-def test_threads_do_not_change_the_map(slides, predictor):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_threads_do_not_change_the_map(slides, predictor, overlap):
     one = map_slide(predictor, str(slides["40x"]), _options(workers=0), KATHER_MPP)
-    many = map_slide(predictor, str(slides["40x"]), _options(workers=3, stride=75), KATHER_MPP)
+    many = map_slide(predictor, str(slides["40x"]), _options(workers=3, stride=75, overlap=overlap), KATHER_MPP)
     np.testing.assert_array_equal(one.labels, LAYOUT)
     np.testing.assert_array_equal(many.labels[::2, ::2], LAYOUT)  # stride 75: every other window is a cell
+    np.testing.assert_allclose(many.probs[::2, ::2], one.probs, atol=1e-5)
     assert many.labels.shape == (11, 15)
 
 

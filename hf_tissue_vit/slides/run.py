@@ -38,6 +38,7 @@ from .outputs import (
 )
 from .reader import SLIDE_EXTENSIONS, SlideReader, open_slide
 from .tissue import (
+    mask_source,
     min_area_px,
     overview_downsample,
     read_overview,
@@ -114,11 +115,10 @@ def check_slide(path: str, options: SlideMapOptions, target_mpp: float | None) -
 
 def _tissue_cells(reader: SlideReader, geometry: WindowGeometry,
                   options: SlideMapOptions) -> tuple[np.ndarray, np.ndarray, float]:
-    downsample = overview_downsample(reader, geometry, options.max_side)
-    overview, downsample = read_overview(reader, downsample)
-    mask = tissue_mask(overview, min_area_px(geometry, downsample, options.min_tissue_area))
-    fraction = window_tissue_fraction(mask, downsample, geometry)
-    return fraction, overview, downsample
+    overview, downsample = read_overview(reader, overview_downsample(reader, geometry, options.max_side))
+    source, mask_downsample = mask_source(overview, downsample, geometry)
+    mask = tissue_mask(source, min_area_px(geometry, mask_downsample, options.min_tissue_area))
+    return window_tissue_fraction(mask, mask_downsample, geometry), overview, downsample
 
 
 def _classify_stream(predictor: Any, blocks: Iterator, labels: np.ndarray, probs: np.ndarray,

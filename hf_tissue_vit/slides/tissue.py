@@ -6,7 +6,8 @@ saturated (H&E stains pink/purple; the saturation threshold is Otsu's on the sli
 :data:`SATURATION_RANGE` so an all-glass slide does not split sensor noise and a strongly stained
 one does not drop pale tissue) or darker than glass, and not black (scanner padding). Pieces of
 tissue smaller than ``min_area_px`` (dust, debris on the glass) are dropped.
-:func:`window_tissue_fraction` gives each grid window the fraction of its area that is tissue.
+:func:`window_tissue_fraction` gives each grid window the fraction of its area that is tissue,
+on the overview reduced to about :data:`MASK_PX_PER_WINDOW` px per window side (:func:`mask_source`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ SATURATION_RANGE = (0.05, 0.10)  # clip of the Otsu threshold on (max - min) / m
 GLASS_LEVEL = 200  # a pixel whose darkest channel is below this is darker than glass
 BLACK_LEVEL = 30  # a pixel whose brightest channel is at most this is scanner padding
 _STRIP_PIXELS = 4 << 20  # level pixels read at once for the overview
+# Mask pixels per window side: a pixel that mixes glass and tissue counts as tissue, so a glass
+# window beside tissue on two sides gains about 2 / MASK_PX_PER_WINDOW of tissue.
+MASK_PX_PER_WINDOW = 16
 
 
 def overview_downsample(reader: SlideReader, geometry: WindowGeometry, max_side: int) -> float:
-    """Level-0 px per overview px: at least 8 overview px per window side, and no more overview
-    pixels than ``max_side`` on the longest side needs (or level 0 itself for small images)."""
+    """Level-0 px per overview px: :data:`MASK_PX_PER_WINDOW` per window side or ``max_side`` on the
+    longest side, whichever needs more (level 0 itself for small images)."""
     longest = max(reader.dimensions)
-    return max(1.0, min(geometry.window0 / 8.0, longest / max_side))
+    return max(1.0, min(geometry.window0 / MASK_PX_PER_WINDOW, longest / max_side))
 
 
 def read_overview(reader: SlideReader, downsample: float) -> tuple[np.ndarray, float]:
@@ -52,6 +56,15 @@ def read_overview(reader: SlideReader, downsample: float) -> tuple[np.ndarray, f
         strip = reader.read_region(0, round(y * info.downsample), level, info.width, h)
         strips.append(np.asarray(strip.reduce(factor) if factor > 1 else strip))
     return np.concatenate(strips, axis=0), info.downsample * factor
+
+
+def mask_source(overview: np.ndarray, downsample: float, geometry: WindowGeometry) -> tuple[np.ndarray, float]:
+    """The overview box-reduced to about :data:`MASK_PX_PER_WINDOW` px per window side (all tissue
+    detection needs; the picture keeps the full overview), and its downsample."""
+    factor = max(1, int(geometry.window0 / MASK_PX_PER_WINDOW / downsample + 1e-6))
+    if factor == 1:
+        return overview, downsample
+    return np.asarray(Image.fromarray(overview).reduce(factor)), downsample * factor
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
