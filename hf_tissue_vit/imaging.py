@@ -68,7 +68,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
         return _grey_to_rgb(np.clip(np.floor(values * 255.0 + 0.5), 0, 255).astype(np.uint8))
     if "A" in mode or "transparency" in image.info:
-        rgba = image.convert("RGBA")
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        if rgba.getchannel("A").getextrema() == (255, 255):  # opaque (e.g. a slide's scanned area): same result,
+            return rgba.convert("RGB")  # without the composite's two full-size copies
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     return image.convert("RGB")
 

@@ -556,13 +556,13 @@ def test_scripts_on_trained_and_hub_model(hub, finetune_pushed, tmp_path, tmp_pa
         tables[tag] = rows
         assert (tmp_path / tag / "attention" / "attention_grid.png").stat().st_size > 0
         assert len(list((tmp_path / tag / "attention" / "tiles").glob("*.png"))) == 6
-        for name in ("tissue_map.png", "class_fractions.csv", "class_fractions.json", "label_grid.npy",
+        for name in ("tissue_map.png", "class_fractions.csv", "class_fractions.json", "labels.npy",
                      "probabilities.npy"):
             assert (tmp_path / tag / "map" / name).stat().st_size > 0, name
-        assert np.load(tmp_path / tag / "map" / "label_grid.npy").shape == (2, 3)
+        assert np.load(tmp_path / tag / "map" / "labels.npy").shape == (2, 3)
     assert tables["local"] == tables["hub"]  # the downloaded model is the trained one
-    np.testing.assert_array_equal(np.load(tmp_path / "local" / "map" / "label_grid.npy"),
-                                  np.load(tmp_path / "hub" / "map" / "label_grid.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "local" / "map" / "labels.npy"),
+                                  np.load(tmp_path / "hub" / "map" / "labels.npy"))
 
 
 def test_finetune_push_needs_hub_model_id_before_training(tiny_dataset_dir, tmp_path, capsys):

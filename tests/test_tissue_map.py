@@ -171,7 +171,7 @@ def test_script(tmp_path, capsys, tiny_model_dir):
                             *extra])
 
     assert run("slide.tif", "--tile", "40", "--stride", "20", "--batch_size", "8") == 0
-    labels = np.load(out / "label_grid.npy")
+    labels = np.load(out / "labels.npy")
     assert labels.shape == (7, 9) and labels[2, 4] == BACKGROUND  # the glass tile (1, 2) at stride 20
     assert (out / "tissue_map.png").is_file() and "background windows" in capsys.readouterr().out
     assert run("slide.tif", "--tile", "500") == 2
