@@ -77,7 +77,7 @@ def require_browser() -> None:
 # --------------------------------------------------------------------------------------------
 def docs_command(script: str, **replace: str) -> list[str]:
     """The ``python scripts/<script>.py ...`` line of README's demo-app section, split, with text replaced."""
-    section = README.read_text(encoding="utf-8").split("## 6. The demo app", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text(encoding="utf-8").split("## 7. The demo app", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     lines = [line for block in blocks for line in block.splitlines() if line.startswith(f"python scripts/{script}.py")]
     assert lines, f"README.md shows no `python scripts/{script}.py` command"

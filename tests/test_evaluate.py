@@ -484,7 +484,7 @@ def test_missing_split_and_missing_model(script, capsys, colour_model_dir, tiny_
 def _documented_commands() -> list[list[str]]:
     """The ``python scripts/evaluate.py ...`` commands of README's evaluation section, as argv lists."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    text = readme.split("## 5. Evaluating a model on labelled tiles", 1)[1].split("\n## 6.", 1)[0]
+    text = readme.split("## 6. Evaluating a model on labelled tiles", 1)[1].split("\n## 7.", 1)[0]
     commands, current = [], ""
     for line in text.splitlines():
         line = line.strip()

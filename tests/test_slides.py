@@ -352,16 +352,17 @@ def test_components_are_eight_connected():
 
 # --- the README commands ---------------------------------------------------------------------
 def _doc_commands() -> list[str]:
-    text = (ROOT / "docs_slides.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.split("## 5. Whole-slide images", 1)[1].split("\n## ", 1)[0]
     blocks = text.split("```bash")[1:]
     return [line.strip() for block in blocks for line in block.split("```")[0].splitlines()
             if line.strip().startswith("python scripts/tissue_map.py")]
 
 
 def test_readme_slide_command(colour_model, tmp_path):
-    """The command of docs_slides.md, verbatim, in a folder holding its model and slide."""
+    """The command of README.md, verbatim, in a folder holding its model and slide."""
     commands = _doc_commands()
-    assert commands, "docs_slides.md shows no tissue_map.py command"
+    assert commands, "README.md shows no tissue_map.py command"
     work = write_demo(tmp_path / "work", *colour_model)  # the model and slide of the README picture
     layout = parse_layout(DEMO_LAYOUT_TEXT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
