@@ -234,6 +234,9 @@ def load_model(
 def load_for_inference(model: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a trained classifier (local output dir or Hub id; safetensors only) and its image
     processor, in eval mode on ``device`` (default: CUDA when available, else CPU)."""
+    from .modelfolder import check_model_folder
+
+    check_model_folder(model, "--model")  # an unfinished run, a dataset folder, ... : one clear line
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -164,6 +164,7 @@ def model_dir(tiny_model_dir: Path, tiny_dataset_dir: Path, tmp_path_factory) ->
     """The tiny random ViT as a training output dir: results with CIs, a model card, and the dataset it
     was "trained" on (tiny_dataset_dir: 48 px tiles, 2 test tiles per class) recorded in all_results.json."""
     from hf_tissue_vit.cards import write_model_card
+    from hf_tissue_vit.modelfolder import mark_run_complete
 
     out = tmp_path_factory.mktemp("app_run") / "vit-scratch-cpu"
     shutil.copytree(tiny_model_dir, out)
@@ -171,6 +172,7 @@ def model_dir(tiny_model_dir: Path, tiny_dataset_dir: Path, tmp_path_factory) ->
     (out / "all_results.json").write_text(json.dumps(results))
     (out / "hf_tissue_vit_run.json").write_text("{}")  # the mark of a finetune.py output dir
     write_model_card(out)
+    mark_run_complete(out)
     return out
 
 

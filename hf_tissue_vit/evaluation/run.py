@@ -137,6 +137,9 @@ def model_label_names(model: str) -> list[str]:
     """The model's class names in label-id order, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
+    from ..modelfolder import check_model_folder
+
+    check_model_folder(model, "--model")
     try:
         config = AutoConfig.from_pretrained(model)
     except OSError as err:
