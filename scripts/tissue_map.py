@@ -25,6 +25,7 @@ from hf_tissue_vit.predict import (
     save_tissue_map,
     tissue_map,
 )
+from hf_tissue_vit.predict.outputs import check_output_dir, output_errors
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TissueMapArguments:
         if not 0 < self.background_threshold <= 1:
             raise ValueError(f"--background_threshold must be in (0, 1], got {self.background_threshold}")
         parse_bf16_flag(self.bf16)
+        check_output_dir(self.output_dir, "--output_dir")  # before the image and the model are loaded
 
 
 def _run(argv: list[str] | None) -> int:
@@ -68,7 +70,8 @@ def _run(argv: list[str] | None) -> int:
                                                   tta=args.tta, bf16=parse_bf16_flag(args.bf16))
         result = tissue_map(predictor, image, tile=args.tile, stride=args.stride,
                             background_threshold=args.background_threshold, progress=True)
-        paths = save_tissue_map(result, image, args.output_dir, max_side=args.max_side)
+        with output_errors(args.output_dir, "--output_dir"):
+            paths = save_tissue_map(result, image, args.output_dir, max_side=args.max_side)
     fractions = result.area_fractions()
     print(json.dumps({name: round(v["fraction_of_tissue"], 4) for name, v in fractions["classes"].items()}))
     print(f"background windows: {fractions['background_cells']} of {fractions['cells']}; "
