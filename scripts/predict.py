@@ -6,7 +6,11 @@
 Folders are searched recursively for image files (any case of the extensions in
 hf_tissue_vit.constants.IMAGE_EXTENSIONS); quote glob patterns. CSV columns: file, label, score,
 error (empty when fine), one probability column per class, then top2_label, top2_score, ... when
---top_k > 1. Unreadable files are rows with `error` set; the exit status stays 0.
+--top_k > 1. Unreadable files are rows with `error` set; the exit status stays 0. Whole-slide images
+(.svs, .ndpi, .mrxs, ...) are skipped with a warning (make a tissue map of a slide with
+scripts/tissue_map.py). Files far from the model's training tile size (a side over 2x smaller or
+larger) and greyscale files are classified, with one warning per kind (see hf_tissue_vit.predict.input_checks).
+The --output file is checked to be writable before the model is loaded.
 --bf16 auto (default) runs a bf16 copy of the model where the CPU/GPU has native bf16 (predictions
 can differ slightly from fp32); --bf16 false gives fp32 numbers. Each tile gets exactly the
 pixel_values the saved image processor gives it (as pipeline() does).
@@ -14,6 +18,7 @@ pixel_values the saved image processor gives it (as pipeline() does).
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -21,8 +26,9 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.fileio import check_writable_file
 from hf_tissue_vit.hardware import parse_bf16_flag
-from hf_tissue_vit.predict import TilePredictor, check_inputs, iter_input_files
+from hf_tissue_vit.predict import TilePredictor, check_inputs, list_input_files
 
 
 @dataclass
@@ -50,15 +56,14 @@ class PredictArguments:
             raise ValueError("--num_workers must be >= 0 and --num_threads >= 1")
         parse_bf16_flag(self.bf16)
         check_inputs(self.inputs)
+        check_writable_file(self.output, "--output")  # before the model is loaded
 
 
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(PredictArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     # Paths only (not images): gives the progress bar a total and fails early on empty inputs.
-    paths = list(iter_input_files(args.inputs))
-    if not paths:
-        raise FileNotFoundError(f"--inputs {args.inputs}: no image files found")
+    paths = list_input_files(args.inputs, "--inputs")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     predictor = TilePredictor.from_pretrained(
@@ -73,6 +78,7 @@ def _run(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Classify the input tiles into the CSV; 2 on bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run_main(_run, argv)
 
 

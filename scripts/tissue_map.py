@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.fileio import check_writable_dir
 from hf_tissue_vit.hardware import parse_bf16_flag
 from hf_tissue_vit.predict import TilePredictor
 from hf_tissue_vit.slides import SlideMapOptions, map_slides
@@ -64,6 +65,7 @@ class TissueMapArguments:
             tile=self.tile, stride=self.stride, mpp=self.mpp, slide_mpp=self.slide_mpp,
             background_threshold=self.background_threshold, min_tissue_area=self.min_tissue_area,
             workers=self.workers, max_side=self.max_side, max_image_pixels=self.max_image_pixels)
+        check_writable_dir(self.output_dir, "--output_dir")  # before the slides and the model are read
 
 
 def _run(argv: list[str] | None) -> int:

@@ -3,6 +3,7 @@
 * :mod:`.parameters`: parameter table per component, closed form next to the model's count.
 * :mod:`.attention`: attention rollout, last-layer CLS attention, :func:`explain_tiles`.
 * :mod:`.figures`: overlays, per-tile figures and the per-class grid.
+* :mod:`.tiles`: the tiles a run explains (:func:`tiles_from_images`, :func:`tiles_from_dataset`).
 * :mod:`.vit_config`: :func:`load_vit_config`, the scripts' one-line refusal of non-ViT models.
 """
 
@@ -29,6 +30,7 @@ from .parameters import (
     parameter_report_from_config,
     parameter_table,
 )
+from .tiles import TileSet, label_from_path, tiles_from_dataset, tiles_from_images
 from .vit_config import load_vit_config
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "AttentionMaps",
     "ParameterRow",
     "TileAttention",
+    "TileSet",
     "attention_rollout",
     "cls_attention",
     "compute_attention_maps",
@@ -44,6 +47,7 @@ __all__ = [
     "eager_attention",
     "explain_tiles",
     "format_parameter_table",
+    "label_from_path",
     "load_vit_config",
     "overlay_heatmap",
     "parameter_report",
@@ -53,5 +57,7 @@ __all__ = [
     "rollout_matrix",
     "save_attention_grid",
     "save_tile_figure",
+    "tiles_from_dataset",
+    "tiles_from_images",
     "upsample_map",
 ]

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..imaging import to_uint8
+from ..predict.large_image import downscale
 from ..predict.predictor import label_names_of
 from ..transforms import ProcessorTransform
 from .parameters import pair
@@ -174,9 +176,19 @@ def compute_attention_maps(
     )
 
 
+def _drawable(tile: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``tile`` itself, or a copy at most ``max_side`` px a side."""
+    if max_side is None or max(tile.shape[:2]) <= max_side:
+        return tile
+    from PIL import Image
+
+    return to_uint8(downscale(Image.fromarray(np.ascontiguousarray(tile, dtype=np.uint8)), max_side))
+
+
 @dataclass
 class TileAttention:
-    """One tile with its prediction and attention maps upsampled to the tile's own size."""
+    """One tile with its prediction and attention maps upsampled to the tile's own size (the tile as
+    drawn: at most ``max_side`` px a side, see :func:`explain_tiles`)."""
 
     name: str
     tile: np.ndarray  # HxWx3 uint8
@@ -196,11 +208,14 @@ def explain_tiles(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     batch_size: int = 32,
+    max_side: int | None = 1024,
 ) -> list[TileAttention]:
     """Predictions and attention maps (rollout + last-layer heads) for uint8 HxWx3 RGB tiles.
 
     Tiles are preprocessed exactly as ``processor`` does it. The maps are drawn over the tile, or,
-    when the processor center-crops, over the resized and cropped tile the model saw.
+    when the processor center-crops, over the resized and cropped tile the model saw; a tile drawn
+    larger than ``max_side`` px a side (None: no limit) is downscaled for drawing, so the maps and
+    figures of a huge image stay small (the maps are computed at the model's input size in any case).
     """
     if head_fusion not in HEAD_FUSIONS:  # checked here so bad input fails before any forward pass
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}; got {head_fusion!r}")
@@ -218,7 +233,7 @@ def explain_tiles(
         for index, pixel_values in pixels.batches(prepared):
             maps = compute_attention_maps(model, pixel_values, head_fusion, discard_ratio)
             for j, i in enumerate(index):
-                tile = np.ascontiguousarray(prepared[i]) if show_prepared else chunk[i]
+                tile = _drawable(np.ascontiguousarray(prepared[i]) if show_prepared else chunk[i], max_side)
                 k = int(maps.probs[j].argmax())
                 results[start + i] = TileAttention(
                     name=names[start + i],

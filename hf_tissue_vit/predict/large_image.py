@@ -1,36 +1,52 @@
-"""Reading large images (a few thousand pixels a side) for tissue maps, with clear errors."""
+"""Reading large images (a few thousand pixels a side) for tissue maps and figures, with clear errors."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-from ..imaging import open_image, pixel_limit, to_uint8
+from ..imaging import open_image, pixel_limit, to_rgb8, to_uint8
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def open_large_image(path: str | os.PathLike, max_image_pixels: int | None = None) -> Iterator[Image.Image]:
+def _read_errors(name: str, flag: str) -> Iterator[None]:
+    """PIL's errors while opening/decoding ``name`` as one-line ValueErrors naming ``flag`` and the file."""
+    try:
+        yield
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{flag} {name!r} is larger than the pixel limit ({err}); "
+                         "raise it with --max_image_pixels") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{flag} {name!r} cannot be read as an image: {err}") from err
+
+
+def _existing_file(path: str | os.PathLike, flag: str) -> str:
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{flag} {name!r}: no such file")
+    return name
+
+
+@contextlib.contextmanager
+def open_large_image(
+    path: str | os.PathLike, max_image_pixels: int | None = None, flag: str = "--image"
+) -> Iterator[Image.Image]:
     """Open and decode an image file once (PIL keeps it in memory; callers crop strips from it).
 
     PIL refuses images above ``Image.MAX_IMAGE_PIXELS`` (its decompression-bomb limit); pass
-    ``max_image_pixels`` to allow bigger ones. Unreadable files raise ValueError naming the file.
+    ``max_image_pixels`` to allow bigger ones. Unreadable files raise ValueError naming ``flag`` and the file.
     """
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f"--image {name!r}: no such file")
-    try:
-        with pixel_limit(max_image_pixels):
-            image = open_image(name)
-            image.load()
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"--image {name!r} is larger than the pixel limit ({err}); "
-                         "raise it with --max_image_pixels") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"--image {name!r} cannot be read as an image: {err}") from err
+    name = _existing_file(path, flag)
+    with _read_errors(name, flag), pixel_limit(max_image_pixels):
+        image = open_image(name)
+        image.load()
     try:
         yield image
     finally:
@@ -41,3 +57,37 @@ def read_large_image(path: str | os.PathLike, max_image_pixels: int | None = Non
     """Decode an image file to HxWx3 uint8 (see :func:`open_large_image` for limits and errors)."""
     with open_large_image(path, max_image_pixels) as image:
         return to_uint8(image)
+
+
+def downscale(image: Image.Image, max_side: int) -> Image.Image:
+    """8-bit RGB copy of ``image`` at most ``max_side`` px a side (aspect kept): the mode rule of
+    :func:`~hf_tissue_vit.imaging.to_rgb8` (no copy for RGB), an integer ``reduce`` (box filter, no
+    float copy), then ``thumbnail``'s antialiased resize."""
+    rgb = to_rgb8(image)
+    factor = max(1, max(rgb.size) // max_side)
+    small = rgb.reduce(factor) if factor > 1 else rgb.copy()
+    small.thumbnail((max_side, max_side))
+    return small
+
+
+def read_downscaled(
+    path: str | os.PathLike, max_side: int, max_image_pixels: int | None = None, flag: str = "--image"
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image file as HxWx3 uint8 RGB, downscaled to at most ``max_side`` px a side when larger, and
+    its (width, height) in the file.
+
+    Memory stays at about the decoded image (one byte per pixel and channel): a JPEG is decoded at
+    1/2 to 1/8 scale (``Image.draft``), other formats are decoded once and reduced with PIL; no
+    full-size float array is made. Errors as in :func:`open_large_image`.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    name = _existing_file(path, flag)
+    with _read_errors(name, flag), pixel_limit(max_image_pixels), open_image(name) as image:
+        size = image.size
+        if max(size) <= max_side:
+            return to_uint8(image), size
+        scale = max_side / max(size)
+        image.draft(None, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))  # JPEG only
+        image.load()
+        return to_uint8(downscale(image, max_side)), size

@@ -6,7 +6,9 @@ saved image processor prepares it (:class:`~hf_tissue_vit.transforms.ProcessorTr
 crop per tile in the decode threads, rescale and normalize per batch), and the model runs under
 ``torch.inference_mode``, by default as a bfloat16 copy where the hardware has native bf16, with the
 attention kernel chosen for that precision (see :mod:`hf_tissue_vit.hardware`). Unreadable files
-become rows with ``error`` set. Memory is bounded by ``batch_size`` + the prefetch window.
+become rows with ``error`` set. Memory is bounded by ``batch_size`` + the prefetch window. Files far
+from the model's training tile size, and greyscale files, are classified too, with one warning per
+kind at the end of the run (:mod:`.input_checks`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from PIL import Image
 from .. import hardware
 from ..imaging import open_image, to_rgb8
 from ..transforms import ProcessorTransform, dihedral_views
+from .input_checks import InputNotes, training_tile_size
 from .table import PredictionRow, csv_columns, write_predictions_csv
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
@@ -34,17 +38,31 @@ if TYPE_CHECKING:  # annotations only; transformers is imported where a model is
 logger = logging.getLogger(__name__)
 
 Tiles = Sequence[np.ndarray | Image.Image] | torch.Tensor
-Decoded = tuple[str, np.ndarray | None, str]  # path, prepared tile or None, error text
+# PIL names an in-memory file by its repr in errors ("cannot identify image file <_io.BytesIO object at
+# 0x7f...>"): meaningless to a user, so messages show the file's name in its place.
+_OBJECT_REPR = re.compile(r"<_?[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def label_names_of(model: PreTrainedModel) -> list[str]:
-    """Class names in label-id order from ``model.config.id2label``."""
-    id2label = model.config.id2label
+class Decoded(NamedTuple):
+    """One input file after the decode threads: the tile prepared for the model, or the error."""
+
+    path: str
+    tile: np.ndarray | None
+    error: str
+    size: tuple[int, int] | None = None  # (width, height) in the file
+    mode: str | None = None  # PIL mode in the file
+
+
+def label_names_of(model: PreTrainedModel | Any) -> list[str]:
+    """Class names in label-id order from ``model.config.id2label`` (or a config's own ``id2label``)."""
+    id2label = getattr(model, "config", model).id2label
     return [id2label[i] if i in id2label else id2label[str(i)] for i in range(len(id2label))]
 
 
-def _error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".replace("\n", " ")
+def error_text(err: BaseException, name: str | None = None) -> str:
+    """``Type: message`` on one line, with any ``<... object at 0x...>`` repr replaced by ``name``."""
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return _OBJECT_REPR.sub(repr(name) if name else "the image data", text)
 
 
 def use_attention(model: torch.nn.Module, requested: str, device: torch.device, bf16: bool) -> str | None:
@@ -87,6 +105,9 @@ class TilePredictor:
             fp32-exact numbers.
         attn_implementation: "eager", "sdpa" or "auto" (default: :func:`hardware.default_attn_implementation`
             with ``training=False``).
+        tile_size: (height, width) or side of the tiles the model was trained on, for the warning on
+            files far from it (:mod:`.input_checks`); None = the model's input size
+            (:meth:`from_pretrained` looks up the training tile size first).
     """
 
     def __init__(
@@ -100,6 +121,8 @@ class TilePredictor:
         bf16: bool | None = None,
         attn_implementation: str = "auto",
         overlap: bool | None = None,
+        tile_size: int | tuple[int, int] | None = None,
+        tile_size_source: str = "the tile size given",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,6 +140,11 @@ class TilePredictor:
         # On a GPU the forward does not use the CPU cores that decode, so overlapping is free there.
         self.overlap = self.device.type != "cpu" if overlap is None else bool(overlap)
         self.label_names = label_names_of(self.model)
+        if tile_size is None:
+            self.tile_size, self.tile_size_source = training_tile_size(None, getattr(self.model, "config", None))
+        else:
+            self.tile_size = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
+            self.tile_size_source = tile_size_source
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> TilePredictor:
@@ -124,6 +152,8 @@ class TilePredictor:
         from ..modeling import load_for_inference
 
         model, processor = load_for_inference(model_name_or_path, device=device)
+        if "tile_size" not in kwargs:
+            kwargs["tile_size"], kwargs["tile_size_source"] = training_tile_size(model_name_or_path, model.config)
         return cls(model, processor, **kwargs)
 
     # --- tensors ----------------------------------------------------------------------------
@@ -167,11 +197,13 @@ class TilePredictor:
 
     # --- files ------------------------------------------------------------------------------
     def _load(self, path: str) -> Decoded:
+        size = mode = None
         try:
             with open_image(path) as image:
-                return path, self.processor_transform.prepare(to_rgb8(image)), ""
-        except Exception as err:  # noqa: BLE001 - any decode failure becomes an error row; the run goes on
-            return path, None, _error_text(err)
+                size, mode = image.size, image.mode
+                return Decoded(path, self.processor_transform.prepare(to_rgb8(image)), "", size, mode)
+        except Exception as err:  # any decode failure becomes an error row; the run goes on
+            return Decoded(path, None, error_text(err, os.path.basename(path)), size, mode)
 
     def _decoded(self, paths: Iterable[str | os.PathLike]) -> Iterator[Decoded]:
         """Decoded tiles in input order, pulling paths only as the prefetch window needs them."""
@@ -186,20 +218,25 @@ class TilePredictor:
             yield from _windowed(pool, self._load, texts, prefetch, self.overlap)
 
     def predict_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[PredictionRow]:
-        """Stream :class:`PredictionRow` objects in input order (lazy: consume as you go)."""
+        """Stream :class:`PredictionRow` objects in input order (lazy: consume as you go). When all are
+        consumed, files far from the training tile size and greyscale files get one warning per kind."""
+        notes = InputNotes(self.tile_size, self.tile_size_source)
         pending: list[Decoded] = []
         for item in self._decoded(paths):
+            if item.tile is not None:
+                notes.add(item.path, item.size, item.mode)
             pending.append(item)
             if len(pending) == self.batch_size:
                 yield from self._predict_decoded(pending)
                 pending = []
         if pending:
             yield from self._predict_decoded(pending)
+        notes.log()
 
     def _predict_decoded(self, items: list[Decoded]) -> list[PredictionRow]:
-        ok = [i for i, (_, tile, _) in enumerate(items) if tile is not None]
-        probs = self._predict_prepared([items[i][1] for i in ok]).numpy() if ok else None
-        rows = [PredictionRow(path, None, error) for path, _, error in items]
+        ok = [i for i, item in enumerate(items) if item.tile is not None]
+        probs = self._predict_prepared([items[i].tile for i in ok]).numpy() if ok else None
+        rows = [PredictionRow(item.path, None, item.error) for item in items]
         for j, i in enumerate(ok):
             rows[i].probs = probs[j]
         return rows
