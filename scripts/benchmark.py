@@ -30,7 +30,7 @@ from hf_tissue_vit.cli import run_main
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
-from benchmarks import BenchmarkConfig, run_benchmark, to_markdown, write_results
+from benchmarks import BenchmarkConfig, run_benchmark, to_markdown, write_results  # noqa: E402 - after the repo root is on sys.path
 
 
 @dataclass

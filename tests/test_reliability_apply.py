@@ -199,7 +199,7 @@ def test_read_only_outputs_fail_in_one_line_before_the_work(tmp_path, tiny_model
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == len(runs) and "Traceback" not in done.stderr, done.stderr
     for line, where in zip(errors, ["pred.csv", "new/pred.csv", "existing", "new_maps"]):
-        assert f"{ro}/{where}" in line and "cannot write in" in line and "Read-only file system" in line
+        assert f"{ro}/{where}" in line and "cannot be written" in line and "Read-only file system" in line
 
 
 def test_an_oserror_while_writing_is_one_line_naming_the_output(tmp_path, tiny_model_dir, script, capsys,
