@@ -88,6 +88,23 @@ def _read_features(path: Any, length: int) -> torch.Tensor | None:
     return None
 
 
+def _view_features(
+    model: Any, tiles: TileDataset, collator: TileCollator, args: Any, key: str | None, cache_dir: Any
+) -> torch.Tensor:
+    """One view's features: from the cache file of ``key`` (backbone, split, transform, view) when there is one."""
+    path = None
+    if key is not None:
+        digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+        path = decode_cache_file(f"features-{digest}", len(tiles), cache_dir)
+        cached = _read_features(path, len(tiles))
+        if cached is not None:
+            return cached
+    features = compute_features(model, tiles, collator, args.per_device_eval_batch_size, bool(args.bf16))
+    if path is not None:
+        write_decode_cache(path, features.numpy())
+    return features
+
+
 def probe_features(
     model: Any, data: Any, collator: TileCollator, views: int, args: Any, cache: bool = True, cache_dir: Any = None
 ) -> dict[str, FeatureDataset]:
@@ -105,16 +122,8 @@ def probe_features(
             tiles = TileDataset(source.pixels, source.labels, train=view > 0)
             tiles.set_epoch(view)  # seeds the view's augmentation
             transform = collator.train_transform if tiles.train else collator.eval_transform
-            path, features = None, None
-            if fingerprint:
-                key = hashlib.blake2b(f"{backbone}|{fingerprint}|{transform!r}|{view}".encode(), digest_size=12)
-                path = decode_cache_file(f"features-{key.hexdigest()}", len(tiles), cache_dir)
-                features = _read_features(path, len(tiles))
-            if features is None:
-                features = compute_features(model, tiles, collator, args.per_device_eval_batch_size, bool(args.bf16))
-                if path is not None:
-                    write_decode_cache(path, features.numpy())
-            stacked.append(features)
+            key = f"{backbone}|{fingerprint}|{transform!r}|{view}" if fingerprint else None
+            stacked.append(_view_features(model, tiles, collator, args, key, cache_dir))
             logger.info("%s features: view %d of %d done", name, view + 1, count)
         out[name] = FeatureDataset(torch.stack(stacked), source.labels)
     return out
