@@ -89,8 +89,41 @@ def scratch_config(preset: str, id2label: dict[int, str] | list[str], **override
     )
 
 
+# Checkpoint kinds that fine-tune into a ViTForImageClassification (ModelSpec.kind).
+CLASSIFIER, HEADLESS, MAE = "classifier", "headless", "mae"
+# What a ViTMAE encoder shares with a ViT: its weights load into ViTForImageClassification's `vit`
+# (the fixed sin-cos position embeddings become ordinary, trainable ones; the decoder is dropped).
+_MAE_ENCODER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                       "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+                       "image_size", "patch_size", "num_channels", "qkv_bias")  # fmt: skip
+
+
+def vit_config_from_mae(config: Any) -> ViTConfig:
+    """The ``ViTConfig`` of a ``ViTMAEConfig``'s encoder (no masking or decoder fields, ``model_type`` vit)."""
+    return ViTConfig(**{name: getattr(config, name) for name in _MAE_ENCODER_FIELDS})
+
+
+def checkpoint_kind(config: Any) -> str | None:
+    """:data:`CLASSIFIER` (a ViT with a head), :data:`HEADLESS` (a ``ViTModel`` backbone, as pathology
+    foundation models are published), :data:`MAE` (a ViTMAE checkpoint, e.g. from ``scripts/pretrain.py``),
+    or None for anything else."""
+    arch = list(getattr(config, "architectures", None) or [])
+    if any(not a.startswith("ViT") for a in arch):
+        return None
+    if config.model_type == "vit_mae":
+        return MAE
+    if config.model_type != "vit":
+        return None
+    return HEADLESS if arch and all(a == "ViTModel" for a in arch) else CLASSIFIER
+
+
 def check_vit_checkpoint(model_name_or_path: str) -> ViTConfig:
-    """Load the checkpoint's config and refuse anything that is not a ViT image model."""
+    """Load the checkpoint's config and refuse anything that is not a ViT image model (a classifier, a
+    headless ``ViTModel`` or a ViTMAE checkpoint, whose encoder config is returned as a ``ViTConfig``)."""
+    return _read_checkpoint(model_name_or_path)[0]
+
+
+def _read_checkpoint(model_name_or_path: str) -> tuple[ViTConfig, str]:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
@@ -98,14 +131,15 @@ def check_vit_checkpoint(model_name_or_path: str) -> ViTConfig:
             f"--model_name_or_path {model_name_or_path!r}: cannot read a model config ({err}). Give a local "
             "folder with config.json + model.safetensors, a reachable Hub id, or use --from_scratch."
         ) from err
-    arch = list(getattr(config, "architectures", None) or [])
-    if config.model_type != "vit" or any(not a.startswith("ViT") for a in arch):
+    kind = checkpoint_kind(config)
+    if kind is None:
+        arch = list(getattr(config, "architectures", None) or [])
         raise ValueError(
             f"--model_name_or_path {model_name_or_path!r} is a {config.model_type!r} checkpoint "
             f"(architectures {arch or 'unknown'}), not a ViT image-classification model; use a ViT checkpoint "
-            f"such as {DEFAULT_BASE_MODEL} or --from_scratch."
+            f"such as {DEFAULT_BASE_MODEL}, a headless ViTModel backbone, a ViTMAE checkpoint, or --from_scratch."
         )
-    return config
+    return (vit_config_from_mae(config) if kind == MAE else config), kind
 
 
 def resize_position_embeddings(model: ViTForImageClassification, image_size: int) -> None:
@@ -140,6 +174,7 @@ class ModelSpec:
     config: ViTConfig  # a preset's config, or the checkpoint's with its dropout overrides; labels not set
     image_size: int  # the resolution to train at
     checkpoint: str | None = None  # None: from scratch
+    kind: str = CLASSIFIER  # of the checkpoint (see checkpoint_kind); its head, if any, is replaced either way
 
 
 def check_model(
@@ -159,7 +194,7 @@ def check_model(
         return ModelSpec(config, config.image_size)
     if not model_name_or_path:
         raise ValueError("give --model_name_or_path for fine-tuning, or --from_scratch")
-    config = check_vit_checkpoint(model_name_or_path)
+    config, kind = _read_checkpoint(model_name_or_path)
     if patch_size is not None and patch_size != config.patch_size:
         raise ValueError(
             f"--patch_size {patch_size} differs from the checkpoint's patch size {config.patch_size}; "
@@ -172,7 +207,7 @@ def check_model(
     check_geometry(target_size, config.patch_size)
     for name, value in overrides.items():
         setattr(config, name, value)
-    return ModelSpec(config, target_size, str(model_name_or_path))
+    return ModelSpec(config, target_size, str(model_name_or_path), kind)
 
 
 def build_model(
@@ -194,6 +229,10 @@ def build_model(
         model = ViTForImageClassification(config)
         logger.info("new ViT from scratch: %d parameters", model.num_parameters())
     else:
+        if spec.kind != CLASSIFIER:
+            logger.info("%s is a %s checkpoint: its encoder is loaded under a new %d-way head%s", spec.checkpoint,
+                        "ViTMAE" if spec.kind == MAE else "headless ViTModel", len(config.id2label),
+                        " (the MAE decoder is not used)" if spec.kind == MAE else "")  # fmt: skip
         model = ViTForImageClassification.from_pretrained(
             spec.checkpoint,
             config=config,

@@ -13,6 +13,8 @@ Modules, in the order a run uses them:
 - :mod:`.evaluation`: the test split, evaluated once (bootstrap CIs, optional dihedral TTA).
 - :mod:`.outputs`: all_results.json, predictions CSV, figures, card, push.
 - :mod:`.run`: :func:`run_finetune`, the phases of a run.
+- :mod:`.backbone`, :mod:`.probe`: freezing the backbone or its position embeddings, the pretraining record of a
+  ``scripts/pretrain.py`` checkpoint, and the ``--freeze_backbone`` linear probe on cached features.
 """
 
 from .arguments import (
@@ -72,4 +74,13 @@ __all__ = [
     "evaluate_test", "last_complete_checkpoint", "load_dataset_for_training", "load_recipe", "load_training_data",
     "make_compute_metrics", "parse_args", "run_finetune", "run_signature", "tile_dataset", "validate_run",
     "write_json_atomic", "write_predictions_csv",
+]  # fmt: skip
+
+# The checkpoint's backbone: freezing, pretraining record, linear probe on cached features.
+from .backbone import PRETRAINING_FILE, backbone_description, freeze_model_parts, read_pretraining_record
+from .probe import FeatureDataset, compute_features, linear_probe, probe_features
+
+__all__ += [
+    "PRETRAINING_FILE", "FeatureDataset", "backbone_description", "compute_features", "freeze_model_parts",
+    "linear_probe", "probe_features", "read_pretraining_record",
 ]  # fmt: skip

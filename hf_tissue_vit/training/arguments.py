@@ -72,11 +72,33 @@ class ModelArguments:
             "choices": list(hardware.ATTN_IMPLEMENTATIONS),
         },
     )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the classifier on the checkpoint's frozen features (linear probe): the features of "
+            "each tile and view are computed once (cached) instead of every epoch; the saved model is the whole ViT."
+        },
+    )
+    probe_views: int = field(
+        default=1,
+        metadata={
+            "help": "With --freeze_backbone: feature views per training tile, view 0 the plain tile, the others "
+            "augmented; epoch e trains on view e mod probe_views."
+        },
+    )
+    freeze_position_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Keep the position embeddings fixed (e.g. the sin-cos ones of an MAE checkpoint)."},
+    )
 
     def __post_init__(self) -> None:
         # The preset, geometry and checkpoint are checked once, by modeling.check_model in the validate phase.
         hardware.check_attn_implementation(self.attn_implementation)
         PatchDropout(self.patch_keep)  # checks the fraction
+        if self.probe_views < 1:
+            raise ValueError(f"--probe_views must be >= 1, got {self.probe_views}")
+        if self.freeze_backbone and self.from_scratch:
+            raise ValueError("--freeze_backbone needs a pretrained --model_name_or_path, not --from_scratch")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -280,8 +302,9 @@ class TissueTrainingArguments(TrainingArguments):
 ARG_CLASSES = (ModelArguments, DataArguments, TissueTrainingArguments)
 
 
-def load_recipe(parser: HfArgumentParser, path: str) -> dict[str, Any]:
-    """A YAML recipe as argparse defaults (keys = flag names); a nested ``augmentation:`` mapping is flattened."""
+def load_recipe(parser: HfArgumentParser, path: str, script: str = "finetune.py") -> dict[str, Any]:
+    """A YAML recipe as argparse defaults (keys = flag names of ``script``); a nested ``augmentation:`` mapping is
+    flattened."""
     recipe = Path(path)
     if not recipe.is_file():
         raise FileNotFoundError(f"--config {path}: no such recipe file")
@@ -296,7 +319,7 @@ def load_recipe(parser: HfArgumentParser, path: str) -> dict[str, Any]:
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"--config {path}: unknown keys {unknown}; keys must be finetune.py flag names")
+        raise ValueError(f"--config {path}: unknown keys {unknown}; keys must be {script} flag names")
     values.pop("config", None)
     actions = {action.dest: action for action in parser._actions}
     return {key: _recipe_value(path, key, value, actions[key]) for key, value in values.items()}
@@ -337,19 +360,20 @@ def _config_flag(argv: list[str]) -> str | None:
 
 
 def parse_args(
-    argv: list[str] | None = None, default_config: str | None = None
-) -> tuple[ModelArguments, DataArguments, TissueTrainingArguments]:
+    argv: list[str] | None = None, default_config: str | None = None, *,
+    arg_classes: tuple[type, ...] = ARG_CLASSES, script: str = "finetune.py",
+) -> tuple[Any, ...]:
     """Parse flags, with ``--config recipe.yaml`` values as defaults that flags override.
 
-    With no arguments at all, ``default_config`` (the default recipe) is used.
+    With no arguments at all, ``default_config`` (the default recipe) is used. ``arg_classes`` (default
+    finetune.py's :data:`ARG_CLASSES`) are the dataclasses returned; ``script`` names them in errors.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARG_CLASSES)
+    parser = HfArgumentParser(arg_classes)
     config = _config_flag(argv)
     if config is None and not argv and default_config:
         config = default_config
         logger.info("no arguments: running the default recipe %s", default_config)
     if config:
-        parser.set_defaults(**load_recipe(parser, config), config=config)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return model_args, data_args, training_args
+        parser.set_defaults(**load_recipe(parser, config, script), config=config)
+    return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))

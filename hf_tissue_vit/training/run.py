@@ -7,6 +7,7 @@ resume checkpoint, attention kernel, resolution) lives in a :class:`RunPlan` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,8 +21,10 @@ from .. import hardware
 from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
 from ..transforms import ProcessorTransform, TileTransform, make_image_processor
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
+from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
+from .probe import linear_probe
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
@@ -182,7 +185,7 @@ def load_training_data(
     )
 
 
-def _processor_stats(checkpoint: str | None) -> tuple[list[float], list[float]]:
+def processor_stats(checkpoint: str | None) -> tuple[list[float], list[float]]:
     """Mean/std of the checkpoint's processor when fine-tuning (the weights expect them)."""
     from ..transforms import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
@@ -216,7 +219,7 @@ def build_model_and_processor(
     model = build_model(plan.model, data.label_names, plan.attn_implementation)
     _record_mpp(model.config, data.mpp)
     add_patch_dropout(model, patch_keep)
-    mean, std = _processor_stats(plan.model.checkpoint)
+    mean, std = processor_stats(plan.model.checkpoint)
     return model, make_image_processor(model.config.image_size, mean, std)
 
 
@@ -297,14 +300,18 @@ def run_finetune(
         return finished_results(training_args)
     data = load_training_data(plan, data_args, training_args)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
+    freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings)
     trainer = build_trainer(model, processor, data, data_args, training_args)
-    results = train(trainer, plan)
+    with (linear_probe(trainer, data, model_args.probe_views, data_args.cache_decoded, data_args.decode_cache_dir)
+          if model_args.freeze_backbone else contextlib.nullcontext()):  # fmt: skip
+        results = train(trainer, plan)
     test_results, predictions = evaluate_test_split(trainer, data, training_args)
     results.update(test_results)
     results.update(run_description(
         model_args, data_args, training_args, model=trainer.model, attn_implementation=plan.attn_implementation,
         label_names=data.label_names, dataset=data.info,
     ))  # fmt: skip
+    results["model"].update(backbone_description(model_args, plan.model))
     if trainer.is_world_process_zero():
         write_outputs(trainer, results, predictions, training_args.push_after_training)
     return results

@@ -32,15 +32,25 @@ def default_decode_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "hf_tissue_vit_decoded"
 
 
-def _decode_cache_path(split: Any, cache_dir: str | os.PathLike | None) -> Path | None:
+def split_fingerprint(split: Any) -> str | None:
+    """The fingerprint of a ``datasets`` split saved on disk, or None (in-memory datasets have no stable identity)."""
     fingerprint = getattr(split, "_fingerprint", None)
-    if not fingerprint or not getattr(split, "cache_files", None):  # in-memory datasets have no stable identity
-        return None
+    return fingerprint if fingerprint and getattr(split, "cache_files", None) else None
+
+
+def decode_cache_file(key: str, length: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache file of ``length`` decoded tiles identified by ``key`` (a dataset fingerprint or a digest)."""
     folder = Path(cache_dir) if cache_dir else default_decode_cache_dir()
-    return folder / f"v{DECODE_CACHE_VERSION}_{fingerprint}_{len(split)}.npy"
+    return folder / f"v{DECODE_CACHE_VERSION}_{key}_{length}.npy"
 
 
-def _read_cache(path: Path, length: int) -> np.ndarray | None:
+def _decode_cache_path(split: Any, cache_dir: str | os.PathLike | None) -> Path | None:
+    fingerprint = split_fingerprint(split)
+    return decode_cache_file(fingerprint, len(split), cache_dir) if fingerprint else None
+
+
+def read_decode_cache(path: Path, length: int) -> np.ndarray | None:
+    """The [length,H,W,3] uint8 array cached in ``path``, or None when it is unreadable or of another shape."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -52,7 +62,8 @@ def _read_cache(path: Path, length: int) -> np.ndarray | None:
     return None
 
 
-def _write_cache(path: Path, array: np.ndarray) -> None:
+def write_decode_cache(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to the cache file ``path`` atomically (a failure is logged, not raised)."""
     try:  # atomic: concurrent processes either see the whole file or none
         with atomic_write(path, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
@@ -60,7 +71,7 @@ def _write_cache(path: Path, array: np.ndarray) -> None:
         logger.info("decode cache not written (%s)", err)
 
 
-def _stack_at_common_size(tiles: list[np.ndarray]) -> np.ndarray:
+def stack_at_common_size(tiles: list[np.ndarray]) -> np.ndarray:
     """One [N,H,W,3] array; tiles of another size than the most common one are resized to it (bilinear)."""
     from PIL import Image
 
@@ -93,13 +104,13 @@ def decode_tiles(split: Any, cache: bool = True, cache_dir: str | os.PathLike | 
 
     cache_path = _decode_cache_path(split, cache_dir) if cache else None
     if cache_path is not None and cache_path.is_file():
-        cached = _read_cache(cache_path, len(split))
+        cached = read_decode_cache(cache_path, len(split))
         if cached is not None:
             return torch.from_numpy(cached)
     raw = split.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
-    array = _stack_at_common_size([decode_dataset_image(row["image"]) for row in raw])
+    array = stack_at_common_size([decode_dataset_image(row["image"]) for row in raw])
     if cache_path is not None:
-        _write_cache(cache_path, array)
+        write_decode_cache(cache_path, array)
     return torch.from_numpy(array)
 
 
