@@ -147,7 +147,7 @@ def compile_variant(model: Any, pixel_values: torch.Tensor, repeats: int) -> dic
         return {key: row("inference forward, sdpa, fp32, torch.compile (after compiling)",
                          forward_rates(compiled, pixel_values, repeats), unit="images/s",
                          compile_seconds=round(compile_s, 1))}
-    except Exception as err:  # noqa: BLE001 - inductor needs a compiler toolchain; record why it failed
+    except Exception as err:
         logger.warning("torch.compile variant failed: %s", err)
         failed = f"torch.compile failed: {type(err).__name__}: {err}"[:300]
         return {key: {"label": failed, "median": None, "min": None, "max": None, "repeats": 0}}

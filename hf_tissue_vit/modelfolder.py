@@ -34,6 +34,9 @@ PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf
 # What a finished run folder must hold beside the marker (the weights: one of WEIGHT_FILES); its card
 # (README.md) is written before the marker too, but can always be rendered again from these.
 RUN_FINAL_FILES = ("config.json", "preprocessor_config.json", "all_results.json")
+# A pretrain.py run (masked-autoencoder pretraining) ends with its record instead of all_results.json.
+PRETRAINING_FILE = "pretraining.json"
+PRETRAIN_FINAL_FILES = ("config.json", "preprocessor_config.json", PRETRAINING_FILE)
 DATASET_FILES = ("dataset_dict.json", "hf_tissue_vit_dataset.json", "dataset_info.json")
 
 ModelKind = Literal["run", "model", "hub"]
@@ -47,8 +50,19 @@ def missing_run_files(folder: str | os.PathLike) -> list[str]:
     """The final files of a run folder that are not there (the marker last); [] for a complete run."""
     folder = Path(folder)
     missing = [] if _has_weights(folder) else [WEIGHT_FILES[0]]
-    missing += [name for name in RUN_FINAL_FILES if not (folder / name).is_file()]
+    finals = PRETRAIN_FINAL_FILES if _is_pretraining_run(folder) else RUN_FINAL_FILES
+    missing += [name for name in finals if not (folder / name).is_file()]
     return missing + ([] if (folder / COMPLETE_FILE).is_file() else [COMPLETE_FILE])
+
+
+def _is_pretraining_run(folder: Path) -> bool:
+    """A pretrain.py run folder: its record, or a masked-autoencoder config, is there."""
+    if (folder / PRETRAINING_FILE).is_file():
+        return True
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type") == "vit_mae"
+    except (OSError, ValueError):
+        return False
 
 
 def is_complete_run(folder: str | os.PathLike) -> bool:

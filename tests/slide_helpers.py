@@ -214,7 +214,9 @@ def slide_like(tiles: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def select_tiles(model, processor, tiles_by_class: dict[int, np.ndarray], min_prob: float = 0.9) -> dict[int, np.ndarray]:
+def select_tiles(
+    model, processor, tiles_by_class: dict[int, np.ndarray], min_prob: float = 0.9
+) -> dict[int, np.ndarray]:
     """The candidates the model classifies right (fp32 and bf16, as given and :func:`slide_like`)
     with at least ``min_prob``: the tiles a test slide is made of."""
     from hf_tissue_vit.predict import TilePredictor

@@ -152,7 +152,7 @@ def test_map_matches_layout(slides, predictor, slide):
     cell_mm2 = (CELL_UM / 1000) ** 2
     assert fractions["tissue_area_mm2"] == pytest.approx(tissue * cell_mm2, rel=1e-6)
     for k, name in enumerate(CLASS_NAMES):
-        n = int((LAYOUT == k).sum())
+        n = int((k == LAYOUT).sum())
         assert fractions["classes"][name]["cells"] == n
         assert fractions["classes"][name]["area_mm2"] == pytest.approx(n * cell_mm2, rel=1e-6)
         assert fractions["classes"][name]["fraction_of_tissue"] == pytest.approx(n / tissue)
@@ -406,7 +406,8 @@ def test_gigapixel_slide_memory_stays_flat(model_dir, tmp_path):
     out = tmp_path / "big_map"
     cmd = [sys.executable, str(ROOT / "scripts" / "tissue_map.py"), "--model", str(model_dir), "--image", str(path),
            "--output_dir", str(out), "--bf16", "false", "--batch_size", "64"]
-    done = subprocess.run([sys.executable, "-c", _MEMORY_RUN, *cmd], check=False, capture_output=True, text=True, timeout=900,
+    done = subprocess.run([sys.executable, "-c", _MEMORY_RUN, *cmd], check=False, capture_output=True, text=True,
+                          timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak_mb, rc = (int(v) for v in done.stdout.split()[1::2])
     assert rc == 0, done.stderr

@@ -89,8 +89,8 @@ def test_map_matches_mosaic_and_fractions(colour_predictor):
     fractions = result.area_fractions()
     tissue = (LAYOUT != BACKGROUND).sum()
     for k, name in enumerate(CLASS_NAMES):
-        assert fractions["classes"][name]["cells"] == (LAYOUT == k).sum()
-        assert fractions["classes"][name]["fraction_of_tissue"] == pytest.approx((LAYOUT == k).sum() / tissue)
+        assert fractions["classes"][name]["cells"] == (k == LAYOUT).sum()
+        assert fractions["classes"][name]["fraction_of_tissue"] == pytest.approx((k == LAYOUT).sum() / tissue)
     assert fractions["background_cells"] == 2 and fractions["grid_rows"] == 4 and fractions["grid_cols"] == 5
 
 
@@ -132,7 +132,7 @@ def test_pixel_limit_is_reported_and_restored(tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ValueError, match="max_image_pixels"):
         read_large_image(tmp_path / "slide.png", max_image_pixels=100)
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
     assert read_large_image(tmp_path / "slide.png", max_image_pixels=10**6).shape == (4 * TILE, 5 * TILE, 3)
 
 

@@ -95,7 +95,8 @@ def test_crop_is_an_integer_box_of_the_tile():
     # Like torchvision's RandomResizedCrop: a whole-pixel box, so a box of the output size is copied
     # exactly (no resampling blur), and every crop is some window of the input tile.
     images = tiles(8, 36, seed=3)
-    config = AugmentationConfig(**{**OFF, "random_resized_crop": True, "crop_scale": (0.25, 0.25), "crop_ratio": (1, 1)})
+    config = AugmentationConfig(**{**OFF, "random_resized_crop": True, "crop_scale": (0.25, 0.25),
+                                   "crop_ratio": (1, 1)})
     out = TileTransform(18, (0, 0, 0), (1, 1, 1), config)(images, torch.Generator().manual_seed(0))
     out = (out * 255).round().to(torch.uint8)
     corners = set()
@@ -252,7 +253,8 @@ def _processor(kind: str):
         "no_rescale": lambda: ViTImageProcessorPil(do_rescale=False, size={"height": 20, "width": 20}),
         "no_normalize": lambda: ViTImageProcessorPil(do_normalize=False, resample=Image.NEAREST,
                                                      size={"height": 20, "width": 20}),
-        "scalar_mean_std": lambda: ViTImageProcessorPil(image_mean=0.3, image_std=0.2, size={"height": 20, "width": 20}),
+        "scalar_mean_std": lambda: ViTImageProcessorPil(image_mean=0.3, image_std=0.2,
+                                                        size={"height": 20, "width": 20}),
     }[kind]()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import AutoConfig, ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from .. import hardware
+from ..modelfolder import mark_run_complete
 from ..predict import check_inputs
 from ..training.backbone import PRETRAINING_FILE
 from ..training.outputs import write_json_atomic
@@ -160,4 +161,5 @@ def run_pretrain(
     record = pretraining_record(trainer, metrics, tiles, plan, data_args)
     if trainer.is_world_process_zero():
         write_json_atomic(Path(training_args.output_dir) / PRETRAINING_FILE, record)
+        mark_run_complete(training_args.output_dir)  # last: the folder is now a finished run
     return record

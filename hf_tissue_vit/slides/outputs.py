@@ -110,7 +110,10 @@ def write_geojson(result: SlideMap, path: str | os.PathLike) -> Path:
 def write_fractions(result: SlideMap, json_path: Path, csv_path: Path) -> dict[str, Any]:
     fractions = result.fractions()
     atomic_write_json(json_path, fractions)
-    area = (lambda v: "" if v is None else f"{v:.6f}")
+
+    def area(value: float | None) -> str:
+        return "" if value is None else f"{value:.6f}"
+
     cell_mm2 = result.geometry.cell_area_mm2
     with atomic_write(csv_path, newline="") as handle:
         writer = csv.writer(handle)

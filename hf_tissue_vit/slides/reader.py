@@ -190,8 +190,8 @@ def _tiff_cm_mpp(image: Image.Image) -> float | None:
     if not tags or tags.get(296) != 3:  # ResolutionUnit 3 = centimetre
         return None
     per_cm_x, per_cm_y = _positive(tags.get(282)), _positive(tags.get(283))
-    to_mpp = (lambda v: None if v is None else 1e4 / v)
-    return _mean_mpp(to_mpp(per_cm_x), to_mpp(per_cm_y), getattr(image, "filename", ""))
+    mpp_x, mpp_y = (None if v is None else 1e4 / v for v in (per_cm_x, per_cm_y))  # pixels per cm -> µm/px
+    return _mean_mpp(mpp_x, mpp_y, getattr(image, "filename", ""))
 
 
 class ImageReader(SlideReader):

@@ -88,7 +88,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
         if os.path.isfile(item):
             matches = [item]
         elif os.path.isdir(item):
-            matches = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+            matches = sorted(str(p) for p in Path(item).rglob("*")
+                             if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
         else:
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         if not matches:

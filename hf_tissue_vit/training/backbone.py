@@ -9,11 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..modelfolder import PRETRAINING_FILE  # written by scripts/pretrain.py beside the model it pretrained
 from ..modeling import ModelSpec
 
 logger = logging.getLogger(__name__)
-
-PRETRAINING_FILE = "pretraining.json"  # written by scripts/pretrain.py beside the model it pretrained
 
 
 def freeze_model_parts(model: Any, backbone: bool = False, position_embeddings: bool = False) -> None:
