@@ -258,3 +258,41 @@ def test_recipes_parse_and_pair_up(tmp_path: Path):
         model_args, _, _ = parse_args(["--config", str(RECIPES / recipe), "--output_dir", str(tmp_path / "o")])
         assert not model_args.from_scratch
     assert parse_args(["--config", str(RECIPES / "finetune_phikon.yaml")])[0].model_name_or_path == "owkin/phikon"
+
+
+def _readme_commands() -> list[list[str]]:
+    """The ``python scripts/...`` commands of README's pretraining section, joined over line breaks."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## 8. Self-supervised pretraining", 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for block in section.split("```bash")[1:]:
+        for line in block.split("```")[0].splitlines():
+            line = line.strip()
+            if current or line.startswith("python scripts/"):
+                current += " " + line.rstrip("\\")
+                if not line.endswith("\\"):
+                    commands.append(shlex.split(current))
+                    current = ""
+    return commands
+
+
+def test_readme_commands_run(tiny_dataset_dir: Path, tmp_path: Path, script):
+    """README's pretrain -> finetune pair and the linear probe, as written, on the tiny dataset with tiny
+    sizes (owkin/phikon is replaced by a local headless backbone: the Hub is not reachable here)."""
+    commands = _readme_commands()
+    assert [c[1] for c in commands] == ["scripts/prepare_dataset.py", "scripts/pretrain.py", "scripts/finetune.py",
+                                        "scripts/finetune.py"]
+    backbone = str(_headless_backbone(tmp_path / "phikon"))
+    replace = {"data/kather6": str(tiny_dataset_dir), "owkin/phikon": backbone}
+    tiny_finetune = ["--max_steps", "2", "--n_bootstrap", "20", *FAST]
+    extra = {"scripts/pretrain.py": ["--max_steps", "2", *TINY_MAE, *FAST],
+             "scripts/finetune.py": tiny_finetune}
+    for command in commands[1:]:  # the dataset is the fixture's
+        argv = [replace.get(a, str(tmp_path / a) if a.startswith("outputs/") else a) for a in command[2:]]
+        if "--image_size" in argv:  # the probe resizes the backbone's position embeddings: keep it tiny
+            argv[argv.index("--image_size") + 1] = "48"
+        assert script(Path(command[1]).stem).main([*argv, *extra[command[1]]]) == 0, command
+    results = json.loads((tmp_path / "outputs" / "vit-mae-finetuned" / "all_results.json").read_text())
+    assert results["model"]["pretraining"]["mask_ratio"] == 0.75
