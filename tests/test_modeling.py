@@ -167,8 +167,11 @@ def test_check_model_reads_no_weights_and_build_model_makes_the_checked_model(pr
 
 
 def test_load_for_inference(pretrained_dir: Path, tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="cannot load a model"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         load_for_inference(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no config.json"):
+        load_for_inference(str(tmp_path / "empty"))
     model, processor = load_for_inference(str(pretrained_dir), device="cpu")
     assert not model.training
     assert processor.size == {"height": 224, "width": 224}
