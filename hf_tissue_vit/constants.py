@@ -42,6 +42,9 @@ TILE_SIZE = 150
 # Micrometres per pixel of the Kather 2016 tiles (scanned at 20x): a 150 px tile spans 74 um.
 KATHER_MPP = 0.495
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+# Vendor whole-slide formats (OpenSlide reads them; they are slides, never tiles). Pyramidal TIFFs share
+# the plain .tif/.tiff suffix and are told apart by opening them.
+WHOLE_SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".dcm")
 
 ZENODO_URL = "https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip"
 ZENODO_MD5 = "0ddbebfc56344752028fda72602aaade"

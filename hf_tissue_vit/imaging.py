@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "to_rgb8",
@@ -99,7 +99,11 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not source:
             raise ValueError("image is empty (0 bytes)")
-        return Image.open(io.BytesIO(bytes(source)))
+        try:
+            return Image.open(io.BytesIO(bytes(source)))
+        except UnidentifiedImageError:  # its message would show "<_io.BytesIO object at 0x...>"
+            raise UnidentifiedImageError(f"cannot identify image data ({len(source)} bytes) as an image "
+                                         "format PIL reads") from None
     return Image.open(source)
 
 

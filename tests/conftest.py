@@ -234,6 +234,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")
 
 
+def kill_when_exists(proc, path: Path, timeout: float = 240) -> None:
+    """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert proc.poll() is None, f"the run ended before {path} was written"
+            assert time.monotonic() < deadline, f"{path} not written within {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 @pytest.fixture
 def script():
     """:func:`load_script`: ``script("finetune").main([...])`` runs a script in-process."""

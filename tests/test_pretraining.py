@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import kill_when_exists
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 
@@ -194,14 +194,8 @@ def test_pretraining_resumes_after_sigkill_to_the_same_model(tiny_dataset_dir: P
     uninterrupted = subprocess.Popen(_pretrain_command(tiny_dataset_dir, reference), cwd=REPO, env=_env(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not (resumed / "checkpoint-6" / "trainer_state.json").exists():
-            assert proc.poll() is None, "the run ended before its checkpoints"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        kill_when_exists(proc, resumed / "checkpoint-6" / "trainer_state.json")
     finally:
-        proc.wait()
         _, stderr = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, stderr[-3000:]
     assert proc.returncode == -signal.SIGKILL and not (resumed / "pretraining.json").exists()

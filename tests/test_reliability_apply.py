@@ -342,8 +342,10 @@ def test_error_text_names_the_file_instead_of_an_object_repr():
     from hf_tissue_vit.imaging import decode_bytes
     from hf_tissue_vit.predict import error_text
 
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(OSError) as raised:
         decode_bytes(b"junk bytes")
-    assert "BytesIO" in str(raised.value)  # PIL's own message: what must not reach a user
-    text = error_text(raised.value, "tile_7.png")
+    assert "BytesIO" not in str(raised.value) and "10 bytes" in str(raised.value)  # fixed where it arises
+    # PIL's own message, should another path still produce one, never reaches a user either
+    pil_message = OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b8e50>")
+    text = error_text(pil_message, "tile_7.png")
     assert "BytesIO" not in text and "0x" not in text and "'tile_7.png'" in text

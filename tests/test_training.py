@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, save_model_dir, tiny_vit
+from conftest import kill_when_exists, load_script, save_model_dir, tiny_vit
 from safetensors.torch import load_file
 
 from hf_tissue_vit import hardware
@@ -272,10 +271,10 @@ def test_bad_input_fails_before_training(case, message, tiny_dataset_dir: Path, 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
-    start = time.monotonic()
     assert main([*args, *FAST]) == 2
     assert message in capsys.readouterr().err
-    assert time.monotonic() - start < 20
+    # refused before the folder was claimed or anything trained (no wall-clock assert: see the files)
+    assert not (tmp_path / "out" / "hf_tissue_vit_run.json").exists()
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
 
@@ -370,15 +369,7 @@ def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_pa
 
     proc = subprocess.Popen(_resume_args(tiny_dataset_dir, resumed), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not (resumed / "checkpoint-4" / "trainer_state.json").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoints"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_when_exists(proc, resumed / "checkpoint-4" / "trainer_state.json")
     assert proc.returncode == -signal.SIGKILL
     assert not (resumed / "all_results.json").exists()  # really killed mid-run
 

@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, VIT_BIBTEX
+from ..modelfolder import RUN_FILE  # written by finetune.py into every output dir it owns
 from .templates import render_card, render_text
 
 MODEL_CARD_TEMPLATE = "model_card.md"
@@ -26,7 +27,6 @@ MODEL_TAGS = ["histology", "pathology", "vision-transformer", "image-classificat
 PACKAGE_TAG = "hf_tissue_vit"  # marks a card this package wrote (and may therefore rewrite)
 # Weights trained on the Kather 2016 tiles (CC BY 4.0) keep that licence by default.
 DEFAULT_MODEL_LICENSE = "cc-by-4.0"
-RUN_FILE = "hf_tissue_vit_run.json"  # written by finetune.py into every output dir it owns
 EVALUATIONS_FILE = "hf_tissue_vit_evaluations.json"  # external evaluations added to the card
 KATHER_DATASET = "Kather 2016 colorectal cancer histology tiles"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

@@ -11,14 +11,13 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from ..constants import IMAGE_EXTENSIONS
+from ..constants import IMAGE_EXTENSIONS, WHOLE_SLIDE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
 # Whole-slide formats OpenSlide reads (gigapixel pyramids): tile tools skip them.
 # TODO(lead): one list with hf_tissue_vit.slides' extensions when that package is merged.
-WHOLE_SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
 _EXAMPLES = 3
 
 

@@ -28,19 +28,22 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..constants import IMAGE_EXTENSIONS, WHOLE_SLIDE_EXTENSIONS
 from ..imaging import open_image, pixel_limit, to_rgb8
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only (python_requires >= 3.10)
 
 logger = logging.getLogger(__name__)
 
 # Files a folder or glob given to --image expands to: vendor slide formats OpenSlide reads, plus
 # the plain image formats the package reads with PIL.
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                    ".dcm", ".png", ".jpg", ".jpeg", ".bmp")
-_VENDOR_ONLY = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+SLIDE_EXTENSIONS = WHOLE_SLIDE_EXTENSIONS + IMAGE_EXTENSIONS
+_VENDOR_ONLY = WHOLE_SLIDE_EXTENSIONS
 WSI_INSTALL_HINT = "install the [wsi] extra: pip install 'hf_tissue_vit[wsi]'"
 # OpenSlide's tile cache shared by a slide's handles: a few window rows of decoded tiles.
 DEFAULT_CACHE_BYTES = 64 << 20
