@@ -6,7 +6,7 @@ decoded once and cached; the batched augmentation), :mod:`.run` (:func:`run_pret
 ``finetune.py --model_name_or_path OUTPUT_DIR`` into a plain ``ViTForImageClassification``.
 """
 
-from ..training.backbone import PRETRAINING_FILE
+from ..modelfolder import PRETRAINING_FILE
 from .arguments import (
     ARG_CLASSES,
     MAEModelArguments,

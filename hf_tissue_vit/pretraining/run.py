@@ -17,11 +17,10 @@ from typing import Any
 from transformers import AutoConfig, ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from .. import hardware
-from ..modelfolder import mark_run_complete
+from ..modelfolder import PRETRAINING_FILE, mark_run_complete
 from ..predict import check_inputs
-from ..training.backbone import PRETRAINING_FILE
 from ..training.outputs import write_json_atomic
-from ..training.run import processor_stats
+from ..training.run import processor_stats, resolve_mpp
 from ..training.rundir import check_output_dir, claim_output_dir, run_signature
 from ..training.tiles import EpochCallback
 from ..training.trainer import TissueTrainer
@@ -41,6 +40,7 @@ class PretrainPlan:
     attn_implementation: str
     signature: dict
     resume: str | None  # the checkpoint of this run to resume from
+    mpp: float | None  # the tiles' resolution: --mpp, else the dataset folder's, else unknown
 
 
 def checkpoint_mae_config(model_args: MAEModelArguments) -> ViTMAEConfig:
@@ -73,6 +73,7 @@ def validate_pretraining(
         ),
         signature=signature,
         resume=check_output_dir(signature, training_args),
+        mpp=_dataset_mpp(data_args),
     )
 
 
@@ -106,12 +107,11 @@ def build_pretrainer(
 
 
 def _dataset_mpp(data_args: UnlabelledDataArguments) -> float | None:
-    if data_args.mpp is not None or not data_args.dataset_dir:
-        return data_args.mpp
+    """finetune.py's rule (:func:`~hf_tissue_vit.training.run.resolve_mpp`): --mpp, else the dataset folder's."""
     from ..data import read_dataset_metadata
 
-    mpp = read_dataset_metadata(data_args.dataset_dir).get("mpp")
-    return float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) else None
+    metadata = read_dataset_metadata(data_args.dataset_dir) if data_args.dataset_dir else {}
+    return resolve_mpp(data_args.mpp, metadata, data_args.dataset_dir)
 
 
 def pretraining_record(
@@ -122,7 +122,7 @@ def pretraining_record(
     args, config = trainer.args, plan.config
     return {
         "method": "masked autoencoder (ViTMAEForPreTraining)",
-        "data": {**tiles.info, "mpp": _dataset_mpp(data_args)},
+        "data": {**tiles.info, "mpp": plan.mpp},
         "epochs": round(float(trainer.state.epoch or 0), 3),
         "steps": trainer.state.global_step,
         "mask_ratio": config.mask_ratio,
@@ -145,8 +145,8 @@ def pretraining_record(
 def run_pretrain(
     model_args: MAEModelArguments, data_args: UnlabelledDataArguments, training_args: PretrainingArguments
 ) -> dict[str, Any]:
-    """Pretrain, save the last model with its processor, and write ``pretraining.json`` (last: it marks a finished
-    run). Returns the record. The arguments are not changed."""
+    """Pretrain, save the last model with its processor, write ``pretraining.json``, then mark the folder a finished
+    run. Returns the record. The arguments are not changed."""
     plan = validate_pretraining(model_args, data_args, training_args)
     with training_args.main_process_first(desc="tiles"):
         tiles = load_unlabelled_tiles(data_args, training_args.seed)

@@ -139,7 +139,7 @@ def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = Non
     )
 
 
-def _resolve_mpp(flag: float | None, metadata: dict[str, Any], dataset_dir: str | None) -> float | None:
+def resolve_mpp(flag: float | None, metadata: dict[str, Any], dataset_dir: str | None) -> float | None:
     """``--mpp`` when given (it wins over the dataset's), else the dataset folder's ``mpp``, else None."""
     saved = metadata.get("mpp")
     if flag is not None:
@@ -169,7 +169,7 @@ def load_training_data(
     metadata = read_dataset_metadata(plan.dataset_dir) if plan.dataset_dir else {}
     if made_splits:
         metadata = {**metadata, "split_by": made_splits["split_by"], "made_splits": made_splits}
-    mpp = _resolve_mpp(data_args.mpp, metadata, plan.dataset_dir)
+    mpp = resolve_mpp(data_args.mpp, metadata, plan.dataset_dir)
     sizes = {name: len(split) for name, split in dataset.items()}
     tiles = {
         name: tile_dataset(dataset[name], name == "train", data_args.cache_decoded, data_args.decode_cache_dir)
