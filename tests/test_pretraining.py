@@ -209,6 +209,24 @@ def test_pretraining_resumes_after_sigkill_to_the_same_model(tiny_dataset_dir: P
     assert json.loads((resumed / "pretraining.json").read_text())["steps"] == 12
 
 
+def test_pretrain_under_accelerate_launch_with_two_processes(tiny_dataset_dir: Path, tmp_path: Path):
+    """pretrain.py's usage: ``accelerate launch --config_file accelerate_config.yaml --num_processes 2
+    scripts/pretrain.py --use_cpu true ...``; the record and the finished-run mark are written once."""
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+         "--num_processes", "2", "scripts/pretrain.py", *TINY_MAE, *FAST, "--dataset_dir", str(tiny_dataset_dir),
+         "--output_dir", str(out), "--max_steps", "2", "--cache_decoded", "false"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((out / "pretraining.json").read_text())
+    assert record["hardware"]["num_processes"] == 2 and record["steps"] == 2
+    assert record["total_batch_size"] == 32  # 16 per process
+    assert (out / "hf_tissue_vit_complete.json").is_file()
+    assert isinstance(ViTMAEForPreTraining.from_pretrained(out), ViTMAEForPreTraining)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
