@@ -144,6 +144,7 @@ def make_tiny_dataset(
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_data: needs ../shared/data/kather2016_6class (skipped when absent)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "timm: needs the timm package (CI runs these in its second venv)")
 
 
 @pytest.fixture
