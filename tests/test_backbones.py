@@ -133,6 +133,25 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
                                       "--output_dir", str(tmp_path / "map"), "--tile", "32", "--stride", "32"]) == 0
     assert np.load(tmp_path / "map" / "labels.npy").shape == (2, 3)
 
+    attention = ["--model", str(out), "--dataset_dir", str(tiny_dataset_dir), "--split", "test", "--n_per_class", "1",
+                 "--output_dir", str(tmp_path / "attention")]  # fmt: skip
+    if family == "timm":  # timm models return no attention weights: one line, before any work
+        assert script("attention_maps").main(attention) == 2
+        assert "'timm_wrapper' model; attention maps need a ViT or DINOv2" in capsys.readouterr().err
+    else:
+        assert script("attention_maps").main(attention) == 0
+        assert (tmp_path / "attention" / "attention_grid.png").is_file()
+    from hf_tissue_vit.app.handlers import AppModel
+
+    app = AppModel(str(out), device="cpu", bf16=False)
+    shown = app.classify_tile(tiles / "Tumor.png")
+    assert sorted(shown.probabilities) == sorted(CLASS_NAMES)
+    assert any("no attention map" in w for w in shown.warnings) == (family == "timm")
+    assert app.map_image(tmp_path / "mosaic.png", window=32).fractions
+    capsys.readouterr()
+    assert script("count_parameters").main(["--model", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(model.num_parameters())
+
     card = (out / "README.md").read_text()
     assert f"base_model: {checkpoint}" in card and type(model).__name__ in card
     assert f"{model.num_parameters():,}" in card
@@ -278,3 +297,74 @@ def test_resize_position_embeddings_refuses_timm(tmp_path: Path):
 
 
 test_resize_position_embeddings_refuses_timm = pytest.mark.timm(test_resize_position_embeddings_refuses_timm)
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "scripts" / "recipes"
+
+
+def test_backbone_recipes_load():
+    from hf_tissue_vit.training import parse_args
+
+    model_args, data_args, training_args = parse_args(["--config", str(RECIPES / "finetune_phikon_v2.yaml")])
+    assert model_args.model_name_or_path == "owkin/phikon-v2" and model_args.image_size == 160
+    assert not model_args.freeze_backbone and training_args.learning_rate == 1e-5
+    model_args, data_args, training_args = parse_args(["--config", str(RECIPES / "probe_uni.yaml")])
+    assert model_args.model_name_or_path == "MahmoodLab/UNI" and model_args.freeze_backbone
+    assert model_args.image_size is None  # timm models run at their pretrained input size
+    assert training_args.learning_rate == 1e-3 and training_args.label_smoothing_factor == 0
+
+
+@pytest.mark.parametrize("recipe, family", [("finetune_phikon_v2.yaml", "dinov2_registers"),
+                                            pytest.param("probe_uni.yaml", "timm", marks=pytest.mark.timm)])
+def test_backbone_recipe_runs_on_a_local_stand_in(recipe: str, family: str, tiny_dataset_dir: Path, tmp_path: Path,
+                                                  script):  # fmt: skip
+    """The recipe as shipped, with its Hub checkpoint swapped for a tiny local one of the same family (no Hub here)."""
+    checkpoint = _checkpoint(family, tmp_path / "backbone")
+    size = ["--image_size", "32"] if family != "timm" else []  # the recipe's 160 px, at tiny scale
+    results = _finetune(script, checkpoint, tiny_dataset_dir, tmp_path / "out", "--config", str(RECIPES / recipe),
+                        *size, "--max_steps", "2", "--per_device_eval_batch_size", "16")  # fmt: skip
+    assert results["model"]["family"] == backbones.family_of(check_model(str(checkpoint)).config).name
+    assert results["recipe"] == str(RECIPES / recipe)
+
+
+def _readme_backbone_commands() -> list[list[str]]:
+    """The ``python scripts/...`` commands of README's backbone section (an ``HF_TOKEN=...`` prefix dropped)."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## 9. Pathology backbones", 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for block in section.split("```bash")[1:]:
+        for line in block.split("```")[0].splitlines():
+            line = line.strip().removeprefix("HF_TOKEN=hf_xxx ")
+            if current or line.startswith("python scripts/"):
+                current += " " + line.rstrip("\\")
+                if not line.endswith("\\"):
+                    commands.append(shlex.split(current))
+                    current = ""
+    return commands
+
+
+@pytest.mark.parametrize("index, family", [(0, "vit"), (1, "dinov2"), (2, "dinov2"),
+                                           pytest.param(3, "timm", marks=pytest.mark.timm)])
+def test_readme_backbone_commands_run(index: int, family: str, tiny_dataset_dir: Path, tmp_path: Path, script):
+    """README's command per family, as written, with the Hub checkpoint replaced by a tiny local one of its family
+    (plain DINOv2 for Phikon-v2) and tiny sizes."""
+    commands = _readme_backbone_commands()
+    assert len(commands) == 4 and all(c[1] == "scripts/finetune.py" for c in commands)
+    if family == "dinov2":
+        checkpoint = _dinov2(tmp_path / "backbone", registers=0)
+    else:
+        checkpoint = _checkpoint(family, tmp_path / "backbone")
+    argv = [str(tiny_dataset_dir) if a == "data/kather6" else str(tmp_path / a) if a.startswith("outputs/") else a
+            for a in commands[index][2:]]  # fmt: skip
+    if "--model_name_or_path" in argv:
+        argv[argv.index("--model_name_or_path") + 1] = str(checkpoint)
+    else:  # the recipe names the Hub checkpoint
+        argv += ["--model_name_or_path", str(checkpoint)]
+    if "--image_size" in argv or family == "dinov2":
+        argv += ["--image_size", "32"]
+    argv += ["--unfreeze_last_blocks", "1"] if "--unfreeze_last_blocks" in argv else []  # tiny: 2 blocks
+    assert script("finetune").main([*argv, *FAST, "--max_steps", "2", "--per_device_eval_batch_size", "16"]) == 0
+    out = Path(argv[argv.index("--output_dir") + 1])
+    assert json.loads((out / "all_results.json").read_text())["model"]["base_model"] == str(checkpoint)
