@@ -18,7 +18,9 @@ What this module adds:
 
 from __future__ import annotations
 
+import csv
 import heapq
+import io
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -63,6 +65,11 @@ def process_device(state: PartialState, requested: str | None = None) -> torch.d
     if device.type == state.device.type and (state.num_processes > 1 or device.index is None):
         return state.device  # each process its own GPU
     return device
+
+
+def progress_name(state: PartialState, name: str = "predict") -> str:
+    """A progress bar's name: ``name``, with this process's number under a launch (``predict 2/4``)."""
+    return f"{name} {state.process_index + 1}/{state.num_processes}" if state.num_processes > 1 else name
 
 
 def split(state: PartialState, items: Sequence[T]) -> list[T]:
@@ -120,14 +127,17 @@ class ShardedCSV:
     """One CSV written by every process: each its shard's rows, the main process joins them.
 
     ``with ShardedCSV(state, path, header) as handle:`` gives a text handle for this process's rows
-    (without the header). With one process the handle writes ``path`` itself (atomically); with
+    (``header``: the column names, written once). With one process the handle writes ``path`` itself (atomically); with
     several, each writes a part file next to ``path`` (named after its process, so a later run
     removes those of a killed one) and, when every process is done, the main process writes ``path``
     (header, then the parts in process order) atomically and removes the parts.
     """
 
-    def __init__(self, state: PartialState, path: str | os.PathLike, header: str) -> None:
-        self.state, self.path, self.header = state, Path(path), header
+    def __init__(self, state: PartialState, path: str | os.PathLike, header: Sequence[str]) -> None:
+        self.state, self.path = state, Path(path)
+        line = io.StringIO()
+        csv.writer(line).writerow(header)
+        self.header = line.getvalue()
         self._part: Path | None = None
 
     def __enter__(self) -> IO[str]:

@@ -156,17 +156,49 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("tissue_map", ["--image", "{cohort}/a_small.tif", "{cohort}/missing.svs", "--output_dir", "{tmp}/o"],
+    ("tissue_map", ["--image", "{cohort}/a_small.tif", "{cohort}/missing.svs", "--output_dir", "{tmp}/o", *MAP_FLAGS],
      "missing.svs"),
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
-                    "--output_dir", "{tmp}/o"], "neither a slide nor an image"),
+                    "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
+    ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
 ])  # fmt: skip
 def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message, cohort, tiny_model_dir, tmp_path):
     """Only one process meets the bad slide (the checks are shared out); every process stops with its
     error, which the main process prints once, and nothing is written."""
     (tmp_path / "not_a_slide.svs").write_bytes(b"this is not a slide")
     args = [a.format(cohort=cohort, tmp=tmp_path) for a in args]
-    done = _run(_launch(script, "--model", str(tiny_model_dir), *args, *MAP_FLAGS))
+    done = _run(_launch(script, "--model", str(tiny_model_dir), *args))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and len(errors) == 1 and message in errors[0], done.stderr[-4000:]
     assert not (tmp_path / "o").exists()
+
+
+# --- predict.py -------------------------------------------------------------------------------
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _same_rows(one: list[dict[str, str]], two: list[dict[str, str]], numeric: set[str]) -> None:
+    """Same rows in the same order: text cells equal, numbers within float tolerance."""
+    assert [r["file"] for r in one] == [r["file"] for r in two] and one[0].keys() == two[0].keys()
+    for a, b in zip(one, two, strict=True):
+        assert {k: v for k, v in a.items() if k not in numeric} == {k: v for k, v in b.items() if k not in numeric}
+        for key in numeric:
+            assert (a[key] == b[key] == "") or float(a[key]) == pytest.approx(float(b[key]), abs=2e-6), (key, a, b)
+
+
+def test_predict_two_processes_write_the_one_process_csv(tile_factory, tiny_model_dir, tmp_path, capsys):
+    tiles = tmp_path / "tiles"
+    tile_factory(tiles, 2, size=40, classes=["01_TUMOR", "02_STROMA", "03_COMPLEX"], fmt="png")  # 6 tiles
+    (tiles / "03_COMPLEX" / "broken.png").write_bytes(b"not an image")  # 7 files: an odd number
+    args = ["--model", str(tiny_model_dir), "--inputs", str(tiles), "--bf16", "false", "--top_k", "2",
+            "--batch_size", "2", "--no_progress"]
+    assert load_script("predict").main([*args, "--output", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0
+    done = _run(_launch("predict", *args, "--output", str(tmp_path / "two.csv")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("wrote 7 predictions") == 1 and "(1 unreadable files)" in done.stdout
+    one, two = _csv(tmp_path / "one.csv"), _csv(tmp_path / "two.csv")
+    assert len(two) == 7 and sum(bool(r["error"]) for r in two) == 1
+    _same_rows(one, two, {"score", "top2_score", *CLASS_NAMES})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "tiles", "two.csv"]  # no part file left
