@@ -77,6 +77,8 @@ def compute_features(
     parts = []
     try:
         for batch in loader:
+            if "pixels" in batch:  # a uint8 training batch that the collator leaves to the device
+                batch = collator.augment_on_device({**batch, "pixels": batch["pixels"].to(device)})
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 features = backbones.pooled_features(model, batch["pixel_values"].to(device))
             parts.append(features.float().cpu())
