@@ -197,6 +197,26 @@ def real_data_dir() -> Path:
     return REAL_DATA_DIR
 
 
+def readme_commands(section: str) -> list[list[str]]:
+    """The ``python scripts/...`` commands of README's section whose heading starts with ``section`` (e.g.
+    ``"## 8. Self-supervised"``), joined over line breaks; an ``HF_TOKEN=...`` prefix is dropped."""
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.split(section, 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for block in text.split("```bash")[1:]:
+        for line in block.split("```")[0].splitlines():
+            line = line.strip()
+            line = line.split(" ", 1)[1] if line.startswith("HF_TOKEN=") else line
+            if current or line.startswith("python scripts/"):
+                current += " " + line.rstrip("\\")
+                if not line.endswith("\\"):
+                    commands.append(shlex.split(current))
+                    current = ""
+    return commands
+
+
 def load_script(name: str) -> ModuleType:
     """Import ``scripts/<name>.py`` as a module, so tests call its ``main([...])`` in-process."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tile_pixels
+from conftest import readme_commands, tile_pixels
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
@@ -327,30 +327,12 @@ def test_backbone_recipe_runs_on_a_local_stand_in(recipe: str, family: str, tiny
     assert results["recipe"] == str(RECIPES / recipe)
 
 
-def _readme_backbone_commands() -> list[list[str]]:
-    """The ``python scripts/...`` commands of README's backbone section (an ``HF_TOKEN=...`` prefix dropped)."""
-    import shlex
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## 9. Pathology backbones", 1)[1].split("\n## ", 1)[0]
-    commands, current = [], ""
-    for block in section.split("```bash")[1:]:
-        for line in block.split("```")[0].splitlines():
-            line = line.strip().removeprefix("HF_TOKEN=hf_xxx ")
-            if current or line.startswith("python scripts/"):
-                current += " " + line.rstrip("\\")
-                if not line.endswith("\\"):
-                    commands.append(shlex.split(current))
-                    current = ""
-    return commands
-
-
 @pytest.mark.parametrize("index, family", [(0, "vit"), (1, "dinov2"), (2, "dinov2"),
                                            pytest.param(3, "timm", marks=pytest.mark.timm)])
 def test_readme_backbone_commands_run(index: int, family: str, tiny_dataset_dir: Path, tmp_path: Path, script):
     """README's command per family, as written, with the Hub checkpoint replaced by a tiny local one of its family
     (plain DINOv2 for Phikon-v2) and tiny sizes."""
-    commands = _readme_backbone_commands()
+    commands = readme_commands("## 9. Pathology backbones")
     assert len(commands) == 4 and all(c[1] == "scripts/finetune.py" for c in commands)
     if family == "dinov2":
         checkpoint = _dinov2(tmp_path / "backbone", registers=0)
