@@ -275,3 +275,23 @@ def test_readme_launch_commands(cohort, tile_factory, tiny_dataset_dir, tiny_mod
     assert all((work / "maps" / name / DONE_FILE).is_file() for name in ("a_small", "c_medium"))
     assert len(_csv(work / "predictions.csv")) == 4
     assert json.loads((work / "eval_test" / "eval_results.json").read_text())["n_scored"] == 12
+
+
+def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset_dir, tiny_model_dir):
+    """A shard of the rows is that slice of all rows (names included), whether the next batch decodes
+    while the model runs (on a GPU) or not."""
+    from hf_tissue_vit.evaluation.labels import resolve_labels
+    from hf_tissue_vit.evaluation.sources import load_dataset_dir
+    from hf_tissue_vit.predict import TilePredictor
+
+    data = load_dataset_dir(tiny_dataset_dir, "test")
+    mapping = resolve_labels(data.class_names, CLASS_NAMES, None, where="test")
+    plain = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=False)
+    ahead = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=True)
+
+    def rows(predictor, shard=None):
+        return [(r.file, r.label, r.probs[0].round(5).tolist()) for r in data.rows(mapping, [predictor], shard)]
+
+    everything = rows(plain)
+    assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
+    assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7
