@@ -18,7 +18,9 @@ What this module adds:
 
 from __future__ import annotations
 
+import csv
 import heapq
+import io
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -65,10 +67,19 @@ def process_device(state: PartialState, requested: str | None = None) -> torch.d
     return device
 
 
-def split(state: PartialState, items: Sequence[T]) -> list[T]:
-    """This process's contiguous shard of ``items`` (``split_between_processes``; all of them for one)."""
-    with state.split_between_processes(list(items)) as mine:
-        return list(mine)
+def progress_name(state: PartialState, name: str = "predict") -> str:
+    """A progress bar's name: ``name``, with this process's number under a launch (``predict 2/4``)."""
+    return f"{name} {state.process_index + 1}/{state.num_processes}" if state.num_processes > 1 else name
+
+
+def split(state: PartialState, items: Sequence[T]) -> Sequence[T]:
+    """This process's contiguous shard of ``items`` (``split_between_processes``; all of them for one);
+    a list, or a ``range`` for a ``range``."""
+    if isinstance(items, range):  # split_between_processes slices lists, tuples and tensors only
+        with state.split_between_processes(list(range(len(items)))) as mine:
+            return items[mine[0]:mine[-1] + 1] if mine else items[0:0]
+    with state.split_between_processes(items if isinstance(items, (list, tuple)) else list(items)) as mine:
+        return mine
 
 
 def gather(items: list[T]) -> list[T]:
@@ -120,14 +131,17 @@ class ShardedCSV:
     """One CSV written by every process: each its shard's rows, the main process joins them.
 
     ``with ShardedCSV(state, path, header) as handle:`` gives a text handle for this process's rows
-    (without the header). With one process the handle writes ``path`` itself (atomically); with
+    (``header``: the column names, written once). With one process the handle writes ``path`` itself (atomically); with
     several, each writes a part file next to ``path`` (named after its process, so a later run
     removes those of a killed one) and, when every process is done, the main process writes ``path``
     (header, then the parts in process order) atomically and removes the parts.
     """
 
-    def __init__(self, state: PartialState, path: str | os.PathLike, header: str) -> None:
-        self.state, self.path, self.header = state, Path(path), header
+    def __init__(self, state: PartialState, path: str | os.PathLike, header: Sequence[str]) -> None:
+        self.state, self.path = state, Path(path)
+        line = io.StringIO()
+        csv.writer(line).writerow(header)
+        self.header = line.getvalue()
         self._part: Path | None = None
 
     def __enter__(self) -> IO[str]:

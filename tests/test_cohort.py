@@ -156,17 +156,142 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("tissue_map", ["--image", "{cohort}/a_small.tif", "{cohort}/missing.svs", "--output_dir", "{tmp}/o"],
-     "missing.svs"),
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
-                    "--output_dir", "{tmp}/o"], "neither a slide nor an image"),
+                    "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
+    ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
 ])  # fmt: skip
 def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message, cohort, tiny_model_dir, tmp_path):
     """Only one process meets the bad slide (the checks are shared out); every process stops with its
     error, which the main process prints once, and nothing is written."""
     (tmp_path / "not_a_slide.svs").write_bytes(b"this is not a slide")
     args = [a.format(cohort=cohort, tmp=tmp_path) for a in args]
-    done = _run(_launch(script, "--model", str(tiny_model_dir), *args, *MAP_FLAGS))
+    done = _run(_launch(script, "--model", str(tiny_model_dir), *args))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and len(errors) == 1 and message in errors[0], done.stderr[-4000:]
     assert not (tmp_path / "o").exists()
+
+
+# --- predict.py -------------------------------------------------------------------------------
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _same_rows(one: list[dict[str, str]], two: list[dict[str, str]], numeric: set[str]) -> None:
+    """Same rows in the same order: text cells equal, numbers within float tolerance."""
+    assert [r["file"] for r in one] == [r["file"] for r in two] and one[0].keys() == two[0].keys()
+    for a, b in zip(one, two, strict=True):
+        assert {k: v for k, v in a.items() if k not in numeric} == {k: v for k, v in b.items() if k not in numeric}
+        for key in numeric:
+            assert (a[key] == b[key] == "") or float(a[key]) == pytest.approx(float(b[key]), abs=2e-6), (key, a, b)
+
+
+def test_predict_two_processes_write_the_one_process_csv(tile_factory, tiny_model_dir, tmp_path, capsys):
+    tiles = tmp_path / "tiles"
+    tile_factory(tiles, 2, size=40, classes=["01_TUMOR", "02_STROMA", "03_COMPLEX"], fmt="png")  # 6 tiles
+    (tiles / "03_COMPLEX" / "broken.png").write_bytes(b"not an image")  # 7 files: an odd number
+    args = ["--model", str(tiny_model_dir), "--inputs", str(tiles), "--bf16", "false", "--top_k", "2",
+            "--batch_size", "2", "--no_progress"]
+    assert load_script("predict").main([*args, "--output", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0
+    done = _run(_launch("predict", *args, "--output", str(tmp_path / "two.csv")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("wrote 7 predictions") == 1 and "(1 unreadable files)" in done.stdout
+    one, two = _csv(tmp_path / "one.csv"), _csv(tmp_path / "two.csv")
+    assert len(two) == 7 and sum(bool(r["error"]) for r in two) == 1
+    _same_rows(one, two, {"score", "top2_score", *CLASS_NAMES})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "tiles", "two.csv"]  # no part file left
+
+
+# --- evaluate.py ------------------------------------------------------------------------------
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci95", "balanced_accuracy_ci95",
+               "macro_f1_ci95", "per_class", "confusion_matrix", "n_scored", "n_skipped", "skipped", "label_names")
+
+
+@pytest.mark.parametrize("source", ["folder", "dataset"])
+def test_evaluate_two_processes_give_the_one_process_metrics(source, tile_factory, tiny_dataset_dir, tiny_model_dir,
+                                                             tmp_path):
+    if source == "folder":
+        tiles = tmp_path / "tiles"
+        tile_factory(tiles, 3, size=40, classes=["01_TUMOR", "02_STROMA", "04_LYMPHO"], fmt="png")
+        (tiles / "02_STROMA" / "broken.png").write_bytes(b"not an image")  # 10 files, one unreadable
+        data = ["--inputs", str(tiles)]
+    else:
+        data = ["--dataset_dir", str(tiny_dataset_dir), "--split", "test"]  # 12 rows
+    args = ["--model", str(tiny_model_dir), *data, "--bf16", "false", "--batch_size", "4", "--n_bootstrap", "50",
+            "--no_progress"]
+    assert load_script("evaluate").main([*args, "--output_dir", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    done = _run(_launch("evaluate", *args, "--output_dir", str(tmp_path / "two")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("## Evaluation on") == 1
+    one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert {k: two[k] for k in METRIC_KEYS} == {k: one[k] for k in METRIC_KEYS}
+    assert two["n_scored"] == (9 if source == "folder" else 12)
+    probabilities = {*CLASS_NAMES, "score"}
+    _same_rows(_csv(tmp_path / "one" / "eval_predictions.csv"), _csv(tmp_path / "two" / "eval_predictions.csv"),
+               probabilities)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval_confusion_matrix.png", "eval_predictions.csv",
+                                                                    "eval_results.json"]
+
+
+# --- README -----------------------------------------------------------------------------------
+def _readme_launches() -> list[str]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    text = readme.split("### Many slides, many GPUs", 1)[1].split("\n## ", 1)[0]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("accelerate launch")]
+
+
+def test_readme_launch_commands(cohort, tile_factory, tiny_dataset_dir, tiny_model_dir, tmp_path):
+    """README's "many slides, many GPUs" commands, with 2 CPU processes for 4 GPUs, in a folder holding
+    what they name (the tiny model with config.mpp, two slides, tiles, the tiny dataset)."""
+    import shutil
+
+    commands = _readme_launches()
+    assert len(commands) == 3
+    work = tmp_path / "work"
+    model = shutil.copytree(tiny_model_dir, work / "outputs" / "vit-scratch-cpu")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "mpp": 0.495}))
+    (work / "slides").mkdir()
+    for name in ("a_small.tif", "c_medium.tif"):
+        (work / "slides" / name).symlink_to(cohort / name)
+    tile_factory(work / "tiles", 2, size=40, classes=["01_TUMOR", "05_DEBRIS"], fmt="png")
+    (work / "data").mkdir()
+    (work / "data" / "kather2016").symlink_to(tiny_dataset_dir)
+    for command in commands:
+        argv = command.split()
+        assert argv[:5] == ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "--num_processes"]
+        argv[:6] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port",
+                    str(_free_port())]
+        script = next(i for i, a in enumerate(argv) if a.startswith("scripts/"))
+        argv[script] = str(REPO / argv[script])
+        done = subprocess.run([*argv, "--device", "cpu"], cwd=work, env=_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT, check=False)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-4000:]}"
+    assert [r["error"] for r in _summary(work / "maps" / "summary.csv")] == ["", ""]
+    assert all((work / "maps" / name / DONE_FILE).is_file() for name in ("a_small", "c_medium"))
+    assert len(_csv(work / "predictions.csv")) == 4
+    assert json.loads((work / "eval_test" / "eval_results.json").read_text())["n_scored"] == 12
+
+
+def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset_dir, tiny_model_dir):
+    """A shard of the rows is that slice of all rows (names included), whether the next batch decodes
+    while the model runs (on a GPU) or not."""
+    from hf_tissue_vit.evaluation.labels import resolve_labels
+    from hf_tissue_vit.evaluation.sources import load_dataset_dir
+    from hf_tissue_vit.predict import TilePredictor
+
+    data = load_dataset_dir(tiny_dataset_dir, "test")
+    mapping = resolve_labels(data.class_names, CLASS_NAMES, None, where="test")
+    plain = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=False)
+    ahead = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=True)
+
+    def rows(predictor, shard=None):
+        return [(r.file, r.label, r.probs[0].round(5).tolist()) for r in data.rows(mapping, [predictor], shard)]
+
+    everything = rows(plain)
+    assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
+    assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7
