@@ -212,11 +212,10 @@ def cached_batch_run(argv: list[str]) -> dict[str, Any]:
     data = load_training_data(plan, data_args, training_args)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
     trainer = build_trainer(model, processor, data, data_args, training_args)
-    tiles = data.tiles["train"]
-    size = training_args.per_device_train_batch_size
-    collator = trainer.data_collator
-    batch = {"pixel_values": collator.train_transform(tiles.pixels[:size], generator=torch.Generator().manual_seed(0)),
-             "labels": tiles.labels[:size]}  # fmt: skip
+    first = [data.tiles["train"][i] for i in range(training_args.per_device_train_batch_size)]  # uint8 by index
+    pixels = torch.stack([torch.as_tensor(item["pixels"]) for item in first])
+    batch = {"pixel_values": trainer.data_collator.train_transform(pixels, generator=torch.Generator().manual_seed(0)),
+             "labels": torch.tensor([item["labels"] for item in first])}  # fmt: skip
     batch = {key: value.to(training_args.device) for key, value in batch.items()}
     trainer.data_collator = lambda items: batch
     trainer.train()
