@@ -34,7 +34,8 @@ setup(
     extras_require={
         "app": ["gradio>=6.31,<7"],
         "wsi": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1",
+                 "import-linter>=2.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
     },
 )

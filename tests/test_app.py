@@ -478,7 +478,8 @@ def test_model_info_without_results_reads_the_card(model_dir, tmp_path):
     info = load_model_info(str(bare))
     assert [(m.name, round(m.value, 4), m.ci95) for m in info.test_metrics] == [
         ("Accuracy", 0.8333, None), ("Macro F1", 0.8121, None)]
-    assert "not in the card" in about_markdown(info) and info.train_tile_px == 150  # Kather's, when unknown
+    # nothing records the training tile size: the one fallback rule (ModelFacts) gives the input size
+    assert "not in the card" in about_markdown(info) and info.train_tile_px == 32
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model_info(str(tmp_path))
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_json
-from ..predict import TissueMap, class_colours
+from ..predict.map_figure import class_colours
+from ..predict.maps import TissueMap
 
 BACKGROUND = -1
 

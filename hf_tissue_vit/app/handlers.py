@@ -16,15 +16,19 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ..constants import KATHER_MPP
 from ..imaging import load_rgb8
-from ..interpret import explain_tiles, overlay_heatmap
-from ..predict import TilePredictor, label_names_of, open_large_image, save_tissue_map, tissue_map
+from ..interpret.attention import explain_tiles
+from ..interpret.figures import overlay_heatmap
+from ..predict.large_image import open_large_image
+from ..predict.map_figure import save_tissue_map
+from ..predict.maps import tissue_map
+from ..predict.predictor import TilePredictor, label_names_of
 from .exports import area_table, write_geojson
 from .model_info import ModelInfo, load_model_info, resolution_warning, tile_warnings
 
@@ -64,18 +68,16 @@ class MapResult:
 # --------------------------------------------------------------------------------------------
 # Whole-slide HOOK (the lead wires hf_tissue_vit.slides here once it lands)
 # --------------------------------------------------------------------------------------------
-def slide_support() -> ModuleType | None:
-    """HOOK: ``hf_tissue_vit.slides`` when it and the ``[wsi]`` extra are importable, else None."""
-    try:
-        from .. import slides  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return slides
+def slide_support() -> bool:
+    """HOOK: True when the ``[wsi]`` extra (OpenSlide) is importable."""
+    from ..slides.reader import openslide_available
+
+    return openslide_available()
 
 
 def map_slide(model: AppModel, path: str, window: int, stride: int, threshold: float, out_dir: Path) -> MapResult:
     """HOOK: tissue map of a whole-slide file. Not wired yet: says what to install, or that it is coming."""
-    if slide_support() is None:
+    if not slide_support():
         raise ValueError(f"{Path(path).name} is a whole-slide file: install the [wsi] extra "
                          "(pip install 'hf_tissue_vit[wsi]') to map slides, or upload a PNG/TIFF export")
     raise ValueError(f"{Path(path).name}: whole-slide maps are not wired into the app yet; use "
@@ -125,6 +127,11 @@ class AppModel:
         self._lock = threading.Lock()
         self._runs = Path(tempfile.mkdtemp(prefix="hf_tissue_vit_app_"))
         self._n_runs = 0
+
+    @property
+    def default_window(self) -> int:
+        """Window side of a tissue map: the training tile's, else the model's input size."""
+        return self.info.train_tile_px or self.info.image_size
 
     @property
     def label_names(self) -> list[str]:
@@ -177,7 +184,7 @@ class AppModel:
         """Tissue map of a larger image: every ``window`` px square (default the training tile size),
         step ``window`` (or half of it with ``overlap``), background windows left out."""
         path = os.fspath(path)
-        window = int(window or self.info.train_tile_px)
+        window = int(window or self.default_window)
         stride = max(1, window // 2) if overlap else window
         with self._lock:
             out = self._run_dir()
@@ -194,6 +201,6 @@ class AppModel:
         geojson = write_geojson(result, out / "tissue_map.geojson")
         mpp = mpp or stated_mpp(path)
         warning = resolution_warning(self.info, mpp)
-        return MapResult(files["tissue_map.png"], area_table(result, mpp or self.info.train_mpp),
+        return MapResult(files["tissue_map.png"], area_table(result, mpp or self.info.train_mpp or KATHER_MPP),
                          files["class_fractions.csv"], str(geojson), result.area_fractions(),
                          [warning] if warning else [])

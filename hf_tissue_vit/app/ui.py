@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr
 
 from ..constants import CLASS_DESCRIPTIONS, IMAGE_EXTENSIONS
-from ..predict import class_colours
+from ..predict.map_figure import class_colours
 from .examples import ATTRIBUTION, MOSAIC_NAME, Example, find_examples, make_mosaic
 from .exports import AREA_COLUMNS
 from .handlers import SLIDE_SUFFIXES, AppModel
@@ -194,13 +194,12 @@ def _map_tab(model: AppModel, mosaic: str | None) -> None:
             gr.Markdown("Each window is classified like a tile; mostly-glass windows are skipped. Whole-slide "
                         "files (SVS, NDPI, ...) need the `[wsi]` extra and must be small enough to upload.",
                         elem_classes=["small-print"])
-            window = gr.Number(value=info.train_tile_px, precision=0, minimum=8,
-                               label=f"Window in px (the training tiles are {info.train_tile_px} px, "
-                                     f"{info.train_tile_um:.0f} µm)")
+            window = gr.Number(value=model.default_window, precision=0, minimum=8,
+                               label=f"Window in px at the model's µm/px (it was trained on {info.training_text()})")
             overlap = gr.Checkbox(label="Overlapping windows (half-window step: finer map, 4× the time)")
             threshold = gr.Slider(0.05, 1.0, value=0.8, step=0.05,
                                   label="Skip windows with at least this fraction of glass/background")
-            mpp_in = _resolution_input("map-mpp", f" (areas assume {info.train_mpp} µm/px when not known)")
+            mpp_in = _resolution_input("map-mpp", " (else what the file records)")
             run = gr.Button("Make the tissue map", variant="primary", elem_id="map-run")
             if mosaic:
                 gr.Examples([[mosaic]], inputs=[image_in], label="Example: a mosaic of the example tiles")

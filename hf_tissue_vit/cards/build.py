@@ -33,7 +33,7 @@ def _parameter_table(output_dir: Path) -> str | None:
         return None
     from transformers import AutoConfig
 
-    from ..interpret import format_parameter_table, parameter_report_from_config
+    from ..interpret.parameters import format_parameter_table, parameter_report_from_config
 
     return format_parameter_table(parameter_report_from_config(AutoConfig.from_pretrained(output_dir)))
 

@@ -18,7 +18,7 @@ Example::
     save_tissue_map(result, "slide_5000px.tif", "tissue_map_out/")
 """
 
-from .input_checks import FAR_FACTOR, InputNotes, is_far, is_greyscale, training_tile_size
+from .input_checks import InputNotes, is_greyscale
 from .inputs import WHOLE_SLIDE_EXTENSIONS, check_inputs, iter_input_files, list_input_files
 from .large_image import downscale, open_large_image, read_downscaled, read_large_image
 from .map_figure import class_colours, save_tissue_map
@@ -36,7 +36,6 @@ from .table import (
 __all__ = [
     "BACKGROUND",
     "CSV_FIXED_COLUMNS",
-    "FAR_FACTOR",
     "InputNotes",
     "PredictionRow",
     "TilePredictor",
@@ -49,7 +48,6 @@ __all__ = [
     "csv_row",
     "downscale",
     "error_text",
-    "is_far",
     "is_greyscale",
     "iter_input_files",
     "label_names_of",
@@ -60,7 +58,6 @@ __all__ = [
     "read_large_image",
     "save_tissue_map",
     "tissue_map",
-    "training_tile_size",
     "use_attention",
     "write_predictions_csv",
 ]

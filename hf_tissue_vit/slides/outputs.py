@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write, atomic_write_json, save_figure_atomic
-from ..predict import class_colours
+from ..predict.map_figure import class_colours
 from .geometry import WindowGeometry
 
 BACKGROUND = -1

@@ -1,0 +1,67 @@
+"""The package's structure as a checked contract: its layers (``.ci/importlinter.ini``, run by
+``lint-imports`` in ``.ci/run``), no module importing a whole sibling package, and no dead code."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "hf_tissue_vit"
+CONTRACT = REPO / ".ci" / "importlinter.ini"
+SUBPACKAGES = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` with the repository's contract on the package under ``root``."""
+    pytest.importorskip("importlinter", reason="import-linter (the [test] extra) checks the layers")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    script = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", script, "--config", str(CONTRACT), "--no-cache"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_layers_contract_is_kept():
+    result = _lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_a_function_level_import_upwards_breaks_the_contract(tmp_path):
+    """The cycle of issue 22 came back through an import inside a function: the contract sees it."""
+    copy = tmp_path / "hf_tissue_vit"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "templates"))
+    with (copy / "modelfolder.py").open("a", encoding="utf-8") as handle:
+        handle.write("\n\ndef _later():\n    from .hub import push_output_dir\n\n    return push_output_dir\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "hf_tissue_vit.modelfolder is not allowed to import hf_tissue_vit.hub" in result.stdout
+
+
+def _imports_of_whole_packages(path: Path) -> list[str]:
+    """``from ..pkg import name`` / ``from .. import pkg`` of a subpackage other than the module's own."""
+    rel = path.relative_to(PACKAGE)
+    own = rel.parts[0] if len(rel.parts) > 1 else None
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.ImportFrom) or node.level == 0:
+            continue
+        base = list(rel.parts[:-1])[: len(rel.parts) - node.level]
+        targets = [base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names]
+        for target in targets:
+            if len(target) == 1 and target[0] in SUBPACKAGES and target[0] != own:
+                found.append(f"{rel}:{node.lineno} imports the package {target[0]}")
+    return found
+
+
+def test_no_module_imports_a_whole_sibling_package():
+    """Modules import the module that defines a name (``from ..predict.predictor import TilePredictor``),
+    so the import graph shows what depends on what, not whole packages."""
+    found = [line for path in sorted(PACKAGE.rglob("*.py")) for line in _imports_of_whole_packages(path)]
+    assert found == []
