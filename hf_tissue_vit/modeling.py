@@ -117,12 +117,6 @@ def checkpoint_kind(config: Any) -> str | None:
     return HEADLESS if arch and all(a == "ViTModel" for a in arch) else CLASSIFIER
 
 
-def check_vit_checkpoint(model_name_or_path: str) -> ViTConfig:
-    """Load the checkpoint's config and refuse anything that is not a ViT image model (a classifier, a
-    headless ``ViTModel`` or a ViTMAE checkpoint, whose encoder config is returned as a ``ViTConfig``)."""
-    return _read_checkpoint(model_name_or_path)[0]
-
-
 def _read_checkpoint(model_name_or_path: str) -> tuple[ViTConfig, str]:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)

@@ -65,3 +65,60 @@ def test_no_module_imports_a_whole_sibling_package():
     so the import graph shows what depends on what, not whole packages."""
     found = [line for path in sorted(PACKAGE.rglob("*.py")) for line in _imports_of_whole_packages(path)]
     assert found == []
+
+
+# --------------------------------------------------------------------------------------------
+# Dead code
+# --------------------------------------------------------------------------------------------
+# Found by name by their framework, never called by name in the repository.
+CALLED_BY_FRAMEWORKS = {
+    "evaluate_modules/tissue_classification/tissue_classification.py": "loaded by evaluate.load from its path",
+}
+
+
+def _definitions() -> dict[str, str]:
+    """Public top-level functions and classes of the package: name -> module path."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        if rel in CALLED_BY_FRAMEWORKS:
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                found[node.name] = rel
+    return found
+
+
+def _uses() -> set[str]:
+    """Names the library, scripts and benchmarks use: loaded names, attributes, imports outside the
+    packages' ``__init__`` re-exports (ruff flags an import a module does not use)."""
+    used = set()
+    files = [*PACKAGE.rglob("*.py"), *(REPO / "scripts").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
+    for path in files:
+        init = path.name == "__init__.py" and PACKAGE in path.parents
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Name) and not (init and node.id == "__all__"):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.ImportFrom) and not init:
+                used.update(alias.name for alias in node.names)
+    return used
+
+
+def test_no_library_code_is_dead_or_used_only_by_tests():
+    """Every public function and class of the package is used by the library, a script or a benchmark."""
+    used = _uses()
+    dead = sorted(f"{module}: {name}" for name, module in _definitions().items() if name not in used)
+    assert dead == []
+
+
+def test_package_docstrings_name_modules_that_exist():
+    import re
+
+    missing = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        for name in re.findall(r":mod:`\.(\w+)`", init.read_text(encoding="utf-8")):
+            if not (init.parent / f"{name}.py").is_file() and not (init.parent / name / "__init__.py").is_file():
+                missing.append(f"{init.relative_to(PACKAGE)} names .{name}")
+    assert missing == []
