@@ -22,9 +22,11 @@ from .predictor import TilePredictor, error_text, label_names_of, use_attention
 from .table import (
     CSV_FIXED_COLUMNS,
     PredictionRow,
+    check_top_k,
     csv_columns,
     csv_row,
     probability_columns,
+    write_prediction_rows,
     write_predictions_csv,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "TilePredictor",
     "WHOLE_SLIDE_EXTENSIONS",
     "check_inputs",
+    "check_top_k",
     "csv_columns",
     "csv_row",
     "downscale",
@@ -46,5 +49,6 @@ __all__ = [
     "probability_columns",
     "read_downscaled",
     "use_attention",
+    "write_prediction_rows",
     "write_predictions_csv",
 ]
