@@ -1,4 +1,4 @@
-"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate.py over 2 CPU processes
+"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate_model.py over 2 CPU processes
 (gloo) give the outputs of one process; cohort runs resume after a kill; bad input stops every process.
 
 The slides are synthetic pyramidal TIFFs of different sizes (tests/slide_helpers.py); the model is the

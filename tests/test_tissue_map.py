@@ -190,9 +190,12 @@ def _tissue_map_py(model: Path, image: Path, out: Path, *extra: str) -> int:
 
 
 def _same_outputs(app_files: dict[str, str], script_dir: Path) -> None:
-    """labels.npy, probabilities.npy and the GeoJSON are the same bytes; the fractions equal but for time."""
+    """labels.npy, probabilities.npy and the GeoJSON are the same bytes; the fractions equal but for time.
+    (The script's run bookkeeping, summary.csv and the done mark of a re-run, is not part of a map.)"""
+    from hf_tissue_vit.slides.cohort import DONE_FILE
+
     assert sorted(Path(p).name for p in app_files.values()) == sorted(p.name for p in script_dir.iterdir()
-                                                                      if p.name != "summary.csv")
+                                                                      if p.name not in ("summary.csv", DONE_FILE))
     for name in ("labels.npy", "probabilities.npy", "tissue_map.geojson"):
         assert Path(app_files[name]).read_bytes() == (script_dir / name).read_bytes(), name
 

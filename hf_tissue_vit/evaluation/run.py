@@ -31,7 +31,7 @@ TRAINING_PRECISION = "training"  # --bf16 value: the precision of the model's ow
 
 @dataclass
 class EvaluationArguments:
-    """scripts/evaluate.py's flags."""
+    """scripts/evaluate_model.py's flags."""
 
     model: str = field(metadata={"help": "Model folder (a finetune.py output, or any saved image classifier with "
                                          "its image processor) or Hub model id."})
