@@ -202,3 +202,36 @@ def test_predict_two_processes_write_the_one_process_csv(tile_factory, tiny_mode
     assert len(two) == 7 and sum(bool(r["error"]) for r in two) == 1
     _same_rows(one, two, {"score", "top2_score", *CLASS_NAMES})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "tiles", "two.csv"]  # no part file left
+
+
+# --- evaluate_model.py ------------------------------------------------------------------------
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci95", "balanced_accuracy_ci95",
+               "macro_f1_ci95", "per_class", "confusion_matrix", "n_scored", "n_skipped", "skipped", "label_names")
+
+
+@pytest.mark.parametrize("source", ["folder", "dataset"])
+def test_evaluate_two_processes_give_the_one_process_metrics(source, tile_factory, tiny_dataset_dir, tiny_model_dir,
+                                                             tmp_path):
+    if source == "folder":
+        tiles = tmp_path / "tiles"
+        tile_factory(tiles, 3, size=40, classes=["01_TUMOR", "02_STROMA", "04_LYMPHO"], fmt="png")
+        (tiles / "02_STROMA" / "broken.png").write_bytes(b"not an image")  # 10 files, one unreadable
+        data = ["--inputs", str(tiles)]
+    else:
+        data = ["--dataset_dir", str(tiny_dataset_dir), "--split", "test"]  # 12 rows
+    args = ["--model", str(tiny_model_dir), *data, "--bf16", "false", "--batch_size", "4", "--n_bootstrap", "50",
+            "--no_progress"]
+    assert load_script("evaluate_model").main([*args, "--output_dir", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    done = _run(_launch("evaluate_model", *args, "--output_dir", str(tmp_path / "two")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("## Evaluation on") == 1
+    one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert {k: two[k] for k in METRIC_KEYS} == {k: one[k] for k in METRIC_KEYS}
+    assert two["n_scored"] == (9 if source == "folder" else 12)
+    probabilities = {*CLASS_NAMES, "score"}
+    _same_rows(_csv(tmp_path / "one" / "eval_predictions.csv"), _csv(tmp_path / "two" / "eval_predictions.csv"),
+               probabilities)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval_confusion_matrix.png", "eval_predictions.csv",
+                                                                    "eval_results.json"]
