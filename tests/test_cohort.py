@@ -156,8 +156,6 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("tissue_map", ["--image", "{cohort}/a_small.tif", "{cohort}/missing.svs", "--output_dir", "{tmp}/o", *MAP_FLAGS],
-     "missing.svs"),
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
                     "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
     ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
@@ -235,3 +233,65 @@ def test_evaluate_two_processes_give_the_one_process_metrics(source, tile_factor
                probabilities)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval_confusion_matrix.png", "eval_predictions.csv",
                                                                     "eval_results.json"]
+
+
+# --- README -----------------------------------------------------------------------------------
+def _readme_launches() -> list[str]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    text = readme.split("### Many slides, many GPUs", 1)[1].split("\n## ", 1)[0]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("accelerate launch")]
+
+
+def test_readme_launch_commands(cohort, tile_factory, tiny_dataset_dir, tiny_model_dir, tmp_path):
+    """README's "many slides, many GPUs" commands, with 2 CPU processes for 4 GPUs, in a folder holding
+    what they name (the tiny model with config.mpp, two slides, tiles, the tiny dataset)."""
+    import shutil
+
+    commands = _readme_launches()
+    assert len(commands) == 3
+    work = tmp_path / "work"
+    model = shutil.copytree(tiny_model_dir, work / "outputs" / "vit-scratch-cpu")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "mpp": 0.495}))
+    (work / "slides").mkdir()
+    for name in ("a_small.tif", "c_medium.tif"):
+        (work / "slides" / name).symlink_to(cohort / name)
+    tile_factory(work / "tiles", 2, size=40, classes=["01_TUMOR", "05_DEBRIS"], fmt="png")
+    (work / "data").mkdir()
+    (work / "data" / "kather2016").symlink_to(tiny_dataset_dir)
+    for command in commands:
+        argv = command.split()
+        assert argv[:5] == ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "--num_processes"]
+        argv[:6] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port",
+                    str(_free_port())]
+        script = next(i for i, a in enumerate(argv) if a.startswith("scripts/"))
+        argv[script] = str(REPO / argv[script])
+        done = subprocess.run([*argv, "--device", "cpu"], cwd=work, env=_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT, check=False)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-4000:]}"
+    assert [r["error"] for r in _summary(work / "maps" / "summary.csv")] == ["", ""]
+    assert all((work / "maps" / name / DONE_FILE).is_file() for name in ("a_small", "c_medium"))
+    assert len(_csv(work / "predictions.csv")) == 4
+    assert json.loads((work / "eval_test" / "eval_results.json").read_text())["n_scored"] == 12
+
+
+def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset_dir, tiny_model_dir):
+    """A shard of the rows is that slice of all rows (names included), whether the next batch decodes
+    while the model runs (on a GPU) or not."""
+    from hf_tissue_vit.evaluation.labels import resolve_labels
+    from hf_tissue_vit.evaluation.sources import load_dataset_dir
+    from hf_tissue_vit.predict import TilePredictor
+
+    data = load_dataset_dir(tiny_dataset_dir, "test")
+    mapping = resolve_labels(data.class_names, CLASS_NAMES, None, where="test")
+    plain = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=False)
+    ahead = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=True)
+
+    def rows(predictor, shard=None):
+        return [(r.file, r.label, r.probs[0].round(5).tolist()) for r in data.rows(mapping, [predictor], shard)]
+
+    everything = rows(plain)
+    assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
+    assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..imaging import load_rgb8
-from ..interpret.attention import explain_tiles
+from ..interpret.attention import explain_tiles, require_vit
 from ..interpret.figures import overlay_heatmap
 from ..predict.predictor import TilePredictor, label_names_of
 from ..slides.outputs import save_slide_map
@@ -137,11 +137,15 @@ class AppModel:
         """
         probs = self.probabilities(path)
         tile = load_rgb8(path)
-        with self._lock:
-            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         label = max(probs, key=probs.get)
         height, width = tile.shape[:2]
         warnings = tile_warnings(self.info, width, height, mpp if mpp else image_mpp(path))
+        try:
+            require_vit(self._explainer.config)
+        except ValueError as err:  # a timm model returns no attention weights: the tile is shown without a map
+            return TileResult(probs, label, probs[label], tile, tile, [*warnings, f"no attention map: {err}"])
+        with self._lock:
+            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         return TileResult(probs, label, probs[label], tile, overlay_heatmap(tile, item.rollout, ALPHA), warnings)
 
     def head_overlays(self, path: str | os.PathLike) -> list[tuple[np.ndarray, str]]:

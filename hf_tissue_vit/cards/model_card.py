@@ -60,6 +60,8 @@ class ModelCardInfo:
     label_names: list[str]
     trained_with_package: bool = False
     architecture: str | None = None
+    family: str | None = None  # backbone family (hf_tissue_vit.backbones), e.g. "DINOv2 with registers"
+    needs: str | None = None  # a package loading the model needs besides transformers (timm)
     license: str | None = None
     base_model: str | None = None
     from_scratch: bool | None = None
@@ -113,6 +115,8 @@ class ModelCardInfo:
         self.image_size = facts.input_size
         self.patch_size = model.get("patch_size") or facts.config.get("patch_size")
         self.num_parameters = model.get("num_parameters")
+        self.family = model.get("family")
+        self.needs = "timm" if facts.config.get("model_type") == "timm_wrapper" else None
         self.mpp = facts.mpp
         pretraining = model.get("pretraining")
         self.pretraining = hyperparameter_rows(pretraining) if isinstance(pretraining, dict) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -208,20 +209,32 @@ class DatasetData(LabelledData):
         if shard is not None:
             raw = raw.select(shard)
         batch_size = predictors[0].batch_size
+        # on a GPU (predictor.overlap) the next batch decodes while the model runs on this one
+        ahead = 1 if getattr(predictors[0], "overlap", False) else 0
         with ThreadPoolExecutor(max(1, predictors[0].num_workers), thread_name_prefix="decode") as pool:
+            pending: deque[tuple[dict[str, list], list[int], Iterator, int]] = deque()
             for batch in raw.iter(batch_size=batch_size):
                 labels = batch[self.label_column]
                 keep = [i for i, y in enumerate(labels) if y >= 0 and targets[y] is not None]
-                decoded = list(pool.map(_decode, [batch[self.image_column][i] for i in keep]))
-                ok = [j for j, (tile, _) in enumerate(decoded) if tile is not None]
-                probs = [p.predict_tiles([decoded[j][0] for j in ok]).numpy() for p in predictors] if ok else []
-                position = {j: k for k, j in enumerate(ok)}
-                for j, i in enumerate(keep):
-                    name = batch[self.file_column][i] if self.file_column else f"{self.split or 'row'}[{start + i}]"
-                    row_probs = [p[position[j]] for p in probs] if j in position else [None] * len(predictors)
-                    yield ScoredRow(str(name), self.class_names[labels[i]], targets[labels[i]], row_probs,
-                                    decoded[j][1])
+                pending.append((batch, keep, pool.map(_decode, [batch[self.image_column][i] for i in keep]), start))
                 start += len(labels)
+                if len(pending) > ahead:
+                    yield from self._scored(*pending.popleft(), targets, predictors)
+            while pending:
+                yield from self._scored(*pending.popleft(), targets, predictors)
+
+    def _scored(self, batch: dict[str, list], keep: list[int], decoded: Iterator, start: int,
+                targets: list[int | None], predictors: Sequence[Any]) -> Iterator[ScoredRow]:
+        """The rows of one decoded batch (``start``: the batch's first row number, for row names)."""
+        labels = batch[self.label_column]
+        decoded = list(decoded)
+        ok = [j for j, (tile, _) in enumerate(decoded) if tile is not None]
+        probs = [p.predict_tiles([decoded[j][0] for j in ok]).numpy() for p in predictors] if ok else []
+        position = {j: k for k, j in enumerate(ok)}
+        for j, i in enumerate(keep):
+            name = batch[self.file_column][i] if self.file_column else f"{self.split or 'row'}[{start + i}]"
+            row_probs = [p[position[j]] for p in probs] if j in position else [None] * len(predictors)
+            yield ScoredRow(str(name), self.class_names[labels[i]], targets[labels[i]], row_probs, decoded[j][1])
 
 
 def _pick_split(splits: Sequence[str], split: str, where: str) -> str:

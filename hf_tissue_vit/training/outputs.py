@@ -93,7 +93,8 @@ def run_description(
             "from_scratch": model_args.from_scratch,
             "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
             "preset": model_args.model_preset if model_args.from_scratch else None,
-            **{name: getattr(config, name) for name in architecture},
+            "architecture": type(model).__name__,
+            **{name: getattr(config, name, None) for name in architecture},  # a timm config has none but the size
             "num_parameters": model.num_parameters(),
             "attn_implementation": attn_implementation,
             "patch_keep": model_args.patch_keep,
