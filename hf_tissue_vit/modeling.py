@@ -298,6 +298,7 @@ def build_model(
         )
         if spec.family.token_sequence and spec.image_size != model.config.image_size:
             resize_position_embeddings(model, spec.image_size)
+        backbones.freeze_unused(model)
         model.config.image_size = spec.image_size  # timm configs have none: the training size, for predict/app
         if spec.family is TIMM:
             _match_timm_preprocessing(model.config, spec)

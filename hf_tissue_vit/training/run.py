@@ -27,6 +27,7 @@ from .evaluation import TestPredictions, evaluate_test
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
+from .speed import SPEED_KEY, SpeedCallback
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
 
@@ -249,7 +250,7 @@ def build_trainer(
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
                             device_augmentation=on_device)
-    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
+    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = TissueTrainer(
@@ -274,9 +275,11 @@ def train(trainer: TissueTrainer, plan: RunPlan) -> dict[str, Any]:
     validation metrics."""
     claim_output_dir(plan.signature, trainer.args, plan.resume)
     train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    timers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpeedCallback)]
+    speed = {SPEED_KEY: timers[0].summary()} if timers else {}
     trainer.save_model()  # the selected (best) model + processor
     trainer.save_state()
-    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval"), **speed}
 
 
 def evaluate_test_split(
