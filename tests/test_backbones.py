@@ -1,6 +1,6 @@
 """Backbone families (hf_tissue_vit.backbones): tiny random checkpoints of a plain ViT, a DINOv2 with registers and
 a timm ViT (TimmWrapper), saved locally as the Hub publishes them (headless, with their own image processor), each
-fine-tuned (full and --freeze_backbone), saved, used by pipeline(), predict.py, evaluate.py and tissue_map.py;
+fine-tuned (full and --freeze_backbone), saved, used by pipeline(), predict.py, evaluate_model.py and tissue_map.py;
 partial unfreezing; what is refused, in one line, before any work.
 
 The timm tests need ``timm`` (and so torchvision, which imports only beside PyPI's torch of its release): they are
@@ -97,7 +97,7 @@ def _mosaic(tile: int = 32) -> np.ndarray:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, script, capsys):
-    """finetune.py (full) -> the saved folder works in pipeline() with no custom code, in predict.py, evaluate.py
+    """finetune.py (full) -> the saved folder works in pipeline() with no custom code, in predict.py, evaluate_model.py
     and tissue_map.py; its card names the base model, the architecture and the parameters."""
     checkpoint = _checkpoint(family, tmp_path / "backbone")
     spec = check_model(str(checkpoint))
@@ -124,8 +124,8 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
     assert script("predict").main(["--model", str(out), "--inputs", str(tiles), "--output", str(tmp_path / "p.csv"),
                                    "--num_workers", "0", "--bf16", "false"]) == 0  # fmt: skip
     assert len((tmp_path / "p.csv").read_text().strip().splitlines()) == 1 + len(CLASS_NAMES)
-    assert script("evaluate").main(["--model", str(out), "--dataset_dir", str(tiny_dataset_dir), "--split", "test",
-                                    "--output_dir", str(tmp_path / "eval"), "--n_bootstrap", "10"]) == 0  # fmt: skip
+    assert script("evaluate_model").main(["--model", str(out), "--dataset_dir", str(tiny_dataset_dir), "--split",
+                                          "test", "--output_dir", str(tmp_path / "eval"), "--n_bootstrap", "10"]) == 0
     scored = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert scored["accuracy"] == pytest.approx(results["test_accuracy"])  # the same model, the same tiles
     Image.fromarray(_mosaic()).save(tmp_path / "mosaic.png")

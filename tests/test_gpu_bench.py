@@ -24,7 +24,7 @@ from benchmarks import gpu_items, gpu_prepare  # noqa: E402
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     work, out = tmp_path_factory.mktemp("gpu_work"), tmp_path_factory.mktemp("gpu_out")
     assert gpu_prepare.main(["--synthetic", "--no_wheels", "--per_class", "5", "--workdir", str(work)]) == 0
-    env = dict(os.environ, OUT=str(out), GPU_WORKDIR=str(work), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OUT=str(out), GPU_WORKDIR=str(work), PYTHON=sys.executable, OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--toy"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     return done, out
