@@ -159,10 +159,11 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
                     "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
     ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
+    ("evaluate", ["--inputs", "{tmp}/no_tiles", "--output_dir", "{tmp}/o"], "no_tiles': no such folder"),
 ])  # fmt: skip
 def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message, cohort, tiny_model_dir, tmp_path):
-    """Only one process meets the bad slide (the checks are shared out); every process stops with its
-    error, which the main process prints once, and nothing is written."""
+    """Every process stops with the error (a bad slide is met by one process only: the checks are
+    shared out), the main process prints it once, no process is left waiting, nothing is written."""
     (tmp_path / "not_a_slide.svs").write_bytes(b"this is not a slide")
     args = [a.format(cohort=cohort, tmp=tmp_path) for a in args]
     done = _run(_launch(script, "--model", str(tiny_model_dir), *args))
