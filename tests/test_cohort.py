@@ -159,7 +159,7 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
                     "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
     ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
-    ("evaluate", ["--inputs", "{tmp}/no_tiles", "--output_dir", "{tmp}/o"], "no_tiles': no such folder"),
+    ("evaluate_model", ["--inputs", "{tmp}/no_tiles", "--output_dir", "{tmp}/o"], "no_tiles': no such folder"),
 ])  # fmt: skip
 def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message, cohort, tiny_model_dir, tmp_path):
     """Every process stops with the error (a bad slide is met by one process only: the checks are
