@@ -434,3 +434,15 @@ def test_dinov2_under_accelerate_launch_with_two_processes(extra: list[str], tin
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["hardware"]["num_processes"] == 2 and results["test_samples"] == 12
+
+
+def test_ci_runs_the_timm_tests_in_their_own_environment():
+    """.ci/run: the `timm` tests in a second venv (PyPI's torch 2.14.1 + torchvision 0.29.1 + the [timm] extra),
+    the main suite on the CPU torch 2.13.0; setup.py has the extra."""
+    root = RECIPES.parent.parent
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    timm_steps = ["-m pip install --quiet torch==2.14.1 torchvision==0.29.1",
+                  '-m pip install --quiet -e ".[test,timm]"', "-m pytest tests/test_backbones.py -q -ra -m timm"]
+    positions = [ci.index(step) for step in timm_steps]
+    assert positions == sorted(positions) and "python -m pip install --quiet torch==2.13.0" in ci
+    assert '"timm": ["timm' in (root / "setup.py").read_text(encoding="utf-8")
