@@ -542,8 +542,9 @@ def test_card_info_from_metadata(release_dir: Path, tmp_path: Path) -> None:
     text = str(minimal.render())
     assert "| 1 | Stroma |  |" in text and "µm" not in text and "Split mode" not in text
     assert "Kather et al" not in text and "## Citation" not in text  # other data: no Kather citation, no folder
-    kather = str(DatasetCardInfo(class_names=["Tumor", "Stroma"], split_class_counts={"train": {"Tumor": 1, "Stroma": 2}},
-                                 preset="kather2016", citation="Kather 2016").render())
+    counts = {"train": {"Tumor": 1, "Stroma": 2}}
+    kather = str(DatasetCardInfo(class_names=["Tumor", "Stroma"], split_class_counts=counts, preset="kather2016",
+                                 citation="Kather 2016").render())
     assert "| 1 | Stroma | `02_STROMA` |" in kather
     assert DatasetCardInfo.from_metadata({**read_dataset_metadata(out), "split_by": "unknown"}).split_by is None
 

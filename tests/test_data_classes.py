@@ -4,6 +4,7 @@ their bad inputs are one line before any work; the build's memory is flat in the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -223,3 +224,28 @@ def test_build_memory_does_not_grow_with_the_number_of_tiles(tmp_path: Path) -> 
     growth = (peaks[1] - peaks[0]) * 1024
     # Holding the tiles (as the old builder did) grows the peak by at least the added PNG bytes.
     assert growth < added / 3, f"peak RSS grew by {growth / 1e6:.1f} MB for {added / 1e6:.1f} MB more tiles"
+
+
+def test_readme_own_data_commands(tmp_path: Path) -> None:
+    """README section 1's own-data commands, as shown, on a class-folder tree and a manifest."""
+    import re
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## 1\. The dataset.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [shlex.split(c) for c in block.replace("\\\n", " ").strip().splitlines()]
+    assert [c[:2] for c in commands] == [["python", "scripts/prepare_dataset.py"]] * 2
+    write_class_folders(tmp_path / "my_tiles", {"tumour": 6, "normal": 6})
+    files = write_class_folders(tmp_path / "gleason", {"benign": 6, "GP3": 6, "GP4": 6, "GP4_cribriform": 3, "GP5": 6})
+    (tmp_path / "tiles.csv").write_text("path,label,slide\n" + "".join(
+        f"{p.relative_to(tmp_path).as_posix()},{name},s{i % 3}\n" for name, ps in files.items()
+        for i, p in enumerate(ps)))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for command in commands:
+        done = subprocess.run([sys.executable, str(REPO_ROOT / command[1]), *command[2:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert read_dataset_metadata(tmp_path / "data" / "my_tiles")["mpp"] == 0.25
+    gleason = read_dataset_metadata(tmp_path / "data" / "gleason")
+    assert gleason["class_names"] == ["benign", "GP3", "GP4", "GP5"] and gleason["split_by"] == "slide"
+    assert sum(gleason["split_class_counts"][s]["GP4"] for s in ("train", "validation", "test")) == 9

@@ -55,6 +55,8 @@ class ModelInfo:
     num_parameters: int | None = None
     base_model: str | None = None
     license: str | None = None
+    data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
+    data_citation: str | None = None  # the training data's own citation
 
     @property
     def display_name(self) -> str:
@@ -178,6 +180,10 @@ def load_model_info(model: str) -> ModelInfo:
         num_parameters=model_block.get("num_parameters"),
         base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
         license=card.data.license if card is not None else None,
+        train_mpp=config.get("mpp") or dataset.get("mpp") or TRAINING_MPP,
+        # runs from before presets were recorded trained on Kather 2016 tiles
+        data_preset=dataset.get("preset") or (None if "preset" in dataset else "kather2016"),
+        data_citation=dataset.get("citation"),
     )
 
 
@@ -254,10 +260,16 @@ def about_markdown(info: ModelInfo) -> str:
               "H&E colours nuclei blue/purple (hematoxylin) and cytoplasm and collagen pink (eosin).",
               "\n".join(["| class | what it looks like in H&E |", "|---|---|",
                          *[f"| **{name}** | {CLASS_DESCRIPTIONS.get(name, '')} |" for name in info.label_names]])]
+    if info.data_preset == "kather2016":
+        px = info.train_tile_px
+        data = (f"Kather et al. (2016) colorectal cancer histology tiles, {px} × {px} px at {info.train_mpp} µm/px, "
+                f"one centre and one scanner; released under CC-BY 4.0. {KATHER_CITATION}.")
+    else:
+        data = (f"{len(info.label_names)}-class tiles of {info.train_tile_px} × {info.train_tile_px} px at "
+                f"{info.train_mpp} µm/px. {info.data_citation or ''}").strip()
     parts += [
         "## Data",
-        (f"Kather et al. (2016) colorectal cancer histology tiles, {info.train_tile_px} × {info.train_tile_px} px "
-        f"at {info.train_mpp} µm/px, one centre and one scanner; released under CC-BY 4.0. {KATHER_CITATION}."),
+        data,
         "## Intended use",
         (f"**{DISCLAIMER}** Expect lower accuracy on other labs' staining, scanners or magnifications, "
         "and on tissue that is none of the classes above."),

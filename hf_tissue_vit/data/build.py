@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from ..constants import KATHER_MPP, TILE_SIZE, ZENODO_URL
+from ..units import check_mpp
 from .classes import ClassChoice, ClassPlan, Preset
 from .decode import Tile, duplicate_groups, tiff_resolution, tile_records, write_tiles
 from .download import check_md5, download_kather_zip, md5_of_file, release_location
@@ -75,15 +75,6 @@ def resolve_source(source: str | os.PathLike | None, source_type: str) -> tuple[
 def is_kather_tiles(tiles: Sequence[Tile]) -> bool:
     """Whether the tiles are Kather 2016 release tiles: all 150 x 150 px, all named by a Kather slide."""
     return all(t.size == (TILE_SIZE, TILE_SIZE) and SLIDE_PATTERN.fullmatch(t.slide) for t in tiles)
-
-
-def check_mpp(mpp: float | None, argument: str = "mpp") -> float | None:
-    """``mpp`` as a float if it is a positive, finite number of micrometres per pixel (None passes)."""
-    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-        raise ValueError(
-            f"{argument} must be a positive number of micrometres per pixel (e.g. 0.5 at 20x), got {mpp!r}"
-        )
-    return None if mpp is None else float(mpp)
 
 
 def tile_resolution(tiles: Sequence[Tile], mpp: float | None, preset: Preset | None = None,

@@ -18,11 +18,17 @@ MAP_FILES = ("label_grid.npy", "probabilities.npy", "class_fractions.csv", "clas
 
 
 def class_colours(n: int) -> np.ndarray:
-    """n distinct RGB colours in [0, 1] (tab10, then tab20)."""
+    """n distinct RGB colours in [0, 1], for any number of classes: tab10 up to 10, tab20 up to 20, then
+    hues spread by the golden angle (alternating lightness) so that no two classes share a colour."""
+    import colorsys
+
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return np.array([cmap(i)[:3] for i in range(n)])
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        return np.array([cmap(i)[:3] for i in range(n)]).reshape(n, 3)
+    return np.array([colorsys.hls_to_rgb((i * 0.618033988749895) % 1.0, 0.45 if i % 2 else 0.6, 0.75)
+                     for i in range(n)])
 
 
 def _thumbnail(image: str | os.PathLike | Image.Image | np.ndarray, max_side: int,
