@@ -19,6 +19,9 @@ Writes eval_results.json, eval_predictions.csv and eval_confusion_matrix.png int
 a Markdown summary. --update_card adds the result to the model folder's card (push it with
 push_to_hub.py); for a Hub model the card's files are downloaded into OUTPUT_DIR/model_card and --push
 uploads the change (a pull request when you do not own the repo). Exit status 2 on bad input.
+Many GPUs: `accelerate launch [--num_processes N] scripts/evaluate.py ...` (add --device cpu for CPU
+processes): each process classifies a contiguous shard of the images on its own device; the metrics
+are computed over all of them together and the files are those of a one-process run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.distributed import is_main_rank
 from hf_tissue_vit.evaluation import EvaluationArguments, markdown_summary, run_evaluation
 from hf_tissue_vit.hub import HubAuthError
 
@@ -35,6 +39,8 @@ from hf_tissue_vit.hub import HubAuthError
 def _run(argv: list[str] | None) -> int:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
     outcome = run_evaluation(args)
+    if not is_main_rank():  # under accelerate launch the main process reports
+        return 0
     print(markdown_summary(outcome.results))
     print()
     print(f"wrote {', '.join(str(p) for p in outcome.files.values())}")

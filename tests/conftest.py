@@ -7,6 +7,7 @@ every tile carries random noise, so no two tiles share pixels unless a test copi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
@@ -144,6 +145,7 @@ def make_tiny_dataset(
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_data: needs ../shared/data/kather2016_6class (skipped when absent)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "timm: needs the timm package (CI runs these in its second venv)")
 
 
 @pytest.fixture
@@ -195,6 +197,26 @@ def real_data_dir() -> Path:
     return REAL_DATA_DIR
 
 
+def readme_commands(section: str) -> list[list[str]]:
+    """The ``python scripts/...`` commands of README's section whose heading starts with ``section`` (e.g.
+    ``"## 8. Self-supervised"``), joined over line breaks; an ``HF_TOKEN=...`` prefix is dropped."""
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.split(section, 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for block in text.split("```bash")[1:]:
+        for line in block.split("```")[0].splitlines():
+            line = line.strip()
+            line = line.split(" ", 1)[1] if line.startswith("HF_TOKEN=") else line
+            if current or line.startswith("python scripts/"):
+                current += " " + line.rstrip("\\")
+                if not line.endswith("\\"):
+                    commands.append(shlex.split(current))
+                    current = ""
+    return commands
+
+
 def load_script(name: str) -> ModuleType:
     """Import ``scripts/<name>.py`` as a module, so tests call its ``main([...])`` in-process."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
@@ -234,8 +256,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")
 
 
-def kill_when_exists(proc, path: Path, timeout: float = 240) -> None:
-    """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it."""
+def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False) -> None:
+    """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it.
+
+    ``group``: kill its whole process group (start it with ``start_new_session=True``), e.g. an
+    ``accelerate launch`` and the processes it started, as when the machine goes down."""
+    import os
     import signal
     import time
 
@@ -245,8 +271,14 @@ def kill_when_exists(proc, path: Path, timeout: float = 240) -> None:
             assert proc.poll() is None, f"the run ended before {path} was written"
             assert time.monotonic() < deadline, f"{path} not written within {timeout} s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGKILL)
     finally:
+        if group:  # whatever happened, nothing of the group is left running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

@@ -237,7 +237,7 @@ def _no_label_dataset(folder: Path) -> Path:
         ("label_names", "label names"),
         ("image_size", "not divisible by --patch_size"),
         ("preset", "unknown --model_preset"),
-        ("not_vit", "not a ViT image-classification model"),
+        ("not_vit", "fine-tuning supports ViT, DINOv2, DINOv2 with registers, timm"),
         ("foreign_output_dir", "not a finetune.py run"),
         ("recipe_key", "unknown keys"),
         ("hub_token", "HF_TOKEN"),

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..imaging import load_rgb8
-from ..interpret import explain_tiles, overlay_heatmap
+from ..interpret import explain_tiles, overlay_heatmap, require_vit
 from ..predict import TilePredictor, label_names_of, open_large_image, save_tissue_map, tissue_map
 from .exports import area_table, write_geojson
 from .model_info import ModelInfo, load_model_info, resolution_warning, tile_warnings
@@ -147,11 +147,15 @@ class AppModel:
         """
         probs = self.probabilities(path)
         tile = load_rgb8(path)
-        with self._lock:
-            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         label = max(probs, key=probs.get)
         height, width = tile.shape[:2]
         warnings = tile_warnings(self.info, width, height, mpp if mpp else stated_mpp(path))
+        try:
+            require_vit(self._explainer.config)
+        except ValueError as err:  # a timm model returns no attention weights: the tile is shown without a map
+            return TileResult(probs, label, probs[label], tile, tile, [*warnings, f"no attention map: {err}"])
+        with self._lock:
+            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         return TileResult(probs, label, probs[label], tile, overlay_heatmap(tile, item.rollout, ALPHA), warnings)
 
     def head_overlays(self, path: str | os.PathLike) -> list[tuple[np.ndarray, str]]:

@@ -65,6 +65,8 @@ class ModelCardInfo:
     label_names: list[str]
     trained_with_package: bool = False
     architecture: str | None = None
+    family: str | None = None  # backbone family (hf_tissue_vit.backbones), e.g. "DINOv2 with registers"
+    needs: str | None = None  # a package loading the model needs besides transformers (timm)
     license: str | None = None
     base_model: str | None = None
     from_scratch: bool | None = None
@@ -123,6 +125,8 @@ class ModelCardInfo:
         self.image_size = model.get("image_size") or config.get("image_size")
         self.patch_size = model.get("patch_size") or config.get("patch_size")
         self.num_parameters = model.get("num_parameters")
+        self.family = model.get("family")
+        self.needs = "timm" if config.get("model_type") == "timm_wrapper" else None
         self.mpp = config.get("mpp")
         pretraining = model.get("pretraining")
         self.pretraining = hyperparameter_rows(pretraining) if isinstance(pretraining, dict) else None

@@ -17,11 +17,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..hardware import parse_bf16_flag, versions
 from ..units import check_mpp
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels
-from .outputs import CONFUSION_FILE, PREDICTIONS_FILE, predictions_csv, write_confusion_matrices, write_results
+from .outputs import (
+    CONFUSION_FILE,
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    predictions_csv,
+    write_confusion_matrices,
+    write_results,
+)
 from .scoring import ScoreCollector
 from .sources import FolderData, LabelledData, load_dataset_dir, load_hub_dataset
 
@@ -66,7 +74,8 @@ class EvaluationArguments:
                 "bf16 autocast with the training's attention kernel, read from all_results.json; fp32 when it "
                 "is absent), so scores compare with the card's test score; auto / true / false: bf16 weights "
                 "as predict.py (auto: where the CPU/GPU has native bf16).", "nargs": "?", "const": "true"})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available; under "
+                                                                  "accelerate launch each process its own GPU)."})
     num_workers: int = field(default=4, metadata={"help": "Image decoding threads (0 = none)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
@@ -216,10 +225,10 @@ def data_mpp(args: EvaluationArguments) -> float | None:
         return None
 
 
-def _predictors(args: EvaluationArguments, precision: Precision) -> list[Any]:
+def _predictors(args: EvaluationArguments, precision: Precision, device: Any) -> list[Any]:
     from ..predict import TilePredictor
 
-    predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+    predictor = TilePredictor.from_pretrained(args.model, device=device, batch_size=args.batch_size,
                                               num_workers=args.num_workers, bf16=precision.bf16_weights,
                                               attn_implementation=precision.attn_implementation,
                                               mpp=data_mpp(args))
@@ -257,7 +266,12 @@ def _update_card(args: EvaluationArguments, results: dict[str, Any], out: Path) 
 
 
 def run_evaluation(args: EvaluationArguments) -> EvaluationOutcome:
-    """Evaluate ``args.model`` on the labelled data and write the outputs into ``args.output_dir``."""
+    """Evaluate ``args.model`` on the labelled data and write the outputs into ``args.output_dir``.
+
+    Under ``accelerate launch`` each process scores a contiguous shard of the images on its own
+    device; the main process joins the predictions in input order, scores all of them together and
+    writes the files (see :mod:`hf_tissue_vit.distributed`)."""
+    state = distributed.process_state(args.device)
     label_map = parse_label_map(args.label_map)
     data = open_data(args)
     model_labels = model_label_names(args.model)
@@ -265,24 +279,29 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationOutcome:
     if args.push:
         owns_repo(args.model)  # the token is checked before the long part
     precision = precision_of(args)
-    predictors = _predictors(args, precision)
+    predictors = _predictors(args, precision, distributed.process_device(state, args.device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shard = distributed.split(state, range(data.n_rows(mapping)))
     collector = ScoreCollector(len(predictors))
-    with predictions_csv(out / PREDICTIONS_FILE, model_labels, args.tta) as writer, \
+    with predictions_csv(state, out / PREDICTIONS_FILE, model_labels, args.tta) as writer, \
             precision.context(predictors[0].device):
-        rows = data.rows(mapping, predictors)
-        for row in tqdm(rows, total=data.n_scored_items(mapping), unit="tile", desc="evaluate",
-                        disable=args.no_progress):
+        rows = data.rows(mapping, predictors, shard)
+        for row in tqdm(rows, total=data.n_scored_in(mapping, shard), unit="tile",
+                        desc=distributed.progress_name(state, "evaluate"), disable=args.no_progress):
             writer.write(row)
             collector.add(row)
+    collector = ScoreCollector.merged(distributed.gather([collector]))
     name = args.eval_name or data.default_name()
     results = {**collector.results(model_labels, args.n_bootstrap, args.seed),
-               **_describe(args, data, mapping, predictors[0], precision, name)}
-    files = {"results": write_results(out, results), "predictions": out / PREDICTIONS_FILE}
-    for path in write_confusion_matrices(out, results):
-        files[path.stem] = path
+               **_describe(args, data, mapping, predictors[0], precision, name), "num_processes": state.num_processes}
+    files = {"results": out / RESULTS_FILE, "predictions": out / PREDICTIONS_FILE}
     outcome = EvaluationOutcome(results, files)
-    if args.update_card:
-        outcome.card, outcome.pushed = _update_card(args, results, out)
+    if state.is_main_process:
+        write_results(out, results)
+        for path in write_confusion_matrices(out, results):
+            files[path.stem] = path
+        if args.update_card:
+            outcome.card, outcome.pushed = _update_card(args, results, out)
+    state.wait_for_everyone()
     return outcome

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from .. import hardware
-from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
+from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model, checkpoint_preprocessing
 from ..transforms import ProcessorTransform, TileTransform, make_image_processor
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
@@ -100,6 +100,16 @@ def validate_run(
         patch_size=model_args.patch_size,
         overrides=model_args.overrides(),
     )
+    if model_args.patch_keep < 1 and not spec.family.token_sequence:
+        raise ValueError(f"--patch_keep {model_args.patch_keep}: PatchDropout needs a ViT or DINOv2 backbone, not a "
+                         f"{spec.family.name} model (leave --patch_keep at 1)")
+    if model_args.freeze_position_embeddings and not spec.family.token_sequence:
+        raise ValueError(f"--freeze_position_embeddings: a {spec.family.name} model has no position embeddings the "
+                         "package can reach; leave the flag out")
+    layers = getattr(spec.config, "num_hidden_layers", None)
+    if model_args.unfreeze_last_blocks is not None and layers is not None and model_args.unfreeze_last_blocks > layers:
+        raise ValueError(f"--unfreeze_last_blocks {model_args.unfreeze_last_blocks}: the backbone has {layers} blocks; "
+                         f"give 1 to {layers}")
     if checkpoint:
         check_model_folder(checkpoint, "--model_name_or_path")  # safetensors weights there; a run that finished
     build_default = not (data_args.dataset_dir or data_args.dataset_name)
@@ -185,20 +195,22 @@ def load_training_data(
     )
 
 
-def processor_stats(checkpoint: str | None) -> tuple[list[float], list[float]]:
-    """Mean/std of the checkpoint's processor when fine-tuning (the weights expect them)."""
+def processor_stats(source: ModelSpec | str | None) -> tuple[list[float], list[float]]:
+    """Mean/std of the checkpoint's own image processor when fine-tuning or continuing from a checkpoint (the
+    weights expect them): a checked :class:`ModelSpec` (read by :func:`~hf_tissue_vit.modeling.check_model`) or
+    a checkpoint path; the package's default otherwise."""
     from ..transforms import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
-    if checkpoint is not None:
-        try:
-            from transformers import AutoImageProcessor
-
-            processor = AutoImageProcessor.from_pretrained(checkpoint)
-            return list(processor.image_mean), list(processor.image_std)
-        except (OSError, ValueError, AttributeError):
-            logger.info(
-                "no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
-            )
+    if isinstance(source, str):
+        mean, std, _ = checkpoint_preprocessing(source, None)
+    else:
+        mean, std = (source.image_mean, source.image_std) if source is not None else (None, None)
+        source = source.checkpoint if source is not None else None
+    if source is not None and mean and std:
+        return list(mean), list(std)
+    if source is not None:
+        logger.info("no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN,
+                    DEFAULT_IMAGE_STD)  # fmt: skip
     return list(DEFAULT_IMAGE_MEAN), list(DEFAULT_IMAGE_STD)
 
 
@@ -219,17 +231,21 @@ def build_model_and_processor(
     model = build_model(plan.model, data.label_names, plan.attn_implementation)
     _record_mpp(model.config, data.mpp)
     add_patch_dropout(model, patch_keep)
-    mean, std = processor_stats(plan.model.checkpoint)
+    mean, std = processor_stats(plan.model)
     return model, make_image_processor(model.config.image_size, mean, std)
 
 
 def build_trainer(
     model: Any, processor: Any, data: TrainingData, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TissueTrainer:
-    """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator."""
+    """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator (or, with
+    ``--device_augmentation``, in the training step on the GPU)."""
     # Validation and test see exactly the saved processor's pixels, as predict.py and pipeline() do.
     eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
+    on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
+    collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
+                            device_augmentation=on_device)
     callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
@@ -238,11 +254,13 @@ def build_trainer(
         args=training_args,
         train_dataset=data.tiles["train"],
         eval_dataset=data.tiles["validation"],
-        data_collator=TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed),
+        data_collator=collator,
         compute_metrics=make_compute_metrics(data.label_names),
         processing_class=processor,
         callbacks=callbacks,
     )
+    if on_device:
+        trainer.device_augment = collator.augment_on_device
     if training_args.ema_decay:
         trainer.enable_ema(training_args.ema_decay)
     return trainer
@@ -300,7 +318,8 @@ def run_finetune(
         return finished_results(training_args)
     data = load_training_data(plan, data_args, training_args)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
-    freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings)
+    freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings,
+                       model_args.unfreeze_last_blocks)
     trainer = build_trainer(model, processor, data, data_args, training_args)
     with (linear_probe(trainer, data, model_args.probe_views, data_args.cache_decoded, data_args.decode_cache_dir)
           if model_args.freeze_backbone else contextlib.nullcontext()):  # fmt: skip
