@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     model = work / f"run_{n}_1"
     if "predict" in steps:
         results["runs"].append(run("predict", [py, "scripts/predict.py", "--model", str(model), "--inputs", str(tiles),
-                                               "--output", str(work / "pred.csv"), "--no_progress", "--bf16", "false",
+                                               "--output", str(work / "pred.csv"), "--no_progress", "--bf16", "false", "--mpp", "0.5",
                                                "--batch_size", "256"], work / "predict.log"))
     if "evaluate" in steps:
         results["runs"].append(run("evaluate", [py, "scripts/evaluate.py", "--model", str(model), "--inputs",
