@@ -37,7 +37,8 @@ setup(
         # timm backbones (TimmWrapper: UNI, Virchow, H-optimus, ...); timm needs torchvision, which needs PyPI's
         # torch of its own release (e.g. torch 2.14.1 + torchvision 0.29.1), not the CPU torch 2.13.0 wheel
         "timm": ["timm>=1.0.15", "torchvision"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1",
+                 "import-linter>=2.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
     },
 )

@@ -1,5 +1,5 @@
 """Memory and speed at the field's scale: an NCT-CRC-HE-100K-shaped set (see :mod:`benchmarks.nct_tiles`)
-through prepare_dataset.py, finetune.py start-up (1 and 2 processes), predict.py and evaluate.py.
+through prepare_dataset.py, finetune.py start-up (1 and 2 processes), predict.py and evaluate_model.py.
 
     nice -n 10 python -m benchmarks.nct_tiles --out /tmp/nct_bench/NCT-100K --num_tiles 100000
     nice -n 10 python -m benchmarks.scale_bench --tiles /tmp/nct_bench/NCT-100K --num_tiles 100000 \\
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     model = work / f"run_{n}_1"
     if "predict" in steps:
         results["runs"].append(run("predict", [py, "scripts/predict.py", "--model", str(model), "--inputs", str(tiles),
-                                               "--output", str(work / "pred.csv"), "--no_progress", "--bf16", "false", "--mpp", "0.5",
-                                               "--batch_size", "256"], work / "predict.log"))
+                                               "--output", str(work / "pred.csv"), "--no_progress", "--bf16", "false",
+                                               "--mpp", "0.5", "--batch_size", "256"], work / "predict.log"))
     if "evaluate" in steps:
-        results["runs"].append(run("evaluate", [py, "scripts/evaluate.py", "--model", str(model), "--inputs",
+        results["runs"].append(run("evaluate", [py, "scripts/evaluate_model.py", "--model", str(model), "--inputs",
                                                 str(tiles), "--output_dir", str(work / "eval"), "--no_progress",
                                                 "--n_bootstrap", "0", "--mpp", "0.5"], work / "evaluate.log"))
     for r in results["runs"]:

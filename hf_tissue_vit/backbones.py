@@ -108,6 +108,18 @@ def token_embeddings(model: Any) -> torch.nn.Module:
     return backbone_of(model).embeddings
 
 
+def freeze_unused(model: Any) -> list[str]:
+    """Exclude from training the parameters a classifier never uses (DINOv2's mask token, kept in its checkpoints
+    for masked pretraining): under DDP without ``find_unused_parameters`` a trainable parameter that gets no gradient
+    stops the run. Returns their names."""
+    embeddings = getattr(backbone_of(model), "embeddings", None)
+    mask_token = getattr(embeddings, "mask_token", None)
+    if not isinstance(mask_token, torch.nn.Parameter):
+        return []
+    mask_token.requires_grad_(False)
+    return [name for name, p in model.named_parameters() if p is mask_token]
+
+
 @torch.no_grad()
 def pooled_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """What ``model``'s classifier reads for ``pixel_values``: ViT's final CLS token, DINOv2's CLS token beside

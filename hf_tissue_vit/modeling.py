@@ -123,12 +123,6 @@ def checkpoint_kind(config: Any) -> str | None:
     return HEADLESS if arch and all(a.endswith("Model") for a in arch) else CLASSIFIER
 
 
-def check_vit_checkpoint(model_name_or_path: str) -> PretrainedConfig:
-    """Load the checkpoint's config and refuse anything the package cannot fine-tune (see
-    :mod:`hf_tissue_vit.backbones`); a ViTMAE checkpoint's encoder config is returned as a ``ViTConfig``."""
-    return _read_checkpoint(model_name_or_path)[0]
-
-
 def _read_checkpoint(model_name_or_path: str) -> tuple[PretrainedConfig, str, Family]:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
@@ -304,6 +298,7 @@ def build_model(
         )
         if spec.family.token_sequence and spec.image_size != model.config.image_size:
             resize_position_embeddings(model, spec.image_size)
+        backbones.freeze_unused(model)
         model.config.image_size = spec.image_size  # timm configs have none: the training size, for predict/app
         if spec.family is TIMM:
             _match_timm_preprocessing(model.config, spec)

@@ -41,12 +41,11 @@ from hf_tissue_vit.data import (
     check_mpp,
     check_output_dir,
     load_tissue_dataset,
-    push_dataset,
     read_dataset_metadata,
     record_hub_dataset_id,
     save_dataset,
 )
-from hf_tissue_vit.hub import HubAuthError
+from hf_tissue_vit.hub import HubAuthError, push_dataset
 
 
 @dataclass
@@ -120,7 +119,8 @@ def _run(argv: list[str] | None) -> int:
         del dataset
     if args.push_to_hub:
         url = push_dataset(load_tissue_dataset(output_dir), args.hub_dataset_id,
-                           metadata=read_dataset_metadata(output_dir), private=args.private)
+                           metadata=read_dataset_metadata(output_dir), private=args.private,
+                           commit_message="Upload tissue tiles (hf_tissue_vit)")
         record_hub_dataset_id(output_dir, args.hub_dataset_id)
         print(f"pushed to {url}")
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in report.split_class_counts.items())

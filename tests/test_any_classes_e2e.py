@@ -69,13 +69,13 @@ def test_any_classes_build_train_push_pipeline_evaluate_map(case, hub, tmp_path,
     assert sorted(preds["labels"]) == sorted(names) and preds["total"] == pytest.approx(1.0, abs=1e-4)
 
     capsys.readouterr()
-    assert load_script("evaluate").main(["--model", str(run), "--dataset_dir", str(dataset), "--output_dir",
+    assert load_script("evaluate_model").main(["--model", str(run), "--dataset_dir", str(dataset), "--output_dir",
                                          str(tmp_path / "eval"), "--n_bootstrap", "0", "--num_workers", "0",
                                          "--no_progress"]) == 0
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results["label_names"] == names
     # the tiles' own folders score against the model's readable names (NCT codes -> names)
-    assert load_script("evaluate").main(["--model", str(run), "--inputs", str(tmp_path / "tiles"), "--output_dir",
+    assert load_script("evaluate_model").main(["--model", str(run), "--inputs", str(tmp_path / "tiles"), "--output_dir",
                                          str(tmp_path / "eval_folders"), "--n_bootstrap", "0", "--num_workers",
                                          "0", "--no_progress", "--mpp", str(mpp)]) == 0
 

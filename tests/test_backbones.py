@@ -1,6 +1,6 @@
 """Backbone families (hf_tissue_vit.backbones): tiny random checkpoints of a plain ViT, a DINOv2 with registers and
 a timm ViT (TimmWrapper), saved locally as the Hub publishes them (headless, with their own image processor), each
-fine-tuned (full and --freeze_backbone), saved, used by pipeline(), predict.py, evaluate.py and tissue_map.py;
+fine-tuned (full and --freeze_backbone), saved, used by pipeline(), predict.py, evaluate_model.py and tissue_map.py;
 partial unfreezing; what is refused, in one line, before any work.
 
 The timm tests need ``timm`` (and so torchvision, which imports only beside PyPI's torch of its release): they are
@@ -97,7 +97,7 @@ def _mosaic(tile: int = 32) -> np.ndarray:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, script, capsys):
-    """finetune.py (full) -> the saved folder works in pipeline() with no custom code, in predict.py, evaluate.py
+    """finetune.py (full) -> the saved folder works in pipeline() with no custom code, in predict.py, evaluate_model.py
     and tissue_map.py; its card names the base model, the architecture and the parameters."""
     checkpoint = _checkpoint(family, tmp_path / "backbone")
     spec = check_model(str(checkpoint))
@@ -124,8 +124,8 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
     assert script("predict").main(["--model", str(out), "--inputs", str(tiles), "--output", str(tmp_path / "p.csv"),
                                    "--num_workers", "0", "--bf16", "false"]) == 0  # fmt: skip
     assert len((tmp_path / "p.csv").read_text().strip().splitlines()) == 1 + len(CLASS_NAMES)
-    assert script("evaluate").main(["--model", str(out), "--dataset_dir", str(tiny_dataset_dir), "--split", "test",
-                                    "--output_dir", str(tmp_path / "eval"), "--n_bootstrap", "10"]) == 0  # fmt: skip
+    assert script("evaluate_model").main(["--model", str(out), "--dataset_dir", str(tiny_dataset_dir), "--split",
+                                          "test", "--output_dir", str(tmp_path / "eval"), "--n_bootstrap", "10"]) == 0
     scored = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert scored["accuracy"] == pytest.approx(results["test_accuracy"])  # the same model, the same tiles
     Image.fromarray(_mosaic()).save(tmp_path / "mosaic.png")
@@ -350,3 +350,77 @@ def test_readme_backbone_commands_run(index: int, family: str, tiny_dataset_dir:
     assert script("finetune").main([*argv, *FAST, "--max_steps", "2", "--per_device_eval_batch_size", "16"]) == 0
     out = Path(argv[argv.index("--output_dir") + 1])
     assert json.loads((out / "all_results.json").read_text())["model"]["base_model"] == str(checkpoint)
+
+
+UPLOAD = """
+    import json
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo("alice/backbone", private=True)  # private: only a token opens it, as for a gated model
+    api.upload_folder(repo_id="alice/backbone", folder_path={folder!r})
+    print(json.dumps({{"ok": True}}))
+"""
+DOWNLOAD = """
+    import json, numpy as np
+    from PIL import Image
+    from transformers import pipeline
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    print(json.dumps([p["label"] for p in pipeline("image-classification", model="alice/ft", top_k=6)(image)]))
+"""
+
+
+@pytest.mark.parametrize("family", ["dinov2_registers", pytest.param("timm", marks=pytest.mark.timm)])
+def test_hub_backbone_to_pushed_classifier(family: str, tiny_dataset_dir: Path, tmp_path: Path,
+                                           tmp_path_factory: pytest.TempPathFactory):  # fmt: skip
+    """On the Hub emulator: a private backbone (standing in for a gated one) is refused without a token in one
+    line naming HF_TOKEN, fine-tuned with HF_TOKEN and pushed (--push_to_hub); a fresh client then runs it with
+    pipeline() from the Hub, with no code from this package."""
+    import subprocess
+    import sys
+
+    from hub_emulator import start_hub
+    from test_hub import ALICE, client_env, fresh_home, run_python
+
+    url, server = start_hub()
+    try:
+        run_python(url, fresh_home(tmp_path_factory), UPLOAD.format(folder=str(_checkpoint(family, tmp_path / "b"))),
+                   token=ALICE)  # fmt: skip
+        finetune = [sys.executable, str(RECIPES.parent.parent / "scripts" / "finetune.py"), "--model_name_or_path",
+                    "alice/backbone", "--dataset_dir", str(tiny_dataset_dir), *FAST, "--max_steps", "2"]  # fmt: skip
+        refused = subprocess.run([*finetune, "--output_dir", str(tmp_path / "refused")], capture_output=True,
+                                 text=True, env=client_env(url, fresh_home(tmp_path_factory), None), timeout=300)
+        assert refused.returncode != 0 and "HF_TOKEN" in refused.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "refused").exists()
+        done = subprocess.run([*finetune, "--output_dir", str(tmp_path / "ft"), "--push_to_hub", "--hub_model_id",
+                               "alice/ft"], capture_output=True, text=True, timeout=300,
+                              env=client_env(url, fresh_home(tmp_path_factory), ALICE))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "model.safetensors" in server.state.main_files("model", "alice/ft")
+        labels = run_python(url, fresh_home(tmp_path_factory), DOWNLOAD, token=None)
+        assert sorted(labels) == sorted(CLASS_NAMES)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("extra", [[], ["--unfreeze_last_blocks", "1"]])
+def test_dinov2_under_accelerate_launch_with_two_processes(extra: list[str], tiny_dataset_dir: Path, tmp_path: Path):
+    """The many-GPU path (DDP; gloo on the CPU here) with a DINOv2 checkpoint, whose mask token is unused when
+    classifying: DDP without find_unused_parameters must not stop on it."""
+    import os
+    import subprocess
+    import sys
+
+    root = RECIPES.parent.parent
+    checkpoint = _checkpoint("dinov2_registers", tmp_path / "backbone")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ACCELERATE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+              "--num_processes", "2"]  # fmt: skip
+    done = subprocess.run([*launch, "scripts/finetune.py", "--model_name_or_path", str(checkpoint),
+                           "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out), *FAST, "--max_steps", "2",
+                           *extra], cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hardware"]["num_processes"] == 2 and results["test_samples"] == 12

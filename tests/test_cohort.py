@@ -1,4 +1,4 @@
-"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate.py over 2 CPU processes
+"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate_model.py over 2 CPU processes
 (gloo) give the outputs of one process; cohort runs resume after a kill; bad input stops every process.
 
 The slides are synthetic pyramidal TIFFs of different sizes (tests/slide_helpers.py); the model is the
@@ -202,7 +202,7 @@ def test_predict_two_processes_write_the_one_process_csv(tile_factory, tiny_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "tiles", "two.csv"]  # no part file left
 
 
-# --- evaluate.py ------------------------------------------------------------------------------
+# --- evaluate_model.py ------------------------------------------------------------------------
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci95", "balanced_accuracy_ci95",
                "macro_f1_ci95", "per_class", "confusion_matrix", "n_scored", "n_skipped", "skipped", "label_names")
 
@@ -219,8 +219,8 @@ def test_evaluate_two_processes_give_the_one_process_metrics(source, tile_factor
         data = ["--dataset_dir", str(tiny_dataset_dir), "--split", "test"]  # 12 rows
     args = ["--model", str(tiny_model_dir), *data, "--bf16", "false", "--batch_size", "4", "--n_bootstrap", "50",
             "--no_progress"]
-    assert load_script("evaluate").main([*args, "--output_dir", str(tmp_path / "one"), "--device", "cpu"]) == 0
-    done = _run(_launch("evaluate", *args, "--output_dir", str(tmp_path / "two")))
+    assert load_script("evaluate_model").main([*args, "--output_dir", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    done = _run(_launch("evaluate_model", *args, "--output_dir", str(tmp_path / "two")))
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("## Evaluation on") == 1
     one = json.loads((tmp_path / "one" / "eval_results.json").read_text())

@@ -218,6 +218,7 @@ def test_attention_maps_script_refuses_a_non_vit_model(convnext_dir, tmp_path, t
 
     monkeypatch.setattr(hf_tissue_vit.modeling, "load_for_inference", no_work)
     monkeypatch.setattr(hf_tissue_vit.data, "load_tissue_dataset", no_work)
+    monkeypatch.setattr(hf_tissue_vit.data.storage, "load_tissue_dataset", no_work)
     (tmp_path / "tiles").mkdir()
     Image.fromarray(np.zeros((35, 35, 3), np.uint8)).save(tmp_path / "tiles" / "a.png")
     script = load_script("attention_maps")

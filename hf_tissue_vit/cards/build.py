@@ -34,8 +34,12 @@ def _parameter_table(output_dir: Path) -> str | None:
     from transformers import AutoConfig
 
     from .. import backbones
-    from ..interpret import format_parameter_table, parameter_report_from_config
-    from ..interpret.parameters import component_counts, format_component_counts
+    from ..interpret.parameters import (
+        component_counts,
+        format_component_counts,
+        format_parameter_table,
+        parameter_report_from_config,
+    )
 
     if model_type == "vit":
         return format_parameter_table(parameter_report_from_config(AutoConfig.from_pretrained(output_dir)))

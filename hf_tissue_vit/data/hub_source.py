@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dat
 from datasets import Image as ImageFeature
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..hub import check_repo_id
+from ..modelfolder import check_repo_id
 from .classes import ClassChoice, ClassPlan, plan_classes
 from .report import BuildReport
 from .schema import SPLITS, describe_columns, split_name_for

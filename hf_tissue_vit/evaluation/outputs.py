@@ -16,7 +16,7 @@ from typing import IO, Any
 from ..distributed import ShardedCSV
 from ..fileio import atomic_write_json
 from ..metrics import plot_confusion_matrix
-from ..predict import probability_columns
+from ..predict.table import probability_columns
 from .scoring import HEADLINE_METRICS, classes_in_play
 from .sources import ScoredRow
 

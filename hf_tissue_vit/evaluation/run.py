@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..hardware import parse_bf16_flag, versions
+from ..modelfolder import check_model_folder, read_model_facts
 from ..units import check_mpp
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels
@@ -40,7 +40,7 @@ TRAINING_PRECISION = "training"  # --bf16 value: the precision of the model's ow
 
 @dataclass
 class EvaluationArguments:
-    """scripts/evaluate.py's flags."""
+    """scripts/evaluate_model.py's flags."""
 
     model: str = field(metadata={"help": "Model folder (a finetune.py output, or any saved image classifier with "
                                          "its image processor) or Hub model id."})
@@ -71,8 +71,8 @@ class EvaluationArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     bf16: str = field(default="training", metadata={
         "help": "Precision. training (default): as the model's own test evaluation in finetune.py (fp32, or "
-                "bf16 autocast with the training's attention kernel, read from all_results.json; fp32 when it "
-                "is absent), so scores compare with the card's test score; auto / true / false: bf16 weights "
+                "bf16 autocast with the training's attention kernel, read from the run's results; fp32 when "
+                "they are absent), so scores compare with the card's test score; auto / true / false: bf16 weights "
                 "as predict.py (auto: where the CPU/GPU has native bf16).", "nargs": "?", "const": "true"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available; under "
                                                                   "accelerate launch each process its own GPU)."})
@@ -149,20 +149,15 @@ def open_data(args: EvaluationArguments) -> LabelledData:
 
 def model_label_names(model: str) -> list[str]:
     """The model's class names in label-id order, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from ..modelfolder import check_model_folder
-
     check_model_folder(model, "--model")
     try:
-        config = AutoConfig.from_pretrained(model)
+        names = read_model_facts(model).label_names
     except OSError as err:
         raise FileNotFoundError(f"--model {model!r}: no model config ({err}); give a model folder with "
                                 "config.json or a Hub model id") from err
-    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-    if not id2label:
+    if not names:
         raise ValueError(f"--model {model!r} has no id2label in its config: its class names are unknown")
-    return [id2label[i] for i in range(len(id2label))]
+    return names
 
 
 @dataclass
@@ -188,26 +183,11 @@ class Precision:
         return f"{kind}, {predictor.attn_implementation} attention"
 
 
-def _training_results(model: str, local: bool) -> dict[str, Any]:
-    """The model's all_results.json (from finetune.py), or {} when it has none."""
-    if local:
-        path = Path(model) / "all_results.json"
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            path = Path(hf_hub_download(model, "all_results.json"))
-        except EntryNotFoundError:
-            return {}
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def precision_of(args: EvaluationArguments) -> Precision:
     """The precision ``--bf16`` asks for (see :class:`EvaluationArguments`)."""
     if args.bf16 != TRAINING_PRECISION:
         return Precision(bf16_weights=parse_bf16_flag(args.bf16))
-    results = _training_results(args.model, args.model_is_local)
+    results = read_model_facts(args.model).results
     attn = (results.get("model") or {}).get("attn_implementation") or "auto"
     bf16 = bool((results.get("hyperparameters") or {}).get("bf16"))
     return Precision(bf16_weights=False, autocast=bf16, attn_implementation=attn)
@@ -217,7 +197,7 @@ def data_mpp(args: EvaluationArguments) -> float | None:
     """µm/px of the evaluation tiles: --mpp, else what the --dataset_dir's metadata records, else None."""
     if args.mpp is not None or not args.dataset_dir:
         return args.mpp
-    from ..data import read_dataset_metadata
+    from ..data.storage import read_dataset_metadata
 
     try:
         return check_mpp(read_dataset_metadata(args.dataset_dir).get("mpp"), "the dataset's mpp")
@@ -226,7 +206,7 @@ def data_mpp(args: EvaluationArguments) -> float | None:
 
 
 def _predictors(args: EvaluationArguments, precision: Precision, device: Any) -> list[Any]:
-    from ..predict import TilePredictor
+    from ..predict.predictor import TilePredictor
 
     predictor = TilePredictor.from_pretrained(args.model, device=device, batch_size=args.batch_size,
                                               num_workers=args.num_workers, bf16=precision.bf16_weights,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..imaging import decode_dataset_image
-from ..predict import iter_input_files
+from ..predict.inputs import iter_input_files
 from .labels import LabelMapping, find_class_folders
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def load_dataset_dir(dataset_dir: str | os.PathLike, split: str = "test") -> Dat
     """One split of a dataset saved with ``save_to_disk`` (e.g. by prepare_dataset.py)."""
     from datasets import DatasetDict, load_from_disk
 
-    from ..data import read_dataset_metadata
+    from ..data.storage import read_dataset_metadata
 
     path = Path(dataset_dir).expanduser()
     where = f"--dataset_dir {str(path)!r}"

@@ -30,7 +30,7 @@ from .. import backbones
 from ..imaging import to_uint8
 from ..predict.large_image import downscale
 from ..predict.predictor import label_names_of
-from ..transforms import ProcessorTransform
+from ..transforms.processor import ProcessorTransform
 from .parameters import pair
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built

@@ -28,9 +28,11 @@ from PIL import Image
 
 from .. import hardware
 from ..imaging import open_image, to_rgb8
-from ..transforms import ProcessorTransform, dihedral_views
+from ..modelfolder import read_model_facts, training_tile_size
+from ..transforms.augmentation import dihedral_views
+from ..transforms.processor import ProcessorTransform
 from ..units import check_mpp
-from .input_checks import InputNotes, training_tile_size
+from .input_checks import InputNotes
 from .scale import TileScale
 from .table import PredictionRow, csv_columns, write_predictions_csv
 
@@ -111,7 +113,8 @@ class TilePredictor:
             files far from it (:mod:`.input_checks`); None = the model's input size
             (:meth:`from_pretrained` looks up the training tile size first).
         mpp: micrometres per pixel of the tiles to classify; with the model's (``model_mpp``, default
-            ``config.mpp``) each tile is first resized to the model's scale (:mod:`.scale`); when either
+            ``config.mpp``; :meth:`from_pretrained` reads it with :func:`modelfolder.read_model_facts`) each tile
+            is first resized to the model's scale (:mod:`.scale`); when either
             is unknown, tiles go in as they are, with one warning.
     """
 
@@ -162,8 +165,10 @@ class TilePredictor:
         from ..modeling import load_for_inference
 
         model, processor = load_for_inference(model_name_or_path, device=device)
+        facts = read_model_facts(model_name_or_path, model.config)
         if "tile_size" not in kwargs:
-            kwargs["tile_size"], kwargs["tile_size_source"] = training_tile_size(model_name_or_path, model.config)
+            kwargs["tile_size"], kwargs["tile_size_source"] = facts.training_tile_size()
+        kwargs.setdefault("model_mpp", facts.mpp)
         return cls(model, processor, **kwargs)
 
     # --- tensors ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from transformers.integrations import is_tensorboard_available
 
 from .. import hardware
 from ..modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, PatchDropout
-from ..transforms import AugmentationConfig
+from ..transforms.augmentation import AugmentationConfig
 from .ema import WeightEMA
 
 logger = logging.getLogger(__name__)

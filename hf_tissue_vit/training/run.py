@@ -19,13 +19,15 @@ from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from .. import hardware
 from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model, checkpoint_preprocessing
-from ..transforms import ProcessorTransform, TileTransform, make_image_processor
+from ..transforms.processor import ProcessorTransform, make_image_processor
+from ..transforms.tile_transform import TileTransform
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
+from .speed import SPEED_KEY, SpeedCallback
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
 
@@ -66,9 +68,9 @@ class TrainingData:
 
 def default_dataset_dir() -> Path:
     """Where the default dataset (Kather release, stratified split) is built on first use."""
-    from .. import data
+    from ..data.download import default_cache_dir
 
-    return data.default_cache_dir().parent / "kather2016_stratified"
+    return default_cache_dir().parent / "kather2016_stratified"
 
 
 def _warn_single_cpu_process() -> None:
@@ -134,16 +136,18 @@ def validate_run(
 def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = None) -> Any:
     """The plan's dataset folder or Hub dataset; the default dataset (the Kather release from Zenodo,
     ``data.build_dataset``'s default source) is built once into the HF cache and reused."""
-    from .. import data
+    from ..data.build import build_dataset_with_report
+    from ..data.download import DownloadError
+    from ..data.storage import load_tissue_dataset, save_dataset
 
     if plan.build_default_dataset and not (Path(plan.dataset_dir) / "dataset_dict.json").is_file():
         logger.info("no --dataset_dir/--dataset_name: building the default dataset into %s", plan.dataset_dir)
         try:
-            dataset, report = data.build_dataset_with_report(None)
-            data.save_dataset(dataset, plan.dataset_dir, report=report)
-        except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
+            dataset, report = build_dataset_with_report(None)
+            save_dataset(dataset, plan.dataset_dir, report=report)
+        except DownloadError as err:  # its default hint names prepare_dataset.py's --source
             raise err.with_hint(NO_DOWNLOAD_HINT) from err
-    return data.load_tissue_dataset(
+    return load_tissue_dataset(
         dataset_dir=plan.dataset_dir, dataset_name=plan.dataset_name, label_names=label_names,
         require_validation=False,
     )
@@ -159,7 +163,7 @@ def resolve_mpp(flag: float | None, metadata: dict[str, Any], dataset_dir: str |
     if saved is None:
         return None
     if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not (math.isfinite(saved) and saved > 0):
-        from ..data import METADATA_FILE
+        from ..data.storage import METADATA_FILE
 
         raise ValueError(f"{Path(dataset_dir) / METADATA_FILE}: mpp {saved!r} is not a positive number of "
                          "micrometres per pixel; rebuild the dataset or pass --mpp")
@@ -170,7 +174,7 @@ def load_training_data(
     plan: RunPlan, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TrainingData:
     """Load the dataset (the main process first: it may build the default one) and decode its splits."""
-    from ..data import complete_splits, read_dataset_metadata
+    from ..data.storage import complete_splits, read_dataset_metadata
 
     with training_args.main_process_first(desc="dataset"):
         dataset = load_dataset_for_training(plan, training_args.expected_label_names)
@@ -199,7 +203,7 @@ def processor_stats(source: ModelSpec | str | None) -> tuple[list[float], list[f
     """Mean/std of the checkpoint's own image processor when fine-tuning or continuing from a checkpoint (the
     weights expect them): a checked :class:`ModelSpec` (read by :func:`~hf_tissue_vit.modeling.check_model`) or
     a checkpoint path; the package's default otherwise."""
-    from ..transforms import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+    from ..transforms.processor import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
     if isinstance(source, str):
         mean, std, _ = checkpoint_preprocessing(source, None)
@@ -246,7 +250,7 @@ def build_trainer(
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
                             device_augmentation=on_device)
-    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
+    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = TissueTrainer(
@@ -271,9 +275,11 @@ def train(trainer: TissueTrainer, plan: RunPlan) -> dict[str, Any]:
     validation metrics."""
     claim_output_dir(plan.signature, trainer.args, plan.resume)
     train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    timers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpeedCallback)]
+    speed = {SPEED_KEY: timers[0].summary()} if timers else {}
     trainer.save_model()  # the selected (best) model + processor
     trainer.save_state()
-    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval"), **speed}
 
 
 def evaluate_test_split(
