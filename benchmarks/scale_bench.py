@@ -110,7 +110,8 @@ class TreeSampler:
         return sorted(self.peaks.values(), key=lambda p: -p["anon_mb"])
 
 
-def run(name: str, command: list[str], log: Path) -> dict[str, Any]:
+def run(name: str, command: list[str], log: Path, record: dict[str, Any] | None = None,
+        out: Path | None = None) -> dict[str, Any]:
     """Run ``command``; its wall time, exit code and the peak memory of its python processes."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     start = time.perf_counter()
@@ -123,6 +124,8 @@ def run(name: str, command: list[str], log: Path) -> dict[str, Any]:
     result = {"name": name, "command": " ".join(command), "rc": code, "wall_s": round(wall, 1),
               "processes": peaks, "log": str(log)}
     print(json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
+    if record is not None and out is not None:  # what is measured so far, if a later step cannot finish
+        out.write_text(json.dumps({**record, "runs": [*record["runs"], result]}, indent=2) + "\n")
     if code != 0:
         raise SystemExit(f"{name} failed (exit {code}); see {log}")
     return result
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset, results = work / f"ds_{n}", {"num_tiles": n, "cpus": os.cpu_count(), "runs": []}
     if "build" in steps:
         results["runs"].append(run("build", [py, "scripts/prepare_dataset.py", "--source", str(tiles),
-                                             "--output_dir", str(dataset)], work / "build.log"))
+                                             "--output_dir", str(dataset)], work / "build.log", results, args.out))
     for procs in (1, 2):
         if f"train{procs}" not in steps:
             continue
@@ -161,18 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         log = work / f"train{procs}.log"
         result = run(f"finetune_{procs}proc", [*launch, "--dataset_dir", str(dataset), "--output_dir", str(out),
                                                "--overwrite_output_dir", "true", *TINY, "--max_steps",
-                                               str(args.max_steps), "--decode_cache_dir", str(cache)], log)
+                                               str(args.max_steps), "--decode_cache_dir", str(cache)], log, results,
+                     args.out)
         result["decode_s"] = decode_seconds(log)
         results["runs"].append(result)
     model = work / f"run_{n}_1"
     if "predict" in steps:
         results["runs"].append(run("predict", [py, "scripts/predict.py", "--model", str(model), "--inputs", str(tiles),
                                                "--output", str(work / "pred.csv"), "--no_progress", "--bf16", "false",
-                                               "--mpp", "0.5", "--batch_size", "256"], work / "predict.log"))
+                                               "--mpp", "0.5", "--batch_size", "256"], work / "predict.log", results,
+                                   args.out))
     if "evaluate" in steps:
         results["runs"].append(run("evaluate", [py, "scripts/evaluate_model.py", "--model", str(model), "--inputs",
                                                 str(tiles), "--output_dir", str(work / "eval"), "--no_progress",
-                                                "--n_bootstrap", "0", "--mpp", "0.5"], work / "evaluate.log"))
+                                                "--n_bootstrap", "0", "--mpp", "0.5"], work / "evaluate.log", results,
+                                   args.out))
     for r in results["runs"]:
         if r["name"] in ("predict", "evaluate"):
             r["tiles_per_s"] = round(n / r["wall_s"], 1)

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FINETUNE_TINY, load_script
-from hub_emulator import start_hub
 from PIL import Image
 from test_data_classes import write_class_folders
-from test_hub import ALICE, client_env, fresh_home, run_python
+from test_hub import ALICE, client_env, fresh_home, hub, run_python  # noqa: F401 (hub: the emulator fixture)
 
 from hf_tissue_vit.constants import NCT_CLASSES
 
@@ -35,16 +34,8 @@ PIPELINE = """
 """
 
 
-@pytest.fixture(scope="module")
-def hub():
-    url, server = start_hub()
-    yield url, server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_any_classes_build_train_push_pipeline_evaluate_map(case, hub, tmp_path, tmp_path_factory, capsys):
+def test_any_classes_build_train_push_pipeline_evaluate_map(case, hub, tmp_path, tmp_path_factory, capsys):  # noqa: F811
     counts, names, build_flags, mpp = CASES[case]
     url, _server = hub
     write_class_folders(tmp_path / "tiles", counts, size=32)
