@@ -84,3 +84,12 @@ def test_any_classes_build_train_push_pipeline_evaluate_map(case, hub, tmp_path,
     assert classes and classes <= set(names)
     colours = {tuple(f["properties"]["classification"]["color"]) for f in geojson["features"]}
     assert len(colours) == len(classes)
+
+
+@pytest.mark.parametrize("n", [2, 9, 20, 37])
+def test_palette_for_any_number_of_classes(n: int) -> None:
+    from hf_tissue_vit.slides.outputs import class_colours, colours_255
+
+    colours = class_colours(n)
+    assert colours.shape == (n, 3) and ((colours >= 0) & (colours <= 1)).all()
+    assert len({tuple(c) for c in colours_255(n)}) == n  # every class its own colour in maps and GeoJSON
