@@ -56,6 +56,8 @@ class ModelInfo:
     license: str | None = None
     architecture: str | None = None  # config.json's architectures[0]
     family: str | None = None  # hf_tissue_vit.backbones family name; None: not one the package trains
+    data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
+    data_citation: str | None = None  # the training data's own citation
 
     @property
     def display_name(self) -> str:
@@ -141,6 +143,9 @@ def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
         license=card.data.license if card is not None else None,
         architecture=(facts.config.get("architectures") or [None])[0],
         family=family.name if (family := backbones.family_of(facts.config)) else None,
+        # runs from before presets were recorded trained on Kather 2016 tiles
+        data_preset=facts.dataset.get("preset") or (None if "preset" in facts.dataset else "kather2016"),
+        data_citation=facts.dataset.get("citation"),
     )
 
 
@@ -234,10 +239,14 @@ def about_markdown(info: ModelInfo) -> str:
               "H&E colours nuclei blue/purple (hematoxylin) and cytoplasm and collagen pink (eosin).",
               "\n".join(["| class | what it looks like in H&E |", "|---|---|",
                          *[f"| **{name}** | {CLASS_DESCRIPTIONS.get(name, '')} |" for name in info.label_names]])]
+    if info.data_preset == "kather2016":
+        data = (f"Kather et al. (2016) colorectal cancer histology tiles ({info.training_text()}), one centre and one "
+                f"scanner; released under CC-BY 4.0. {KATHER_CITATION}.")
+    else:
+        data = f"{len(info.label_names)}-class {info.training_text()}. {info.data_citation or ''}".strip()
     parts += [
         "## Data",
-        (f"Kather et al. (2016) colorectal cancer histology tiles ({info.training_text()}), one centre and one "
-         f"scanner; released under CC-BY 4.0. {KATHER_CITATION}."),
+        data,
         "## Intended use",
         (f"**{DISCLAIMER}** Expect lower accuracy on other labs' staining, scanners or magnifications, "
         "and on tissue that is none of the classes above."),
