@@ -32,7 +32,7 @@ setup(
         "tensorboard>=2.15",
     ],
     extras_require={
-        "app": ["gradio>=6.31,<7"],
+        "app": ["gradio>=6.31,<7", "setuptools>=70.1"],  # setuptools: push_space.py builds the wheel
         "wsi": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

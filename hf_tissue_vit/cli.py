@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable, Mapping
+from typing import Any
 
 # Bad arguments, missing files and failed downloads (data.DownloadError is a ConnectionError):
 # the user can fix these, so they get one line, not a traceback.
@@ -46,3 +47,17 @@ def run_main(
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+
+
+def parse_folder_first(dataclass_type: type, argv: list[str] | None, rest: str) -> Any:
+    """Parse ``argv`` into ``dataclass_type``, whose ``output_dir`` may come first without its flag
+    (``push_to_hub.py OUTPUT_DIR --repo_id ...``, as README shows); ``--help`` shows both forms.
+    ``rest`` is the usage after OUTPUT_DIR."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--output_dir", *argv]
+    usage = f"%(prog)s OUTPUT_DIR {rest}\n       %(prog)s --output_dir OUTPUT_DIR {rest}"
+    (args,) = HfArgumentParser(dataclass_type, usage=usage).parse_args_into_dataclasses(args=argv)
+    return args

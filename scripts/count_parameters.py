@@ -1,6 +1,6 @@
 """Print a ViT's parameter count per component: closed-form formula next to the counted number.
 
-    python scripts/count_parameters.py --model outputs/vit_scratch_cpu
+    python scripts/count_parameters.py --model outputs/vit-scratch-cpu
     python scripts/count_parameters.py --model google/vit-base-patch16-224   # 86,567,656
 
 Only the config is read (local folder, config.json or Hub id); the model is built on the meta device,

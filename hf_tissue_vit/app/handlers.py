@@ -116,8 +116,10 @@ class AppModel:
     """
 
     def __init__(self, model: str, device: str | None = None, bf16: bool | None = None) -> None:
+        from ..modelfolder import check_model_folder
         from ..modeling import load_for_inference
 
+        check_model_folder(model, "--model")  # a missing folder or damaged weights: said before any Hub try
         self.source = model
         self.info: ModelInfo = load_model_info(model)
         self.predictor = TilePredictor.from_pretrained(model, device=device, bf16=bf16)

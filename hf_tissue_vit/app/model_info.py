@@ -55,6 +55,7 @@ class ModelInfo:
     num_parameters: int | None = None
     base_model: str | None = None
     license: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # of the packages it was trained with
 
     @property
     def display_name(self) -> str:
@@ -178,6 +179,7 @@ def load_model_info(model: str) -> ModelInfo:
         num_parameters=model_block.get("num_parameters"),
         base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
         license=card.data.license if card is not None else None,
+        versions={str(k): str(v) for k, v in (results.get("versions") or {}).items()},
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..hardware import parse_bf16_flag, versions
+from ..metrics import BOOTSTRAP_SEED
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels
 from .outputs import CONFUSION_FILE, PREDICTIONS_FILE, predictions_csv, write_confusion_matrices, write_results
@@ -55,8 +56,9 @@ class EvaluationArguments:
                                                                   "the data's name and split)."})
     push: bool = field(default=False, metadata={"help": "With --update_card on a Hub model: push the card as a "
                                                         "commit, or a pull request when you do not own the repo."})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95% intervals (0: none)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% intervals (0: none)."})
+    seed: int = field(default=BOOTSTRAP_SEED, metadata={"help": "Seed of the bootstrap (the default is finetune.py's, "
+                                                                "so the test split gets its card's intervals)."})
     bf16: str = field(default="training", metadata={
         "help": "Precision. training (default): as the model's own test evaluation in finetune.py (fp32, or "
                 "bf16 autocast with the training's attention kernel, read from all_results.json; fp32 when it "
@@ -137,11 +139,11 @@ def model_label_names(model: str) -> list[str]:
     """The model's class names in label-id order, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    from ..modelfolder import check_model_folder
+    from ..modelfolder import check_model_folder, label_overrides
 
     check_model_folder(model, "--model")
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **label_overrides(model))
     except OSError as err:
         raise FileNotFoundError(f"--model {model!r}: no model config ({err}); give a model folder with "
                                 "config.json or a Hub model id") from err
