@@ -1,4 +1,8 @@
-"""What every ``scripts/*.py`` shares: bad input becomes ``error: ...`` on stderr and exit status 2."""
+"""What every ``scripts/*.py`` shares: bad input becomes ``error: ...`` on stderr and exit status 2.
+
+Under ``accelerate launch`` every process meets the same bad input (see
+:func:`hf_tissue_vit.distributed.collectively`); only the main process prints it, so it shows once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import errno
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from .distributed import is_main_rank
 
 # Bad arguments, missing files and failed downloads (data.DownloadError is a ConnectionError):
 # the user can fix these, so they get one line, not a traceback.
@@ -42,11 +48,16 @@ def run_main(
     try:
         return body(argv)
     except tuple(handled) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return next(code for error, code in handled.items() if isinstance(err, error))
     except OSError as err:
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        _report(f"error: {describe_os_error(err)}")
         return 2
+
+
+def _report(line: str) -> None:
+    if is_main_rank():  # the other processes of a launch stop with the same error, silently
+        print(line, file=sys.stderr)
 
 
 def parse_folder_first(dataclass_type: type, argv: list[str] | None, rest: str) -> Any:

@@ -95,6 +95,17 @@ def check_attn_implementation(value: str, flag: str = "--attn_implementation") -
         raise ValueError(f"{flag} must be one of {list(ATTN_IMPLEMENTATIONS)}, got {value!r}")
 
 
+def default_device_augmentation(device: str | torch.device) -> bool:
+    """Augment training batches on the device (``--device_augmentation``) by default when it is a CUDA GPU: one
+    CPU core per GPU cannot augment the thousands of images/s a GPU trains on; on the CPU it gains nothing."""
+    return torch.device(device).type == "cuda"
+
+
+def resolve_device_augmentation(requested: bool | None, device: str | torch.device) -> bool:
+    """``--device_augmentation`` (None = :func:`default_device_augmentation` of the training device)."""
+    return default_device_augmentation(device) if requested is None else bool(requested)
+
+
 def parse_bf16_flag(value: str | bool | None, flag: str = "--bf16") -> bool | None:
     """``auto``/None -> None (decide by hardware), true/false (also yes/no/1/0/on/off) -> bool."""
     if value is None or isinstance(value, bool):

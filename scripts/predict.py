@@ -11,6 +11,9 @@ error (empty when fine), one probability column per class, then top2_label, top2
 scripts/tissue_map.py). Files far from the model's training tile size (a side over 2x smaller or
 larger) and greyscale files are classified, with one warning per kind (see hf_tissue_vit.predict.input_checks).
 The --output file is checked to be writable before the model is loaded.
+Many GPUs: `accelerate launch [--num_processes N] scripts/predict.py ...` (add --device cpu for CPU
+processes) gives each process a contiguous shard of the files, on its own device; the main process
+joins the shards into the one --output CSV, in input order.
 --bf16 auto (default) runs a bf16 copy of the model where the CPU/GPU has native bf16 (predictions
 can differ slightly from fp32); --bf16 false gives fp32 numbers. Each tile gets exactly the
 pixel_values the saved image processor gives it (as pipeline() does).
@@ -21,14 +24,16 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.distributed import ShardedCSV, gather, process_device, process_state, progress_name, split
 from hf_tissue_vit.fileio import check_writable_file
 from hf_tissue_vit.hardware import parse_bf16_flag
-from hf_tissue_vit.predict import TilePredictor, check_inputs, list_input_files
+from hf_tissue_vit.predict import TilePredictor, check_inputs, check_top_k, list_input_files, write_prediction_rows
 
 
 @dataclass
@@ -44,7 +49,8 @@ class PredictArguments:
     bf16: str = field(default="auto", metadata={
         "help": "bf16 model copy: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
         "nargs": "?", "const": "true"})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available; under "
+                                                                  "accelerate launch each process its own GPU)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
     def __post_init__(self) -> None:
@@ -62,17 +68,24 @@ class PredictArguments:
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(PredictArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    state = process_state(args.device)
     # Paths only (not images): gives the progress bar a total and fails early on empty inputs.
     paths = list_input_files(args.inputs, "--inputs")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     predictor = TilePredictor.from_pretrained(
-        args.model, device=args.device, batch_size=args.batch_size, tta=args.tta,
+        args.model, device=process_device(state, args.device), batch_size=args.batch_size, tta=args.tta,
         num_workers=args.num_workers, bf16=parse_bf16_flag(args.bf16),
     )
-    summary = predictor.predict_to_csv(paths, args.output, top_k=args.top_k, progress=not args.no_progress,
-                                       total=len(paths))
-    print(f"wrote {summary['files']} predictions to {summary['output']} ({summary['errors']} unreadable files)")
+    check_top_k(args.top_k, predictor.label_names)
+    mine = split(state, paths)  # a contiguous shard each: the joined CSV keeps the input order
+    with ShardedCSV(state, args.output, predictor.csv_columns(args.top_k)) as handle:
+        counts = write_prediction_rows(predictor.predict_files(mine), handle, predictor.label_names, args.top_k,
+                                       progress=not args.no_progress, total=len(mine), desc=progress_name(state))
+    everyone = gather([counts])
+    if state.is_main_process:
+        files, errors = sum(c["files"] for c in everyone), sum(c["errors"] for c in everyone)
+        print(f"wrote {files} predictions to {Path(args.output)} ({errors} unreadable files)")
     return 0
 
 

@@ -3,6 +3,8 @@
     python scripts/tissue_map.py --model outputs/vit-scratch-cpu --image slide.svs --output_dir maps/slide \
         [--mpp 0.495] [--slide_mpp 0.25] [--tile 150] [--stride 150|75] [--workers 2] [--bf16 auto]
     python scripts/tissue_map.py --model M --image slides/ "more/*.tiff" --output_dir maps/   (many slides)
+    accelerate launch --num_processes 4 scripts/tissue_map.py --model M --image slides/ --output_dir maps/
+        (many slides on 4 GPUs; add --device cpu for CPU processes)
 
 Slides (SVS, NDPI, MRXS, pyramidal TIFF ...) are read with OpenSlide (pip install 'hf_tissue_vit[wsi]')
 at the model's µm/px (its config.mpp, or --mpp) from the level nearest above it; plain images
@@ -11,6 +13,12 @@ Only windows with tissue (found on a low-resolution level) are read and classifi
 tissue_map.png, class_fractions.csv/.json (mm² and fraction of tissue per class), labels.npy
 (int16: class id, -1 background, -2 unreadable), probabilities.npy and tissue_map.geojson (QuPath:
 File > Import objects) per slide, one folder per slide for several, and summary.csv.
+
+Under `accelerate launch` the slides are dealt out whole, longest first, to the processes (each on
+its own GPU); the outputs are those of a one-process run. A slide's folder ends with
+slide_map_done.json: running the same command again skips the slides that are done (a killed run
+resumes); --overwrite maps them again. A slide that fails while mapped is reported in summary.csv
+(exit status 1) and the others go on.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.distributed import process_device, process_state
 from hf_tissue_vit.fileio import check_writable_dir
 from hf_tissue_vit.hardware import parse_bf16_flag
 from hf_tissue_vit.predict import TilePredictor
@@ -54,7 +63,9 @@ class TissueMapArguments:
     bf16: str = field(default="auto", metadata={
         "help": "bf16 autocast: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
         "nargs": "?", "const": "true"})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available; under "
+                                                                  "accelerate launch each process its own GPU)."})
+    overwrite: bool = field(default=False, metadata={"help": "Map slides again whose folder is marked done."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
 
     def __post_init__(self) -> None:
@@ -71,12 +82,14 @@ class TissueMapArguments:
 def _run(argv: list[str] | None) -> int:
     parser = HfArgumentParser(TissueMapArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    state = process_state(args.device)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
-                                              tta=args.tta, bf16=parse_bf16_flag(args.bf16))
-    rows = map_slides(predictor, args.image, args.output_dir, args.options)
-    for row in rows:
+    predictor = TilePredictor.from_pretrained(args.model, device=process_device(state, args.device),
+                                              batch_size=args.batch_size, tta=args.tta,
+                                              bf16=parse_bf16_flag(args.bf16))
+    rows = map_slides(predictor, args.image, args.output_dir, args.options, overwrite=args.overwrite, state=state)
+    for row in rows if state.is_main_process else []:
         if row["error"]:
             print(f"{row['slide']}: failed: {row['error']}")
             continue

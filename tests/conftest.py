@@ -7,6 +7,7 @@ every tile carries random noise, so no two tiles share pixels unless a test copi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
@@ -234,8 +235,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")
 
 
-def kill_when_exists(proc, path: Path, timeout: float = 240) -> None:
-    """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it."""
+def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False) -> None:
+    """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it.
+
+    ``group``: kill its whole process group (start it with ``start_new_session=True``), e.g. an
+    ``accelerate launch`` and the processes it started, as when the machine goes down."""
+    import os
     import signal
     import time
 
@@ -245,8 +250,14 @@ def kill_when_exists(proc, path: Path, timeout: float = 240) -> None:
             assert proc.poll() is None, f"the run ended before {path} was written"
             assert time.monotonic() < deadline, f"{path} not written within {timeout} s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGKILL)
     finally:
+        if group:  # whatever happened, nothing of the group is left running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

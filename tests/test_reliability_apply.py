@@ -205,14 +205,14 @@ def test_read_only_outputs_fail_in_one_line_before_the_work(tmp_path, tiny_model
 def test_an_oserror_while_writing_is_one_line_naming_the_output(tmp_path, tiny_model_dir, script, capsys,
                                                                 monkeypatch):
     """The folder passed the check but went away (disk full, permissions changed) during the run."""
-    from hf_tissue_vit.predict import TilePredictor
+    import hf_tissue_vit.predict
 
     output = tmp_path / "pred.csv"
 
-    def disk_full(self, paths, out, **kwargs):
-        raise OSError(28, "No space left on device", str(out))
+    def disk_full(rows, handle, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(output))
 
-    monkeypatch.setattr(TilePredictor, "predict_to_csv", disk_full)
+    monkeypatch.setattr(hf_tissue_vit.predict, "write_prediction_rows", disk_full)  # what predict.py writes with
     tile = write_tile(tmp_path / "a.png")
     assert script("predict").main(["--model", str(tiny_model_dir), "--inputs", str(tile),
                                    "--output", str(output), "--no_progress"]) == 2

@@ -27,9 +27,11 @@ from .predictor import TilePredictor, error_text, label_names_of, use_attention
 from .table import (
     CSV_FIXED_COLUMNS,
     PredictionRow,
+    check_top_k,
     csv_columns,
     csv_row,
     probability_columns,
+    write_prediction_rows,
     write_predictions_csv,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "WHOLE_SLIDE_EXTENSIONS",
     "background_fraction",
     "check_inputs",
+    "check_top_k",
     "class_colours",
     "csv_columns",
     "csv_row",
@@ -62,5 +65,6 @@ __all__ = [
     "tissue_map",
     "training_tile_size",
     "use_attention",
+    "write_prediction_rows",
     "write_predictions_csv",
 ]

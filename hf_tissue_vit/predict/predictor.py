@@ -160,6 +160,8 @@ class TilePredictor:
     @torch.inference_mode()
     def predict_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities [B,K] (float32, CPU) for preprocessed pixel_values [B,3,H,W]."""
+        if self.device.type == "cuda":  # page-locked: the copy to the GPU runs without a staging copy
+            pixel_values = pixel_values.pin_memory()
         pixel_values = pixel_values.to(self.device, self._dtype, non_blocking=True)
         views = dihedral_views(pixel_values) if self.tta else [pixel_values]
         batch = torch.cat(views) if len(views) > 1 else views[0]

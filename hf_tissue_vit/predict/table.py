@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -60,6 +60,12 @@ def csv_row(row: PredictionRow, label_names: Sequence[str], top_k: int = 1) -> l
     return [row.file, label_names[best], f"{row.probs[best]:.6f}", "", *[f"{p:.6f}" for p in row.probs], *extra]
 
 
+def check_top_k(top_k: int, label_names: Sequence[str]) -> None:
+    """ValueError unless 1 <= ``top_k`` <= number of classes."""
+    if not 1 <= top_k <= len(label_names):
+        raise ValueError(f"top_k must be in 1..{len(label_names)}, got {top_k}")
+
+
 def write_predictions_csv(
     rows: Iterable[PredictionRow],
     output: str | os.PathLike,
@@ -70,19 +76,32 @@ def write_predictions_csv(
 ) -> dict[str, Any]:
     """Write ``rows`` as they come (to a temp file in the same folder, moved into place at the end:
     a failed run leaves no partial CSV). Returns ``{"files", "errors", "output"}``."""
-    if not 1 <= top_k <= len(label_names):
-        raise ValueError(f"top_k must be in 1..{len(label_names)}, got {top_k}")
-    output = Path(output)
+    check_top_k(top_k, label_names)
     header = csv_columns(label_names, top_k)
-    n_files = n_errors = 0
     with atomic_write(output, newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        with tqdm(total=total, unit="tile", desc="predict", disable=not progress) as bar:
-            for row in rows:
-                writer.writerow(csv_row(row, label_names, top_k))
-                n_files += 1
-                n_errors += bool(row.error)
-                bar.update(1)
-    logger.info("wrote %d predictions (%d unreadable) to %s", n_files, n_errors, output)
-    return {"files": n_files, "errors": n_errors, "output": str(output)}
+        csv.writer(handle).writerow(header)
+        counts = write_prediction_rows(rows, handle, label_names, top_k, progress, total)
+    logger.info("wrote %d predictions (%d unreadable) to %s", counts["files"], counts["errors"], output)
+    return {**counts, "output": str(Path(output))}
+
+
+def write_prediction_rows(
+    rows: Iterable[PredictionRow],
+    handle: IO[str],
+    label_names: Sequence[str],
+    top_k: int = 1,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "predict",
+) -> dict[str, int]:
+    """The CSV rows (no header) of ``rows`` into ``handle`` as they come; ``{"files", "errors"}``."""
+    check_top_k(top_k, label_names)
+    writer = csv.writer(handle)
+    n_files = n_errors = 0
+    with tqdm(total=total, unit="tile", desc=desc, disable=not progress) as bar:
+        for row in rows:
+            writer.writerow(csv_row(row, label_names, top_k))
+            n_files += 1
+            n_errors += bool(row.error)
+            bar.update(1)
+    return {"files": n_files, "errors": n_errors}

@@ -2,9 +2,11 @@
 
 Modules: :mod:`.reader` (OpenSlide and plain-image readers), :mod:`.geometry` (resolution, level
 choice, window grid), :mod:`.tissue` (overview and tissue mask), :mod:`.windows` (threaded block
-reading), :mod:`.outputs` (the map and its files), :mod:`.run` (one slide, many slides).
+reading), :mod:`.outputs` (the map and its files), :mod:`.run` (one slide), :mod:`.cohort` (many slides
+over one or many processes, resumable).
 """
 
+from .cohort import DONE_FILE, map_slides
 from .geometry import MAX_UPSAMPLING, WindowGeometry, choose_level, plan_windows
 from .outputs import (
     BACKGROUND,
@@ -29,13 +31,13 @@ from .run import (
     check_slide,
     expand_inputs,
     map_slide,
-    map_slides,
     model_mpp,
 )
 from .tissue import read_overview, tissue_mask, window_tissue_fraction
 
 __all__ = [
     "BACKGROUND",
+    "DONE_FILE",
     "MAX_UPSAMPLING",
     "SLIDE_EXTENSIONS",
     "UNREADABLE",

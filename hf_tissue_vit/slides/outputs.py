@@ -28,6 +28,8 @@ from .geometry import WindowGeometry
 BACKGROUND = -1
 UNREADABLE = -2
 MAX_LISTED_ERRORS = 20
+SLIDE_FILES = ("labels.npy", "probabilities.npy", "class_fractions.json", "class_fractions.csv", "tissue_map.png",
+               "tissue_map.geojson")  # per slide, written in this order by save_slide_map
 
 
 @dataclass
@@ -172,9 +174,7 @@ def save_slide_map(result: SlideMap, output_dir: str | os.PathLike, max_side: in
     """Write every per-slide file (see the module docstring) into ``output_dir``; name -> path."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = ("labels.npy", "probabilities.npy", "class_fractions.json", "class_fractions.csv",
-             "tissue_map.png", "tissue_map.geojson")
-    paths = {name: out / name for name in names}
+    paths = {name: out / name for name in SLIDE_FILES}
     with atomic_write(paths["labels.npy"], "wb") as handle:
         np.save(handle, result.labels)
     with atomic_write(paths["probabilities.npy"], "wb") as handle:

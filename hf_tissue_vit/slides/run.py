@@ -1,15 +1,14 @@
-"""Map slides: detect tissue, stream its windows through the predictor in batches, write the outputs.
+"""Map one slide: detect tissue, stream its windows through the predictor in batches.
 
-:func:`map_slides` checks every input first (readable, µm/px known where needed, at least one
-window: a bad one stops the run with a one-line error before any long work), then maps the slides
-one after the other: one folder of outputs per slide (the output folder itself for a single file)
-and ``summary.csv``. A slide that fails while it is read is reported in the summary and the run goes
-on; so are corrupt tiles inside a slide (their windows are marked unreadable).
+:func:`check_slide` opens a slide and plans its windows (readable, µm/px known where needed, at
+least one window: bad input is a one-line error before any long work); :func:`map_slide` maps it.
+Corrupt tiles inside a slide do not stop it (their windows are marked unreadable). Many slides, on
+one or many processes: :mod:`.cohort`.
 
 Example::
 
     predictor = TilePredictor.from_pretrained("outputs/vit-scratch-cpu", batch_size=64)
-    map_slides(predictor, ["slides/*.svs"], "maps/", SlideMapOptions(mpp=0.495))
+    result = map_slide(predictor, "slide.svs", SlideMapOptions(), model_mpp(predictor))
 """
 
 from __future__ import annotations
@@ -32,9 +31,6 @@ from .outputs import (
     BACKGROUND,
     UNREADABLE,
     SlideMap,
-    save_slide_map,
-    summary_row,
-    write_summary,
 )
 from .reader import SLIDE_EXTENSIONS, SlideReader, open_slide
 from .tissue import (
@@ -191,51 +187,3 @@ def map_slide(predictor: Any, path: str | SlideReader, options: SlideMapOptions,
         logger.warning("%s: %d windows could not be read (first: %s)", reader.path, len(errors), errors[0])
     return SlideMap(reader.path, geometry, labels, probs, fraction, list(predictor.label_names), reader.describe(),
                     overview, downsample, errors, time.perf_counter() - start)
-
-
-def _output_dirs(paths: Sequence[str], output_dir: Path) -> list[Path]:
-    """One sub-folder per slide, named after it (a number added where two slides share a name)."""
-    dirs, used = [], set()
-    for path in paths:
-        name, n = Path(path).stem or "slide", 1
-        while (output_dir / name) in used:
-            n += 1
-            name = f"{Path(path).stem}_{n}"
-        used.add(output_dir / name)
-        dirs.append(output_dir / name)
-    return dirs
-
-
-def map_slides(predictor: Any, inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
-               options: SlideMapOptions | None = None) -> list[dict[str, Any]]:
-    """Map every slide of ``inputs`` (files, folders, globs) into ``output_dir``; returns the summary rows."""
-    options = options or SlideMapOptions()
-    paths = expand_inputs(inputs)
-    target = model_mpp(predictor, options.mpp)
-    output_dir = Path(output_dir)
-    if len(paths) == 1:  # one slide: checked and mapped through one reader (a plain image is decoded once)
-        with open_slide(paths[0], options.slide_mpp, options.max_image_pixels) as reader:
-            plan_windows(reader, options.tile, options.stride, target)
-            single = len(inputs) == 1 and os.path.isfile(os.fspath(inputs[0]))
-            out = output_dir if single else _output_dirs(paths, output_dir)[0]
-            rows = [_map_and_save(predictor, reader, options, target, out)]
-    else:
-        for path in paths:  # every bad input is found before the first slide is mapped
-            check_slide(path, options, target)
-        rows = []
-        for path, out in zip(paths, _output_dirs(paths, output_dir), strict=True):
-            with open_slide(path, options.slide_mpp, options.max_image_pixels) as reader:
-                rows.append(_map_and_save(predictor, reader, options, target, out))
-    write_summary(rows, list(predictor.label_names), output_dir / "summary.csv")
-    return rows
-
-
-def _map_and_save(predictor: Any, reader: SlideReader, options: SlideMapOptions, target: float | None,
-                  out: Path) -> dict[str, Any]:
-    try:
-        result = map_slide(predictor, reader, options, target)
-    except OSError as err:  # unreadable while mapping (the overview level, I/O): the run goes on
-        logger.error("%s: %s", reader.path, err)
-        return summary_row(None, reader.path, str(out), f"{type(err).__name__}: {err}")
-    save_slide_map(result, out, options.max_side)
-    return summary_row(result.fractions(), reader.path, str(out))

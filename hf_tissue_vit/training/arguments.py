@@ -137,6 +137,14 @@ class DataArguments:
     stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength in HED space (0 = off)."})
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
+    device_augmentation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Augment training batches on the GPU: the collator only stacks uint8 tiles, the Trainer step "
+            "crops, flips and jitters them on the device (same draws and pixels as on the CPU). Default: on when "
+            "training on a CUDA GPU, off on the CPU."
+        },
+    )
     cache_decoded: bool = field(
         default=True,
         metadata={"help": "Keep the decoded uint8 tiles as .npy (keyed by dataset fingerprint) and reuse them."},

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write, atomic_write_json
-from ..hardware import hardware_info, versions
+from ..hardware import hardware_info, resolve_device_augmentation, versions
 from ..predict import probability_columns
 from .evaluation import TestPredictions
 from .rundir import SIGNATURE_TRAINING_FIELDS, plain_values
@@ -76,6 +76,8 @@ def run_description(
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     )
     hyperparameters["augmentation"] = dataclasses.asdict(data_args.augmentation())
+    hyperparameters["device_augmentation"] = resolve_device_augmentation(data_args.device_augmentation,
+                                                                          training_args.device)
     hyperparameters["patch_keep"] = model_args.patch_keep
     config = model.config
     architecture = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

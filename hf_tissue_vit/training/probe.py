@@ -71,6 +71,8 @@ def compute_features(
     parts = []
     try:
         for batch in loader:
+            if "pixels" in batch:  # a uint8 training batch that the collator leaves to the device
+                batch = collator.augment_on_device({**batch, "pixels": batch["pixels"].to(device)})
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = model.vit(batch["pixel_values"].to(device)).last_hidden_state
             parts.append(hidden[:, 0].float().cpu())

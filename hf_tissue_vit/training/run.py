@@ -230,10 +230,14 @@ def build_model_and_processor(
 def build_trainer(
     model: Any, processor: Any, data: TrainingData, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TissueTrainer:
-    """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator."""
+    """A :class:`TissueTrainer` on the decoded train/validation tiles, augmenting in the collator (or, with
+    ``--device_augmentation``, in the training step on the GPU)."""
     # Validation and test see exactly the saved processor's pixels, as predict.py and pipeline() do.
     eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
+    on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
+    collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
+                            device_augmentation=on_device)
     callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
@@ -242,11 +246,13 @@ def build_trainer(
         args=training_args,
         train_dataset=data.tiles["train"],
         eval_dataset=data.tiles["validation"],
-        data_collator=TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed),
+        data_collator=collator,
         compute_metrics=make_compute_metrics(data.label_names),
         processing_class=processor,
         callbacks=callbacks,
     )
+    if on_device:
+        trainer.device_augment = collator.augment_on_device
     if training_args.ema_decay:
         trainer.enable_ema(training_args.ema_decay)
     return trainer

@@ -44,7 +44,8 @@ SIGNATURE_TRAINING_FIELDS = (
     "max_grad_norm", "optim", "metric_for_best_model", "ema_decay",
 )  # fmt: skip
 # Data arguments that change where or how fast tiles are read, not what is learnt.
-_UNSIGNED_DATA_FIELDS = ("config", "cache_decoded", "decode_cache_dir")
+# Where the augmentation runs changes speed, not the pixels (the device path draws and computes the same).
+_UNSIGNED_DATA_FIELDS = ("config", "cache_decoded", "decode_cache_dir", "device_augmentation")
 
 
 def plain_values(args: Any, names: tuple[str, ...]) -> dict[str, Any]:

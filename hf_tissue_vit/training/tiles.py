@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,24 +150,47 @@ def tile_dataset(split: Any, train: bool = False, cache: bool = True,
     return TileDataset(decode_tiles(split, cache, cache_dir), labels, train=train)
 
 
+def augmentation_seed(seed: int, epoch: int, indices: Sequence[int]) -> int:
+    """The seed of one training batch's augmentation, from (run seed, epoch, the batch's sample indices): a
+    resumed run draws what an uninterrupted one drew, on the CPU or on the device."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), *(int(i) for i in indices)]).generate_state(1)[0])
+
+
 class TileCollator:
     """Stack items and turn them into ``pixel_values``: the augmenting :class:`TileTransform` for training
-    batches, the saved processor's exact preprocessing (``ProcessorTransform``) for the others."""
+    batches, the saved processor's exact preprocessing (``ProcessorTransform``) for the others.
+
+    With ``device_augmentation`` a training batch stays uint8 (``pixels``, with its ``augment_seed``): the
+    Trainer moves it to the GPU and :meth:`augment_on_device` makes its ``pixel_values`` there, with the
+    same draws and pixels as the CPU path.
+    """
 
     def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
-                 seed: int = 0) -> None:
+                 seed: int = 0, device_augmentation: bool = False) -> None:
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
+        self.device_augmentation = bool(device_augmentation)
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
         labels = torch.tensor([item["labels"] for item in items], dtype=torch.long)
-        if items[0].get("train"):
-            entropy = [self.seed, items[0]["epoch"], *(item["index"] for item in items)]
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
-            pixel_values = self.train_transform(pixels, generator=generator)
-        else:
-            pixel_values = self.eval_transform(pixels)
-        return {"pixel_values": pixel_values, "labels": labels}
+        if not items[0].get("train"):
+            return {"pixel_values": self.eval_transform(pixels), "labels": labels}
+        seed = augmentation_seed(self.seed, items[0]["epoch"], [item["index"] for item in items])
+        if self.device_augmentation:
+            return {"pixels": pixels, "augment_seed": seed, "labels": labels}
+        return {"pixel_values": self.train_transform(pixels, generator=torch.Generator().manual_seed(seed)),
+                "labels": labels}
+
+    def augment_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch of :meth:`__call__`'s uint8 ``pixels`` (on any device) with ``pixel_values`` in their place,
+        made on the pixels' device (the transform's device path, in float32 outside any autocast)."""
+        batch = dict(batch)
+        pixels, seed = batch.pop("pixels"), batch.pop("augment_seed")
+        with torch.autocast(pixels.device.type, enabled=False):
+            batch["pixel_values"] = self.train_transform(
+                pixels, generator=torch.Generator().manual_seed(int(seed)), device_path=True
+            )
+        return batch
 
 
 class EpochCallback(TrainerCallback):

@@ -56,6 +56,8 @@ class TissueTrainer(Trainer):
 
     tta: bool = False
     ema: WeightEMA | None = None
+    # Makes ``pixel_values`` of a uint8 training batch on the device (TileCollator.augment_on_device).
+    device_augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     _progress: TrainingProgress | None = None  # the run up to the checkpoint this train() call resumed
     _clock: _PieceClock | None = None
     _schedule_samples: float | None = None
@@ -110,6 +112,13 @@ class TissueTrainer(Trainer):
                                          self._total_loss_scalar + pending)
         folder.mkdir(parents=True, exist_ok=True)
         record.save(folder)
+
+    def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
+        if "pixels" in inputs:  # a uint8 training batch, already on the device: augment it there
+            if self.device_augment is None:
+                raise ValueError("a training batch of uint8 'pixels' needs TissueTrainer.device_augment")
+            inputs = self.device_augment(inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if self.ema is None:

@@ -89,6 +89,8 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform draws on the CPU (every random number of the augmentations is drawn there, from one CPU
+    generator, so a batch augmented on a GPU gets the same draws as on the CPU)."""
     return torch.rand(shape, generator=generator) * (high - low) + low
 
 
@@ -124,16 +126,86 @@ def crop_boxes(
     return cx, cy, w, h
 
 
+def crop_box_pixels(
+    batch: int, height: int, width: int, aug: AugmentationConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer crop boxes (left, top, width, height), long tensors [B] on the CPU, from :func:`crop_boxes`."""
+    cx, cy, w, h = crop_boxes(batch, height, width, aug, generator)
+    box_w = w.round().clamp(1, width).long()
+    box_h = h.round().clamp(1, height).long()
+    left = torch.minimum((cx - box_w / 2).round().clamp(min=0).long(), width - box_w)
+    top = torch.minimum((cy - box_h / 2).round().clamp(min=0).long(), height - box_h)
+    return left, top, box_w, box_h
+
+
+def antialias_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """[B, out_size, in_size] float64 weights that resize the span ``start .. start + length`` (per sample) of an
+    axis of ``in_size`` pixels to ``out_size`` pixels as ``F.interpolate(mode="bilinear", antialias=True)`` does.
+
+    The same triangle filter, support and window as torch's (and PIL's) separable antialiased kernel
+    (``_compute_weights_aa``), with every weight outside the span zero, so a crop and its resize are one
+    matrix product per axis.
+    """
+    length = length.to(torch.float64).view(-1, 1, 1)
+    scale = length / out_size
+    support = torch.where(scale >= 1, scale, torch.ones_like(scale))  # bilinear: half the 2-tap width, scaled
+    inverse = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    centre = scale * (torch.arange(out_size, dtype=torch.float64, device=start.device).view(1, -1, 1) + 0.5)
+    # box-local index of every input pixel [B,1,in]
+    j = torch.arange(in_size, dtype=torch.float64, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)
+    low = (centre - support + 0.5).trunc().clamp(min=0)  # C's integer cast truncates
+    high = torch.minimum((centre + support + 0.5).trunc(), length)
+    weights = (1 - ((j - centre + 0.5) * inverse).abs()).clamp(min=0) * ((j >= low) & (j < high))
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def _fixed_point(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's uint8 kernel's integer weights: each axis's float weights times 2**p, rounded, with the largest p
+    (at most 22) that keeps the largest weight under 2**15 (``_compute_index_ranges_int16_weights``)."""
+    w_max = weights.amax(dim=(1, 2))  # [B]
+    powers = torch.arange(22, dtype=torch.float64, device=weights.device)
+    too_big = torch.floor(0.5 + w_max.unsqueeze(1) * torch.exp2(powers + 1)) >= 2**15
+    precision = torch.where(too_big.any(dim=1), too_big.to(torch.uint8).argmax(dim=1), 22).to(torch.float64)
+    scale = torch.exp2(precision).view(-1, 1, 1)
+    return torch.floor(weights * scale + 0.5), scale
+
+
+def _fixed_point_pass(x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One axis of the uint8 kernel on float64 [B,C,*,W] (the last axis): integer sums, exact in float64, rounded
+    by adding half the scale and flooring, saturated to 0..255."""
+    total = torch.matmul(x, weights.transpose(1, 2).unsqueeze(1))
+    half = (scale / 2).unsqueeze(1)
+    return torch.floor((total + half) / scale.unsqueeze(1)).clamp_(0, 255)
+
+
+def crop_resize(x: torch.Tensor, boxes: tuple[torch.Tensor, ...], size: int) -> torch.Tensor:
+    """Crop each sample of [B,C,H,W] 0..255 tiles to its box (left, top, width, height) and resize it to SxS
+    with the antialiased bilinear filter: float32 [B,C,S,S] on ``x``'s device, the device path of the crop
+    (the CPU path resizes tile by tile with torch's uint8 kernel).
+
+    The pixels equal that kernel's: its fixed-point weights, its horizontal-then-vertical passes and its
+    rounding and saturation between them, as batched float64 matrix products (integer sums well under 2**53,
+    so exact), with every weight outside a sample's box zero.
+    """
+    left, top, box_w, box_h = (b.to(x.device) for b in boxes)
+    cols, col_scale = _fixed_point(antialias_weights(left, box_w, x.shape[-1], size))  # [B,S,W]
+    rows, row_scale = _fixed_point(antialias_weights(top, box_h, x.shape[-2], size))  # [B,S,H]
+    x = _fixed_point_pass(x.to(torch.float64), cols, col_scale)  # [B,C,H,S]
+    x = _fixed_point_pass(x.transpose(-2, -1), rows, row_scale).transpose(-2, -1)  # [B,C,S,S]
+    return x.to(torch.float32)
+
+
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One random symmetry per sample of square [B,C,S,S] images.
 
     Samples are grouped by the drawn symmetry (8 groups, not a loop over samples): one gather and
     one scatter per group, cheap on uint8.
     """
-    choice = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    choice = torch.randint(0, 8, (x.shape[0],), generator=generator)  # drawn on the CPU, whatever x's device
     out = torch.empty_like(x)
     for k in choice.unique().tolist():
-        index = (choice == k).nonzero().squeeze(1)
+        index = (choice == k).nonzero().squeeze(1).to(x.device)
         view = x.index_select(0, index)
         if k >= 4:
             view = view.flip(-1)
@@ -164,11 +236,11 @@ def stain_jitter(
     inverse = (hed_from_rgb / alpha64.unsqueeze(1)) @ rgb_from_hed
     bias = _LOG_256 * (1 - matrix.sum(dim=1)) - beta64 @ rgb_from_hed  # [B,3]
     d = (bias.unsqueeze(1) @ inverse).squeeze(1)  # [B,3]
-    k = torch.exp(d).to(x.dtype).view(batch, channels, 1, 1)
+    k = torch.exp(d).to(x.device, x.dtype).view(batch, channels, 1, 1)
     log_x = x.mul_(k).add_(k).log_()  # log(e^d (1 + x)) = L + d
     cols = torch.empty_like(x) if out is None else out
     torch.bmm(
-        matrix.transpose(1, 2).to(x.dtype),
+        matrix.transpose(1, 2).to(x.device, x.dtype),
         log_x.view(batch, channels, height * width),
         out=cols.view(batch, channels, height * width),
     )
@@ -188,11 +260,12 @@ def brightness_contrast(
     batch = x.shape[0]
     b = uniform(1 - brightness, 1 + brightness, (batch,), generator) if brightness else torch.ones(batch)
     c = uniform(1 - contrast, 1 + contrast, (batch,), generator) if contrast else torch.ones(batch)
+    b, c = b.to(x.device), c.to(x.device)
     if contrast:
-        grey = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype)
+        grey = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
         mean = x.mean(dim=(2, 3)) @ grey - pedestal  # grey level of each sample before brightness
     else:
-        mean = torch.zeros(batch)
+        mean = torch.zeros(batch, device=x.device)
     gain = c * b
     offset = (1 - c) * b * mean - gain * pedestal
     return gain.view(batch, 1, 1, 1), offset.view(batch, 1, 1, 1)

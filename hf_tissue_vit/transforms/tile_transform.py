@@ -31,7 +31,8 @@ from ..imaging import to_uint8
 from .augmentation import (
     AugmentationConfig,
     brightness_contrast,
-    crop_boxes,
+    crop_box_pixels,
+    crop_resize,
     random_dihedral,
     stain_jitter,
 )
@@ -77,6 +78,9 @@ class TileTransform:
     normalize), identical up to rounding to :func:`make_image_processor`. With an
     :class:`AugmentationConfig`: random resized crop (integer box, antialiased resize) and the
     dihedral symmetry on the uint8 tiles, then stain jitter and brightness/contrast on the SxS floats.
+
+    Tiles on a GPU are transformed there (the *device path*: batched ops only, see ``__call__``); the
+    random numbers always come from one CPU generator, so both paths draw the same augmentations.
     """
 
     def __init__(
@@ -156,26 +160,39 @@ class TileTransform:
         return self.augmentation is not None and self.augmentation.any_enabled
 
     def __call__(
-        self, images: torch.Tensor | np.ndarray, generator: torch.Generator | None = None
+        self, images: torch.Tensor | np.ndarray, generator: torch.Generator | None = None,
+        *, device_path: bool | None = None,
     ) -> torch.Tensor:
-        """uint8 [B,H,W,3] or [B,3,H,W] (a single [H,W,3] image gives B=1) -> float32 [B,3,S,S]."""
+        """uint8 [B,H,W,3] or [B,3,H,W] (a single [H,W,3] image gives B=1) -> float32 [B,3,S,S] on the
+        images' device.
+
+        ``device_path`` (default: on for tensors on an accelerator) augments with batched ops only: the
+        crop of every tile is two batched matrix products (:func:`crop_resize`) instead of one resize per
+        tile, and the dihedral symmetry runs on the resized floats. It draws the same random numbers from
+        ``generator`` (a CPU generator; None = torch's default one) as the CPU path, and its pixels equal
+        the CPU path's up to the rounding of the CPU's fixed-point uint8 resize (one grey level, rarely).
+        """
         x = _as_batch(images)
-        size = self.image_size
+        size, device = self.image_size, x.device
+        if device_path is None:
+            device_path = device.type != "cpu"
         if x.shape[0] == 0:
-            return torch.empty(0, 3, size, size)
+            return torch.empty(0, 3, size, size, device=device)
         aug = self.augmentation
-        out = torch.empty(x.shape[0], 3, size, size)
+        out = torch.empty(x.shape[0], 3, size, size, device=device)
+        scale, shift = self._scale.to(device), self._shift.to(device)
         if aug is None or not aug.any_enabled:
             # uint8 resize output is rounded like the PIL processor's, so eval matches it.
             x = self._resize(x, size, size).float()
             # mul + add_ rather than addcmul: a broadcast addcmul is slower on CPU
-            return torch.mul(x, self._scale, out=out).add_(self._shift)
-        x, gain, offset = self._augment(x, aug, generator, out)
+            return torch.mul(x, scale, out=out).add_(shift)
+        x, gain, offset = self._augment(x, aug, generator, out, device_path)
         # The last pixel-wise step clamp(gain * x + offset, 0, 255) is fused with rescale and
         # normalisation (scale > 0, so clamping after the affine map is the same), written straight
         # into a contiguous NCHW tensor (mul + add_: a broadcast addcmul is slower on CPU).
-        torch.mul(x, gain * self._scale, out=out).add_(offset * self._scale + self._shift)
-        return out.clamp_(*self._bounds)
+        torch.mul(x, gain * scale, out=out).add_(offset * scale + shift)
+        bounds = self._bounds if isinstance(self._bounds[0], float) else tuple(b.to(device) for b in self._bounds)
+        return out.clamp_(*bounds)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -184,37 +201,60 @@ class TileTransform:
         """Bilinear antialiased resize on the 0..255 scale, keeping the dtype (no-op at the size).
 
         uint8 goes through torch's channels-last uint8 kernel, faster than the float one and close to
-        (not bit-exact with) PIL's bilinear filter.
+        (not bit-exact with) PIL's bilinear filter. That kernel is the CPU's: uint8 elsewhere is resized
+        as floats (and returned as rounded floats).
         """
         if x.shape[-2:] == (height, width):
             return x
-        if x.dtype == torch.uint8:
+        if x.dtype == torch.uint8 and x.device.type != "cpu":
+            x = x.float()
+        elif x.dtype == torch.uint8:
             x = x.contiguous(memory_format=torch.channels_last)
             return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         return x.round_().clamp_(0, 255)
 
     def _augment(
-        self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None, out: torch.Tensor
+        self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None, out: torch.Tensor,
+        device_path: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment; returns float32 y [B,3,S,S] (possibly ``out`` itself) and per-sample gain/offset
         [B,1,1,1] such that the augmented 0..255 image is clamp(gain * y + offset, 0, 255)."""
-        if aug.random_resized_crop:
-            x = self._random_resized_crop(x, aug, generator)  # fresh contiguous NCHW
+        if device_path:
+            x = self._geometry_batched(x, aug, generator)
         else:
-            x = self._resize(x, self.image_size, self.image_size).contiguous()
-        if aug.dihedral:
-            # on uint8 NCHW the dihedral copies are cheaper than on channels-last or float data
-            x = random_dihedral(x, generator)
-        # A fresh float copy: later steps work in place (x may still be the caller's tensor; float
-        # input was already copied by _as_batch).
-        x = x.to(torch.float32)
+            if aug.random_resized_crop:
+                x = self._random_resized_crop(x, aug, generator)  # fresh contiguous NCHW
+            else:
+                x = self._resize(x, self.image_size, self.image_size).contiguous()
+            if aug.dihedral:
+                # on uint8 NCHW the dihedral copies are cheaper than on channels-last or float data
+                x = random_dihedral(x, generator)
+            # A fresh float copy: later steps work in place (x may still be the caller's tensor; float
+            # input was already copied by _as_batch).
+            x = x.to(torch.float32)
         pedestal = 0.0
         if aug.stain_jitter:
             x = stain_jitter(x, aug.stain_jitter, generator, out=out)
             pedestal = 1.0  # _stain_jitter returns x + 1
         gain, offset = brightness_contrast(x, aug.brightness, aug.contrast, pedestal, generator)
         return x, gain, offset
+
+    def _geometry_batched(
+        self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The device path's crop (or resize) and dihedral symmetry: float32 contiguous [B,3,S,S] on x's device,
+        with the random draws of the CPU path in its order."""
+        batch, _, height, width = x.shape
+        if aug.random_resized_crop:
+            boxes = crop_box_pixels(batch, height, width, aug, generator)
+        else:  # the whole tile
+            zero = torch.zeros(batch, dtype=torch.long)
+            boxes = (zero, zero, torch.full((batch,), width), torch.full((batch,), height))
+        x = crop_resize(x, boxes, self.image_size)
+        if aug.dihedral:
+            x = random_dihedral(x, generator)
+        return x.contiguous()
 
     def _random_resized_crop(
         self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None
@@ -227,11 +267,7 @@ class TileTransform:
         """
         batch, _, height, width = x.shape
         size = self.image_size
-        cx, cy, w, h = crop_boxes(batch, height, width, aug, generator)
-        box_w = w.round().clamp(1, width).long()
-        box_h = h.round().clamp(1, height).long()
-        left = torch.minimum((cx - box_w / 2).round().clamp(min=0).long(), width - box_w)
-        top = torch.minimum((cy - box_h / 2).round().clamp(min=0).long(), height - box_h)
+        left, top, box_w, box_h = crop_box_pixels(batch, height, width, aug, generator)
         out = torch.empty(batch, 3, size, size, dtype=x.dtype)
         for i, (x0, y0, bw, bh) in enumerate(zip(left.tolist(), top.tolist(), box_w.tolist(), box_h.tolist())):
             out[i] = self._resize(x[i : i + 1, :, y0 : y0 + bh, x0 : x0 + bw], size, size)[0]
