@@ -418,7 +418,7 @@ def test_space_pushed_to_the_emulator_runs(model_dir, uploads, tmp_path):
                  if line and not line.startswith(("#", "--"))]
         wheel = f"wheels/hf_tissue_vit-{hf_tissue_vit.__version__}-py3-none-any.whl"
         assert lines[0] == f"./{wheel}[app]" and wheel in files  # the package comes with the Space
-        assert {Requirement(line).name for line in lines[1:]} == {"torch", "transformers"}
+        assert {Requirement(line).name for line in lines[1:]} <= {"torch", "transformers"}  # the versions recorded
 
         # A visitor's machine: fresh HF_HOME, no token, only the emulator.
         fresh = client_env(tmp_path / "space_home", **hub)
