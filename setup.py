@@ -34,7 +34,11 @@ setup(
     extras_require={
         "app": ["gradio>=6.31,<7", "setuptools>=70.1"],  # setuptools: push_space.py builds the wheel
         "wsi": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # timm backbones (TimmWrapper: UNI, Virchow, H-optimus, ...); timm needs torchvision, which needs PyPI's
+        # torch of its own release (e.g. torch 2.14.1 + torchvision 0.29.1), not the CPU torch 2.13.0 wheel
+        "timm": ["timm>=1.0.15", "torchvision"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.65", "tifffile>=2024.1", "imagecodecs>=2024.1",
+                 "import-linter>=2.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
     },
 )

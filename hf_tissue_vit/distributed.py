@@ -72,10 +72,14 @@ def progress_name(state: PartialState, name: str = "predict") -> str:
     return f"{name} {state.process_index + 1}/{state.num_processes}" if state.num_processes > 1 else name
 
 
-def split(state: PartialState, items: Sequence[T]) -> list[T]:
-    """This process's contiguous shard of ``items`` (``split_between_processes``; all of them for one)."""
-    with state.split_between_processes(list(items)) as mine:
-        return list(mine)
+def split(state: PartialState, items: Sequence[T]) -> Sequence[T]:
+    """This process's contiguous shard of ``items`` (``split_between_processes``; all of them for one);
+    a list, or a ``range`` for a ``range``."""
+    if isinstance(items, range):  # split_between_processes slices lists, tuples and tensors only
+        with state.split_between_processes(list(range(len(items)))) as mine:
+            return items[mine[0]:mine[-1] + 1] if mine else items[0:0]
+    with state.split_between_processes(items if isinstance(items, (list, tuple)) else list(items)) as mine:
+        return mine
 
 
 def gather(items: list[T]) -> list[T]:

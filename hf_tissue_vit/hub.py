@@ -12,14 +12,24 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import HfHubHTTPError
 
-from .cards import EVALUATIONS_FILE, write_model_card
-from .fileio import atomic_write_json
+from .cards.build import write_model_card
+from .cards.model_card import EVALUATIONS_FILE
+from .data.card import dataset_card
+from .fileio import atomic_write_json, check_writable_dir
+from .modelfolder import (
+    CARD_FILE,
+    CONFIG_FILE,
+    PROCESSOR_FILE,
+    RESULTS_FILE,
+    WEIGHT_FILES,
+    check_model_folder,
+    check_repo_id,
+)
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -30,10 +40,9 @@ logger = logging.getLogger(__name__)
 # What a model repo gets: the model, its processor and config, the card and the evaluation outputs.
 # Checkpoints, optimizer states, pickles (*.bin, *.pt, *.pth, *.pkl), logs and anything else stay local.
 SPACE_FILE = "hf_tissue_vit_space.json"  # the demo Space of the model, linked from its card
-MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
-               EVALUATIONS_FILE, SPACE_FILE,
+MODEL_FILES = [WEIGHT_FILES[0], CONFIG_FILE, PROCESSOR_FILE, CARD_FILE, RESULTS_FILE, EVALUATIONS_FILE, SPACE_FILE,
                "test_predictions.csv", "trainer_state.json", "*.png"]
-REQUIRED_MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json"]
+REQUIRED_MODEL_FILES = [WEIGHT_FILES[0], CONFIG_FILE, PROCESSOR_FILE]
 
 AUTH_HELP = ("Set a valid write token in the HF_TOKEN environment variable or run `hf auth login` "
              "(HF_TOKEN takes precedence over the login cache).")
@@ -41,20 +50,6 @@ AUTH_HELP = ("Set a valid write token in the HF_TOKEN environment variable or ru
 
 class HubAuthError(PermissionError):
     """The Hub refused the token (missing, invalid, or without rights on the repo)."""
-
-
-def check_repo_id(repo_id: str, flag: str = "--repo_id", namespace: bool = True) -> str:
-    """The package's one repo-id check: huggingface_hub's rules and, with ``namespace``, USER/NAME.
-
-    Returns ``repo_id``; raises ValueError naming ``flag`` otherwise.
-    """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"{flag} {repo_id!r} is not a valid Hub repo id: {err}") from None
-    if namespace and repo_id.count("/") != 1:
-        raise ValueError(f"{flag} must look like USER/NAME (got {repo_id!r})")
-    return repo_id
 
 
 def auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
@@ -145,9 +140,6 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
     makes a new commit on the same repo (files that did not change are skipped). ``revision`` is a
     branch, created from main when missing.
     """
-    from .fileio import check_writable_dir
-    from .modelfolder import check_model_folder
-
     output_dir = Path(output_dir)
     check_repo_id(repo_id)
     if not output_dir.is_dir():
@@ -179,13 +171,17 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
 
 def push_dataset(dataset_dict: DatasetDict, repo_id: str, private: bool = False,
                  card: DatasetCard | str | None = None, token: str | None = None,
-                 commit_message: str | None = None) -> str:
+                 commit_message: str | None = None, *, metadata: dict[str, Any] | None = None) -> str:
     """Push a DatasetDict (parquet shards) and its dataset card to the dataset repo ``repo_id``.
 
-    The card goes first, so ``DatasetDict.push_to_hub`` then merges its ``dataset_info``/``configs``
-    metadata into it and keeps the body. Returns the URL of the last commit.
+    ``card``: the card, or None to render it from ``metadata`` (a saved dataset's
+    :func:`~hf_tissue_vit.data.storage.read_dataset_metadata`; no card when both are None). The card
+    goes first, so ``DatasetDict.push_to_hub`` then merges its ``dataset_info``/``configs`` metadata
+    into it and keeps the body. Returns the URL of the last commit.
     """
     check_repo_id(repo_id)
+    if card is None and metadata is not None:
+        card = dataset_card({**metadata, "hub_dataset_id": repo_id})
     api = HfApi(token=token)
     with reaching_hub(f"pushing to {repo_id}"):
         return _push_dataset(api, dataset_dict, repo_id, private, card, token, commit_message)

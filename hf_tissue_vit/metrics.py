@@ -10,13 +10,10 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRIC_MODULE_PATH",
-    "evaluate_library",
     "load_classification_metric",
     "make_compute_metrics",
     "classification_report",
@@ -47,28 +43,11 @@ BOOTSTRAP_SEED = 0
 _BOOTSTRAP_CHUNK_ELEMENTS = 8_000_000
 
 
-def evaluate_library() -> ModuleType:
-    """The ``evaluate`` library, never a file named ``evaluate.py`` that shadows it.
-
-    ``python scripts/finetune.py`` puts ``scripts/`` first on ``sys.path``, and ``scripts/evaluate.py``
-    would then be imported as ``evaluate``: folders holding an ``evaluate.py`` are skipped for this import.
-    """
-    module = sys.modules.get("evaluate")
-    if module is not None and hasattr(module, "load"):
-        return module
-    sys.modules.pop("evaluate", None)
-    original = list(sys.path)
-    sys.path[:] = [p for p in original if not (Path(p or ".") / "evaluate.py").is_file()]
-    try:
-        return importlib.import_module("evaluate")
-    finally:
-        sys.path[:] = original
-
-
 def load_classification_metric(**init_kwargs: Any) -> Any:
     """Load the local tissue_classification `evaluate` module (offline); kwargs go to evaluate.load,
     e.g. ``num_classes=6`` / ``label_names=[...]``, ``process_id``/``num_process``."""
-    evaluate = evaluate_library()
+    import evaluate  # the library (no script is named evaluate.py: it would shadow it when run as a program)
+
     if not (METRIC_MODULE_PATH / "tissue_classification.py").is_file():
         raise FileNotFoundError(
             f"metric script {METRIC_MODULE_PATH / 'tissue_classification.py'} is missing; reinstall hf_tissue_vit"

@@ -14,6 +14,10 @@ A model argument is one of:
 
 A ``datasets`` folder (``dataset_dict.json``, the package's dataset metadata) is refused as "a dataset
 folder, not a model".
+
+What a model says about itself (class names, µm/px, training tile size, processor, results) is read
+here once, by :func:`read_model_facts`, for a local folder or a Hub repo: predict, the app,
+evaluation and the model card all use it (see :class:`ModelFacts` for the fallback order).
 """
 
 from __future__ import annotations
@@ -21,30 +25,54 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .fileio import atomic_write_json
 
+logger = logging.getLogger(__name__)
+
 RUN_FILE = "hf_tissue_vit_run.json"  # the signature of the finetune.py run that owns a folder
 COMPLETE_FILE = "hf_tissue_vit_complete.json"  # written last, once every final file of a run is there
 CONFIG_FILE = "config.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+RESULTS_FILE = "all_results.json"  # a finetune.py run's description and metrics
+CARD_FILE = "README.md"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one of them: the weights
 PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 # What a finished run folder must hold beside the marker (the weights: one of WEIGHT_FILES); its card
 # (README.md) is written before the marker too, but can always be rendered again from these.
-RUN_FINAL_FILES = ("config.json", "preprocessor_config.json", "all_results.json")
+RUN_FINAL_FILES = (CONFIG_FILE, PROCESSOR_FILE, RESULTS_FILE)
 # A pretrain.py run (masked-autoencoder pretraining) ends with its record instead of all_results.json.
 PRETRAINING_FILE = "pretraining.json"
-PRETRAIN_FINAL_FILES = ("config.json", "preprocessor_config.json", PRETRAINING_FILE)
-DATASET_FILES = ("dataset_dict.json", "hf_tissue_vit_dataset.json", "dataset_info.json")
+PRETRAIN_FINAL_FILES = (CONFIG_FILE, PROCESSOR_FILE, PRETRAINING_FILE)
+DATASET_METADATA_FILE = "hf_tissue_vit_dataset.json"  # written by prepare_dataset.py beside a dataset
+DATASET_FILES = ("dataset_dict.json", DATASET_METADATA_FILE, "dataset_info.json")
 
 ModelKind = Literal["run", "model", "hub"]
 HEAD_WEIGHT = "classifier.weight"  # the classification head of transformers' image classifiers
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 logger = logging.getLogger(__name__)
+
+
+def check_repo_id(repo_id: str, flag: str = "--repo_id", namespace: bool = True) -> str:
+    """The package's one repo-id check: huggingface_hub's rules and, with ``namespace``, USER/NAME.
+
+    Returns ``repo_id``; raises ValueError naming ``flag`` otherwise.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{flag} {repo_id!r} is not a valid Hub repo id: {err}") from None
+    if namespace and repo_id.count("/") != 1:
+        raise ValueError(f"{flag} must look like USER/NAME (got {repo_id!r})")
+    return repo_id
 
 
 def _has_weights(folder: Path) -> bool:
@@ -153,8 +181,6 @@ def check_model_folder(path: str | os.PathLike, flag: str = "--model") -> ModelK
     if folder.exists():
         raise ValueError(f"{flag} {folder} is a file, not a model folder")
     check_model_path(text, flag)
-    from .hub import check_repo_id
-
     check_repo_id(text, flag, namespace=False)
     return "hub"
 
@@ -260,3 +286,174 @@ def read_run_file(folder: str | os.PathLike) -> dict | None:
         return json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# What a model says about itself
+# --------------------------------------------------------------------------------------------
+FAR_FACTOR = 2.0  # an image side more than 2x smaller or larger than the training tile's is "far" from it
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def model_file(model: str | os.PathLike, name: str) -> Path | None:
+    """``name`` of a local model folder, or of a Hub model repo (downloaded to the HF cache); None when absent."""
+    text = os.fspath(model)
+    if os.path.isdir(text):
+        path = Path(text) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(text, name))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def read_json_object(path: Path | None) -> dict[str, Any]:
+    """A JSON object file; ``{}`` when ``path`` is None, absent, unreadable or not an object."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def side_pair(value: Any, width_first: bool) -> tuple[int, int] | None:
+    """(height, width) from an int or a pair (``width_first``: [w, h], PIL's order, as datasets record
+    ``tile_size``; else (h, w), as configs hold ``image_size``); None for anything else."""
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    if positive(value):
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(positive(v) for v in value):
+        first, second = int(value[0]), int(value[1])
+        return (second, first) if width_first else (first, second)
+    return None
+
+
+def is_far(size: tuple[int, int], reference: tuple[int, int], factor: float = FAR_FACTOR) -> bool:
+    """The package's one "far from the training tile size" rule: True when an image of ``size``
+    (width, height) has a side more than ``factor`` times smaller or larger than the same side of
+    ``reference`` (height, width)."""
+    (width, height), (ref_h, ref_w) = size, reference
+    return any(side * factor < ref or side > ref * factor for side, ref in ((height, ref_h), (width, ref_w)))
+
+
+@dataclass
+class ModelFacts:
+    """What a model folder or Hub repo says about itself (see :func:`read_model_facts`).
+
+    One fallback rule per fact:
+
+    - ``label_names``: ``config.id2label`` in id order (what the model outputs), else the run's
+      ``label_names``;
+    - ``mpp`` (µm/px the model was trained at): ``config.mpp``, else the run's ``dataset.mpp``; None
+      when unknown;
+    - ``tile_size`` (height, width of the training tiles): the run's ``dataset.tile_size``, else the
+      ``tile_size`` of its training dataset (when that folder is still there), else the model's input
+      size ``config.image_size``; None when nothing tells;
+    - ``input_size``: the processor's resize (height), else ``config.image_size``.
+    """
+
+    source: str
+    config: dict[str, Any]
+    processor: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # RESULTS_FILE of a finetune.py run
+    card_path: Path | None = None
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in label-id order."""
+        id2label = {int(k): str(v) for k, v in (self.config.get("id2label") or {}).items()}
+        names = [id2label[i] for i in sorted(id2label)] or list(self.results.get("label_names") or [])
+        if names or not self.source or self.config.get("id2label"):
+            return names
+        classes = head_size(self.source) if Path(self.source).is_dir() else None  # unnamed: the head's size
+        return [f"LABEL_{i}" for i in range(classes)] if classes else []
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """The ``dataset`` section of the run's results ({} when none)."""
+        return self.results.get("dataset") or {}
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per pixel of the training tiles; None when neither config nor results record it."""
+        value = self.config.get("mpp") or self.dataset.get("mpp")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    @property
+    def input_size(self) -> int | None:
+        """Side in px the processor resizes an image to (the model's input)."""
+        size = self.processor.get("size")
+        value = (size.get("height") or size.get("shortest_edge")) if isinstance(size, dict) else size
+        pair = side_pair(value, width_first=False) or side_pair(self.config.get("image_size"), width_first=False)
+        return pair[0] if pair else None
+
+    @property
+    def resample(self) -> str | None:
+        """Name of the processor's resize filter (None when it does not say)."""
+        return RESAMPLE_NAMES.get(self.processor.get("resample"))
+
+    def training_tile_size(self) -> tuple[tuple[int, int] | None, str]:
+        """(height, width) of the training tiles and where that comes from (see the class docstring)."""
+        size = side_pair(self.dataset.get("tile_size"), width_first=True)
+        if size is not None:
+            return size, "the tile size its training run recorded"
+        dataset_dir = self.dataset.get("dataset_dir")
+        if isinstance(dataset_dir, str) and os.path.isdir(dataset_dir):
+            meta = read_json_object(Path(dataset_dir) / DATASET_METADATA_FILE)
+            size = side_pair(meta.get("tile_size") or (meta.get("checks") or {}).get("tile_size"), width_first=True)
+            if size is not None:
+                return size, "the tile size of its training dataset"
+        size = side_pair(self.config.get("image_size"), width_first=False)
+        if size is not None:
+            return size, "its input size; no training tile size is recorded"
+        return None, "unknown"
+
+    @property
+    def tile_size(self) -> tuple[int, int] | None:
+        """(height, width) of the training tiles (:meth:`training_tile_size`)."""
+        return self.training_tile_size()[0]
+
+
+def read_model_facts(model: str | os.PathLike, config: Any = None) -> ModelFacts:
+    """:class:`ModelFacts` of a local model folder or Hub model id (config, processor, results; the card's
+    path). ``config``: a loaded config (object or dict) to use instead of reading ``config.json``.
+
+    Raises FileNotFoundError naming ``model`` when it has no config.json. Missing optional files are
+    empty ({}); an optional file the Hub cannot deliver (offline) is logged and left empty.
+    """
+    source = os.fspath(model)
+    if config is None:
+        try:
+            config_dict = read_json_object(model_file(source, CONFIG_FILE))
+        except (OSError, ValueError) as err:  # not a folder nor a reachable Hub repo
+            raise FileNotFoundError(f"--model {source!r}: no {CONFIG_FILE} ({err}); give a model folder or a Hub "
+                                    "model id") from err
+        if not config_dict:
+            raise FileNotFoundError(f"--model {source!r}: no {CONFIG_FILE} (give a model folder or a Hub model id)")
+    else:
+        config_dict = config if isinstance(config, dict) else config.to_dict()
+    optional: dict[str, Path | None] = {}
+    for name in (PROCESSOR_FILE, RESULTS_FILE, CARD_FILE):
+        try:
+            optional[name] = model_file(source, name)
+        except (OSError, ValueError) as err:  # Hub unreachable, not a repo id: the fact stays unknown
+            logger.warning("%s: cannot read %s (%s)", source, name, err)
+            optional[name] = None
+    return ModelFacts(source, config_dict, read_json_object(optional[PROCESSOR_FILE]),
+                      read_json_object(optional[RESULTS_FILE]), optional[CARD_FILE])
+
+
+def training_tile_size(model: str | os.PathLike | None, config: Any = None) -> tuple[tuple[int, int] | None, str]:
+    """(height, width) of the tiles ``model`` (a folder or Hub id; None: only ``config`` is read) was
+    trained on, and where that comes from (:meth:`ModelFacts.training_tile_size`)."""
+    if model is None:
+        config_dict = {} if config is None else config if isinstance(config, dict) else config.to_dict()
+        return ModelFacts("", config_dict).training_tile_size()
+    return read_model_facts(model, config).training_tile_size()

@@ -31,12 +31,11 @@ from hf_tissue_vit.data import (
     check_md5,
     check_mpp,
     check_output_dir,
-    push_dataset,
     read_dataset_metadata,
     record_hub_dataset_id,
     save_dataset,
 )
-from hf_tissue_vit.hub import HubAuthError
+from hf_tissue_vit.hub import HubAuthError, push_dataset
 
 
 @dataclass
@@ -92,7 +91,7 @@ def _run(argv: list[str] | None) -> int:
     output_dir = save_dataset(dataset, args.output_dir, report=report)
     if args.push_to_hub:
         url = push_dataset(dataset, args.hub_dataset_id, metadata=read_dataset_metadata(output_dir),
-                           private=args.private)
+                           private=args.private, commit_message="Upload tissue tiles (hf_tissue_vit)")
         record_hub_dataset_id(output_dir, args.hub_dataset_id)
         print(f"pushed to {url}")
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in report.split_class_counts.items())

@@ -146,6 +146,7 @@ def make_tiny_dataset(
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_data: needs ../shared/data/kather2016_6class (skipped when absent)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "timm: needs the timm package (CI runs these in its second venv)")
 
 
 @pytest.fixture
@@ -195,6 +196,26 @@ def real_data_dir() -> Path:
             f"real Kather data not found at {REAL_DATA_DIR} (needs ../shared/data/kather2016_6class next to the repo)"
         )
     return REAL_DATA_DIR
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The ``python scripts/...`` commands of README's section whose heading starts with ``section`` (e.g.
+    ``"## 8. Self-supervised"``), joined over line breaks; an ``HF_TOKEN=...`` prefix is dropped."""
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.split(section, 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for block in text.split("```bash")[1:]:
+        for line in block.split("```")[0].splitlines():
+            line = line.strip()
+            line = line.split(" ", 1)[1] if line.startswith("HF_TOKEN=") else line
+            if current or line.startswith("python scripts/"):
+                current += " " + line.rstrip("\\")
+                if not line.endswith("\\"):
+                    commands.append(shlex.split(current))
+                    current = ""
+    return commands
 
 
 def load_script(name: str) -> ModuleType:
@@ -269,6 +290,20 @@ def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def kill_after_first_epoch(command: list[str], out: Path, env: dict[str, str]) -> None:
+    """Run a training ``command`` of a shipped recipe (it must run DataLoader workers here) into ``out`` and
+    SIGKILL it once its epoch-1 checkpoint (``checkpoint-3`` at 3 steps an epoch) is whole."""
+    import signal
+    import subprocess
+
+    from hf_tissue_vit.hardware import auto_num_workers
+
+    assert auto_num_workers() >= 1, "the recipe runs DataLoader workers: this machine gives it none"
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when_exists(proc, out / "checkpoint-3" / "trainer_state.json", whole_json=True)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture

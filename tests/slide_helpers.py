@@ -80,8 +80,10 @@ def at_mpp(image: np.ndarray, mpp: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
 
 
-def write_pyramid(path: str | Path, level0: np.ndarray, mpp: float | None, levels: int = 3) -> Path:
-    """Pyramidal JPEG TIFF of ``level0`` (HxWx3 uint8), each level half the previous one."""
+def write_pyramid(path: str | Path, level0: np.ndarray, mpp: float | None, levels: int = 3,
+                  codec: str = "jpeg") -> Path:
+    """Pyramidal TIFF of ``level0`` (HxWx3 uint8), each level half the previous one; JPEG tiles, or with
+    ``codec="zlib"`` deflate ones (tifffile needs no imagecodecs for those)."""
     import tifffile
 
     images = [level0]
@@ -92,7 +94,8 @@ def write_pyramid(path: str | Path, level0: np.ndarray, mpp: float | None, level
             extra = {}
             if mpp is not None:
                 extra = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
-            tif.write(image, tile=(256, 256), subfiletype=1 if i else 0, metadata=None, **JPEG, **extra)
+            compression = JPEG if codec == "jpeg" else {"compression": codec, "photometric": "rgb"}
+            tif.write(image, tile=(256, 256), subfiletype=1 if i else 0, metadata=None, **compression, **extra)
     return Path(path)
 
 

@@ -161,13 +161,15 @@ RESULTS = {
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir: Path, tiny_dataset_dir: Path, tmp_path_factory) -> Path:
-    """The tiny random ViT as a training output dir: results with CIs, a model card, and the dataset it
-    was "trained" on (tiny_dataset_dir: 48 px tiles, 2 test tiles per class) recorded in all_results.json."""
+    """The tiny random ViT as a training output dir: results with CIs, a model card, config.mpp 0.495 and the
+    dataset it was "trained" on (tiny_dataset_dir: 48 px tiles, 2 test tiles per class) in all_results.json."""
     from hf_tissue_vit.cards import write_model_card
     from hf_tissue_vit.modelfolder import mark_run_complete
 
     out = tmp_path_factory.mktemp("app_run") / "vit-scratch-cpu"
     shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "mpp": 0.495}))  # finetune.py records the tiles' µm/px
     results = {**RESULTS, "dataset": {"dataset_dir": str(tiny_dataset_dir), "split_by": "stratified"}}
     (out / "all_results.json").write_text(json.dumps(results))
     (out / "hf_tissue_vit_run.json").write_text("{}")  # the mark of a finetune.py output dir
@@ -291,16 +293,17 @@ def test_tissue_map_endpoint_returns_overlay_and_fractions(client, uploads):
     assert [r for r in rows if r in CLASS_NAMES] == CLASS_NAMES
     assert sum(rows[c][1] for c in CLASS_NAMES) == 6 and rows["Background (not classified)"][1] == 2
     assert sum(rows[c][2] for c in CLASS_NAMES) == pytest.approx(100, abs=0.5)
-    cell_mm2 = (TRAIN_TILE * 0.495 / 1000) ** 2  # area at the training resolution when none is given
-    assert rows["Background (not classified)"][3] == pytest.approx(2 * cell_mm2, abs=1e-4)
-    assert all(name in legend for name in CLASS_NAMES) and warnings["visible"] is False
+    # neither the PNG nor the model records a µm/px: windows of 48 image px, no areas, and a warning saying so
+    assert all(row[3] in (None, "") for row in rows.values())
+    assert all(name in legend for name in CLASS_NAMES) and warnings["visible"] is True
+    assert "records no µm/px" in warnings["value"]
     by_name = {Path(f).name: f for f in files}
     assert sorted(by_name) == ["class_fractions.csv", "tissue_map.geojson"]
-    geojson = json.loads(Path(by_name["tissue_map.geojson"]).read_text())
-    cells = sum(f["properties"]["cells"] for f in geojson["features"])
-    assert cells == 6 and {f["properties"]["classification"]["name"] for f in geojson["features"]} <= set(CLASS_NAMES)
+    geojson = json.loads(Path(by_name["tissue_map.geojson"]).read_text())  # scripts/tissue_map.py's: a tile each
+    assert len(geojson["features"]) == 6 and {f["properties"]["objectType"] for f in geojson["features"]} == {"tile"}
+    assert {f["properties"]["classification"]["name"] for f in geojson["features"]} <= set(CLASS_NAMES)
     with open(by_name["class_fractions.csv"], newline="") as handle:
-        assert [row["class"] for row in csv.DictReader(handle)] == [*CLASS_NAMES, "Background"]
+        assert [row["class"] for row in csv.DictReader(handle)] == [*CLASS_NAMES, "Background", "Unreadable"]
 
 
 def test_about_tab_shows_test_results_with_cis_and_the_limits(model_dir):
@@ -480,7 +483,8 @@ def test_model_info_without_results_reads_the_card(model_dir, tmp_path):
     info = load_model_info(str(bare))
     assert [(m.name, round(m.value, 4), m.ci95) for m in info.test_metrics] == [
         ("Accuracy", 0.8333, None), ("Macro F1", 0.8121, None)]
-    assert "not in the card" in about_markdown(info) and info.train_tile_px == 150  # Kather's, when unknown
+    # nothing records the training tile size: the one fallback rule (ModelFacts) gives the input size
+    assert "not in the card" in about_markdown(info) and info.train_tile_px == 32
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model_info(str(tmp_path))
 
@@ -497,34 +501,30 @@ def test_tile_warnings_size_shape_and_resolution(model_dir):
     assert "1 µm/px" in warning and "10×" in warning
 
 
-def test_stated_mpp_ignores_default_dpi(tmp_path):
-    from hf_tissue_vit.app.handlers import stated_mpp
+def test_a_files_resolution_is_read_by_the_slides_rule(tmp_path):
+    """The app reads a tile's µm/px with the slides' reader: TIFF centimetre tags only (DPI is no scale)."""
+    from hf_tissue_vit.slides.reader import image_mpp
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "dpi72.tif", dpi=(72, 72))  # what most software writes
     Image.fromarray(pixels).save(tmp_path / "scan.tif", tiffinfo={282: 40000.0, 283: 40000.0, 296: 3})  # px/cm
     Image.fromarray(pixels).save(tmp_path / "scan.png", dpi=(50800, 50800))
     Image.fromarray(pixels).save(tmp_path / "none.png")
-    assert stated_mpp(tmp_path / "dpi72.tif") is None and stated_mpp(tmp_path / "none.png") is None
-    assert stated_mpp(tmp_path / "scan.tif") == pytest.approx(0.25)
-    assert stated_mpp(tmp_path / "scan.png") == pytest.approx(0.5, rel=1e-3)
+    assert image_mpp(tmp_path / "dpi72.tif") is None and image_mpp(tmp_path / "none.png") is None
+    assert image_mpp(tmp_path / "scan.tif") == pytest.approx(0.25)
+    assert image_mpp(tmp_path / "scan.png") is None
 
 
-def test_geojson_merges_runs_of_one_class():
-    from hf_tissue_vit.app.exports import area_table, tissue_map_geojson
-    from hf_tissue_vit.predict import TissueMap
+def test_area_table_from_the_maps_fractions():
+    from hf_tissue_vit.app.handlers import area_table
 
-    labels = np.array([[0, 0, 1, -1], [2, 2, 2, 2]], dtype=np.int16)
-    probs = np.full((2, 4, 3), 0.5, dtype=np.float32)
-    result = TissueMap(labels, probs, np.zeros((2, 4), np.float32), ["A", "B", "C"], tile=10, stride=10,
-                       image_size=(20, 40))
-    features = tissue_map_geojson(result)["features"]
-    assert [(f["properties"]["class"], f["properties"]["cells"]) for f in features] == [("A", 2), ("B", 1), ("C", 4)]
-    assert features[0]["geometry"]["coordinates"][0] == [[0, 0], [20, 0], [20, 10], [0, 10], [0, 0]]
-    assert features[2]["geometry"]["coordinates"][0][2] == [40, 20]
-    rows = area_table(result, mpp=0.5)
-    assert rows[0] == ["A", 2, pytest.approx(28.6), pytest.approx(2 * (10 * 0.5 / 1000) ** 2)]
-    assert rows[-1][:2] == ["Background (not classified)", 1]
+    classes = {"A": {"cells": 2, "fraction_of_tissue": 2 / 7, "area_mm2": 2.5e-5}, "B": {
+        "cells": 5, "fraction_of_tissue": 5 / 7, "area_mm2": 6.25e-5}}
+    rows = area_table({"classes": classes, "background_windows": 1, "cell_area_mm2": 1.25e-5})
+    assert rows == [["A", 2, 28.6, 2.5e-5], ["B", 5, 71.4, 6.25e-5], ["Background (not classified)", 1, None, 1.25e-5]]
+    unscaled = area_table({"classes": {k: {**v, "area_mm2": None} for k, v in classes.items()},
+                           "background_windows": 1, "cell_area_mm2": None})
+    assert [row[3] for row in unscaled] == [None, None, None]
 
 
 def test_examples_come_from_the_test_split(tiny_dataset_dir, tmp_path):

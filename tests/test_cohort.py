@@ -1,4 +1,4 @@
-"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate.py over 2 CPU processes
+"""Cohorts under ``accelerate launch``: tissue_map.py, predict.py and evaluate_model.py over 2 CPU processes
 (gloo) give the outputs of one process; cohort runs resume after a kill; bad input stops every process.
 
 The slides are synthetic pyramidal TIFFs of different sizes (tests/slide_helpers.py); the model is the
@@ -119,7 +119,7 @@ def test_tissue_map_two_processes_give_the_one_process_outputs(cohort, tiny_mode
 def test_fewer_slides_than_processes(cohort, tiny_model_dir, tmp_path):
     out = tmp_path / "single"
     done = _run(_launch("tissue_map", "--model", str(tiny_model_dir), "--image", str(cohort / "c_medium.tif"),
-                        *MAP_FLAGS, "--output_dir", str(out), processes=3))
+                        *MAP_FLAGS, "--output_dir", str(out)))
     assert done.returncode == 0, done.stderr[-4000:]
     assert (out / DONE_FILE).is_file() and (out / "labels.npy").is_file()  # one file: the folder is its folder
     assert [r["error"] for r in _summary(out / "summary.csv")] == [""]
@@ -150,21 +150,20 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
     assert len(list(out.glob(f"*/{DONE_FILE}"))) == 6 and not [p for p in out.rglob(".*")]
     for name in ("a_small", "b_large", "c_medium"):  # a copy mapped after the kill equals its original
         np.testing.assert_array_equal(np.load(out / name / "labels.npy"), np.load(out / f"{name}_copy" / "labels.npy"))
-    again = _run([*command, "--overwrite"])
-    assert again.returncode == 0, again.stderr[-4000:]
+    # --overwrite maps them again (in this process: the one-process case of the same code)
+    assert load_script("tissue_map").main([*command[command.index("scripts/tissue_map.py") + 1:], "--overwrite"]) == 0
     assert all((out / name / DONE_FILE).stat().st_mtime_ns > t for name, t in finished.items())
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("tissue_map", ["--image", "{cohort}/a_small.tif", "{cohort}/missing.svs", "--output_dir", "{tmp}/o", *MAP_FLAGS],
-     "missing.svs"),
     ("tissue_map", ["--image", "{tmp}/not_a_slide.svs", "{cohort}/a_small.tif", "{cohort}/b_large.tif",
                     "--output_dir", "{tmp}/o", *MAP_FLAGS], "neither a slide nor an image"),
     ("predict", ["--inputs", "{tmp}/no_tiles", "--output", "{tmp}/o/p.csv"], "no such file or folder"),
+    ("evaluate_model", ["--inputs", "{tmp}/no_tiles", "--output_dir", "{tmp}/o"], "no_tiles': no such folder"),
 ])  # fmt: skip
 def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message, cohort, tiny_model_dir, tmp_path):
-    """Only one process meets the bad slide (the checks are shared out); every process stops with its
-    error, which the main process prints once, and nothing is written."""
+    """Every process stops with the error (a bad slide is met by one process only: the checks are
+    shared out), the main process prints it once, no process is left waiting, nothing is written."""
     (tmp_path / "not_a_slide.svs").write_bytes(b"this is not a slide")
     args = [a.format(cohort=cohort, tmp=tmp_path) for a in args]
     done = _run(_launch(script, "--model", str(tiny_model_dir), *args))
@@ -202,3 +201,98 @@ def test_predict_two_processes_write_the_one_process_csv(tile_factory, tiny_mode
     assert len(two) == 7 and sum(bool(r["error"]) for r in two) == 1
     _same_rows(one, two, {"score", "top2_score", *CLASS_NAMES})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "tiles", "two.csv"]  # no part file left
+
+
+# --- evaluate_model.py ------------------------------------------------------------------------
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci95", "balanced_accuracy_ci95",
+               "macro_f1_ci95", "per_class", "confusion_matrix", "n_scored", "n_skipped", "skipped", "label_names")
+
+
+@pytest.mark.parametrize("source", ["folder", "dataset"])
+def test_evaluate_two_processes_give_the_one_process_metrics(source, tile_factory, tiny_dataset_dir, tiny_model_dir,
+                                                             tmp_path):
+    if source == "folder":
+        tiles = tmp_path / "tiles"
+        tile_factory(tiles, 3, size=40, classes=["01_TUMOR", "02_STROMA", "04_LYMPHO"], fmt="png")
+        (tiles / "02_STROMA" / "broken.png").write_bytes(b"not an image")  # 10 files, one unreadable
+        data = ["--inputs", str(tiles)]
+    else:
+        data = ["--dataset_dir", str(tiny_dataset_dir), "--split", "test"]  # 12 rows
+    args = ["--model", str(tiny_model_dir), *data, "--bf16", "false", "--batch_size", "4", "--n_bootstrap", "50",
+            "--no_progress"]
+    assert load_script("evaluate_model").main([*args, "--output_dir", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    done = _run(_launch("evaluate_model", *args, "--output_dir", str(tmp_path / "two")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("## Evaluation on") == 1
+    one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert {k: two[k] for k in METRIC_KEYS} == {k: one[k] for k in METRIC_KEYS}
+    assert two["n_scored"] == (9 if source == "folder" else 12)
+    probabilities = {*CLASS_NAMES, "score"}
+    _same_rows(_csv(tmp_path / "one" / "eval_predictions.csv"), _csv(tmp_path / "two" / "eval_predictions.csv"),
+               probabilities)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval_confusion_matrix.png", "eval_predictions.csv",
+                                                                    "eval_results.json"]
+
+
+# --- README -----------------------------------------------------------------------------------
+def _readme_launches() -> list[str]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    text = readme.split("### Many slides, many GPUs", 1)[1].split("\n## ", 1)[0]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("accelerate launch")]
+
+
+def test_readme_launch_commands(cohort, tile_factory, tiny_dataset_dir, tiny_model_dir, tmp_path):
+    """README's "many slides, many GPUs" commands, with 2 CPU processes for 4 GPUs, in a folder holding
+    what they name (the tiny model with config.mpp, two slides, tiles, the tiny dataset)."""
+    import shutil
+
+    commands = _readme_launches()
+    assert len(commands) == 3
+    work = tmp_path / "work"
+    model = shutil.copytree(tiny_model_dir, work / "outputs" / "vit-scratch-cpu")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "mpp": 0.495}))
+    (work / "slides").mkdir()
+    for name in ("a_small.tif", "c_medium.tif"):
+        (work / "slides" / name).symlink_to(cohort / name)
+    tile_factory(work / "tiles", 2, size=40, classes=["01_TUMOR", "05_DEBRIS"], fmt="png")
+    (work / "data").mkdir()
+    (work / "data" / "kather2016").symlink_to(tiny_dataset_dir)
+    for command in commands:
+        argv = command.split()
+        assert argv[:5] == ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "--num_processes"]
+        argv[:6] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port",
+                    str(_free_port())]
+        script = next(i for i, a in enumerate(argv) if a.startswith("scripts/"))
+        argv[script] = str(REPO / argv[script])
+        done = subprocess.run([*argv, "--device", "cpu"], cwd=work, env=_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT, check=False)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-4000:]}"
+    assert [r["error"] for r in _summary(work / "maps" / "summary.csv")] == ["", ""]
+    assert all((work / "maps" / name / DONE_FILE).is_file() for name in ("a_small", "c_medium"))
+    assert len(_csv(work / "predictions.csv")) == 4
+    assert json.loads((work / "eval_test" / "eval_results.json").read_text())["n_scored"] == 12
+
+
+def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset_dir, tiny_model_dir):
+    """A shard of the rows is that slice of all rows (names included), whether the next batch decodes
+    while the model runs (on a GPU) or not."""
+    from hf_tissue_vit.evaluation.labels import resolve_labels
+    from hf_tissue_vit.evaluation.sources import load_dataset_dir
+    from hf_tissue_vit.predict import TilePredictor
+
+    data = load_dataset_dir(tiny_dataset_dir, "test")
+    mapping = resolve_labels(data.class_names, CLASS_NAMES, None, where="test")
+    plain = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=False)
+    ahead = TilePredictor.from_pretrained(str(tiny_model_dir), batch_size=5, bf16=False, num_workers=2, overlap=True)
+
+    def rows(predictor, shard=None):
+        return [(r.file, r.label, r.probs[0].round(5).tolist()) for r in data.rows(mapping, [predictor], shard)]
+
+    everything = rows(plain)
+    assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
+    assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7

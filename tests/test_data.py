@@ -463,17 +463,31 @@ def test_load_tissue_dataset_errors(tiny_dataset_dir: Path, tmp_path: Path) -> N
 
 
 def test_push_dataset_sends_card_with_repo_id(release_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    # The HTTP round trip is tested against the Hub emulator in test_hub.py; here: what data.py hands over.
+    # The HTTP round trip is tested against the Hub emulator in test_hub.py; here: the card rendered from
+    # the saved metadata and what goes to the Hub client.
+    from types import SimpleNamespace
+
     from hf_tissue_vit import hub
 
     dataset, report = build_dataset_with_report(release_dir)
     out = save_dataset(dataset, tmp_path / "out", report=report)
-    calls = []
-    monkeypatch.setattr(hub, "push_dataset", lambda ds, repo_id, **kw: calls.append((repo_id, kw)) or f"https://hub/{repo_id}")
-    data.push_dataset(dataset, "user/kather6", metadata=data.read_dataset_metadata(out), private=True)
-    (repo_id, kw), = calls
-    assert repo_id == "user/kather6" and kw["private"] is True
-    assert "user/kather6" in str(kw["card"]) and "cc-by-4.0" in str(kw["card"])
+    cards, pushes = [], []
+
+    class Api:
+        def __init__(self, token=None) -> None:
+            pass
+
+        def upload_file(self, path_or_fileobj, **kw) -> None:
+            cards.append(path_or_fileobj.decode())
+
+    monkeypatch.setattr(hub, "HfApi", Api)
+    monkeypatch.setattr(hub, "_create_repo", lambda *args: None)
+    monkeypatch.setattr(type(dataset), "push_to_hub", lambda self, repo_id, **kw:
+                        pushes.append((repo_id, kw["private"])) or SimpleNamespace(commit_url=f"https://hub/{repo_id}"))
+    hub.push_dataset(dataset, "user/kather6", metadata=data.read_dataset_metadata(out), private=True)
+    assert pushes == [("user/kather6", True)]
+    (card,) = cards
+    assert "user/kather6" in card and "cc-by-4.0" in card
     data.record_hub_dataset_id(out, "user/kather6")
     assert data.read_dataset_metadata(out)["hub_dataset_id"] == "user/kather6"
     assert "huggingface.co/datasets/user/kather6" in (out / "README.md").read_text()

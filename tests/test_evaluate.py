@@ -1,4 +1,4 @@
-"""scripts/evaluate.py: scores of a model on labelled tiles in the three folder layouts, a saved dataset and a
+"""scripts/evaluate_model.py: scores of a model on labelled tiles in the three folder layouts, a saved dataset and a
 Hub dataset; the label mapping; the card update; bad input.
 
 Most tests use a ViT whose prediction is a known function of the tile (:func:`colour_keyed_vit`): a tile
@@ -9,6 +9,7 @@ exact.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -102,7 +103,7 @@ def write_tiles(root: Path, spec: dict[str, tuple[str, int]], size: int = 40, fm
 def evaluate(script, capsys, *argv: str) -> tuple[int, dict | None, str]:
     """``evaluate.main(argv)``: (exit status, eval_results.json or None, stdout + stderr)."""
     argv = [*argv, "--no_progress"]
-    rc = script("evaluate").main(argv)
+    rc = script("evaluate_model").main(argv)
     captured = capsys.readouterr()
     out = Path(argv[argv.index("--output_dir") + 1])
     results = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").is_file() else None
@@ -291,7 +292,7 @@ def test_dataset_dir_split(script, capsys, colour_model_dir, tiny_dataset_dir, t
 
 def test_finetune_test_score_equals_evaluate_on_the_test_split(script, capsys, trained_run_dir, tiny_dataset_dir,
                                                                tmp_path):
-    """The score finetune.py reports on its test split is evaluate.py's on the same split and model: same
+    """The score finetune.py reports on its test split is evaluate_model.py's on the same split and model: same
     decoding, preprocessing and precision (fp32, or bf16 autocast where the run trained in bf16)."""
     trained = json.loads((trained_run_dir / "all_results.json").read_text())
     assert trained["seed"] != 0  # the training seed is not the bootstrap's
@@ -421,7 +422,7 @@ def test_hub_model_and_dataset_card_commit_and_pull_request(colour_model_dir, ti
 
         steps = [("hf_alice_token", argv("by_alice")), ("hf_bob_token", argv("by_bob")), (None, argv("anonymous"))]
         code = HUB_STEPS.format(model=str(model), dataset=str(tiny_dataset_dir), steps=json.dumps(steps),
-                                script=str(REPO_ROOT / "scripts" / "evaluate.py"))
+                                script=str(REPO_ROOT / "scripts" / "evaluate_model.py"))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
         env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf_home"),
                    HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
@@ -491,13 +492,13 @@ def test_missing_split_and_missing_model(script, capsys, colour_model_dir, tiny_
 
 # --------------------------------------------------------------------------- the documented commands
 def _documented_commands() -> list[list[str]]:
-    """The ``python scripts/evaluate.py ...`` commands of README's evaluation section, as argv lists."""
+    """The ``python scripts/evaluate_model.py ...`` commands of README's evaluation section, as argv lists."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     text = readme.split("## 6. Evaluating a model on labelled tiles", 1)[1].split("\n## 7.", 1)[0]
     commands, current = [], ""
     for line in text.splitlines():
         line = line.strip()
-        if current or line.startswith("python scripts/evaluate.py"):
+        if current or line.startswith("python scripts/evaluate_model.py"):
             current += " " + line.rstrip("\\")
             if not line.endswith("\\"):
                 commands.append(shlex.split(current)[2:])
@@ -530,11 +531,20 @@ def test_documented_commands_run(script, capsys, trained_run_dir, tiny_dataset_d
 
 
 def test_the_script_runs_as_a_program(colour_model_dir, tiny_dataset_dir, tmp_path):
-    """``python scripts/evaluate.py`` puts scripts/ first on sys.path: the script must not shadow the
-    ``evaluate`` library that the metrics load (nor must it for the other scripts in that folder)."""
+    """``python scripts/evaluate_model.py`` puts scripts/ first on sys.path: no script there may shadow the
+    ``evaluate`` library that the metrics load (the script was evaluate.py, and metrics worked around it)."""
+    imported = set()
+    for path in (REPO_ROOT / "hf_tissue_vit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    assert "evaluate" in imported and not imported & {p.stem for p in (REPO_ROOT / "scripts").glob("*.py")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--model", str(colour_model_dir),
+    script = REPO_ROOT / "scripts" / "evaluate_model.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(colour_model_dir),
                            "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "eval"),
                            "--n_bootstrap", "20", "--no_progress"], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -218,6 +218,7 @@ def test_attention_maps_script_refuses_a_non_vit_model(convnext_dir, tmp_path, t
 
     monkeypatch.setattr(hf_tissue_vit.modeling, "load_for_inference", no_work)
     monkeypatch.setattr(hf_tissue_vit.data, "load_tissue_dataset", no_work)
+    monkeypatch.setattr(hf_tissue_vit.data.storage, "load_tissue_dataset", no_work)
     (tmp_path / "tiles").mkdir()
     Image.fromarray(np.zeros((35, 35, 3), np.uint8)).save(tmp_path / "tiles" / "a.png")
     script = load_script("attention_maps")
@@ -239,7 +240,7 @@ def test_library_refuses_a_non_vit_model(convnext_dir):
     model = ConvNextForImageClassification.from_pretrained(convnext_dir)
     processor = AutoImageProcessor.from_pretrained(convnext_dir)
     tile = np.zeros((35, 35, 3), np.uint8)
-    with pytest.raises(ValueError, match="'convnext' model; attention maps need a ViT"):
+    with pytest.raises(ValueError, match="'convnext' model; attention maps need a ViT or DINOv2"):
         interpret.explain_tiles(model, processor, [tile])
     with pytest.raises(ValueError, match="ViT"):
         interpret.compute_attention_maps(model, torch.zeros(1, 3, 32, 32))

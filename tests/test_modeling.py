@@ -138,7 +138,7 @@ def test_finetune_refuses_other_checkpoints(tmp_path: Path, pretrained_dir: Path
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "bert"
     )
-    with pytest.raises(ValueError, match="not a ViT image-classification model"):
+    with pytest.raises(ValueError, match="fine-tuning supports ViT, DINOv2, DINOv2 with registers, timm"):
         load_model(str(tmp_path / "bert"), id2label=CLASS_NAMES)
     with pytest.raises(FileNotFoundError, match="cannot read a model config"):
         load_model(str(tmp_path / "missing"), id2label=CLASS_NAMES)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import kill_when_exists
+from conftest import kill_after_first_epoch, kill_when_exists, readme_commands
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 
@@ -221,14 +221,9 @@ def _recipe_command(dataset: Path, out: Path) -> list[str]:
 
 def test_pretraining_with_the_recipes_dataloader_workers_resumes_to_the_same_model(tiny_dataset_dir: Path,
                                                                                   tmp_path: Path):
-    from hf_tissue_vit.hardware import auto_num_workers
-
-    assert auto_num_workers() >= 1, "the recipe runs DataLoader workers: this machine gives it none"
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    proc = subprocess.Popen(_recipe_command(tiny_dataset_dir, resumed), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    kill_when_exists(proc, resumed / "checkpoint-3" / "trainer_state.json", whole_json=True)
-    assert proc.returncode == -signal.SIGKILL and not (resumed / "pretraining.json").exists()
+    kill_after_first_epoch(_recipe_command(tiny_dataset_dir, resumed), resumed, _env())
+    assert not (resumed / "pretraining.json").exists()
     for out in (reference, resumed):
         done = subprocess.run(_recipe_command(tiny_dataset_dir, out), cwd=REPO, env=_env(), capture_output=True,
                               text=True, timeout=300, check=False)  # fmt: skip
@@ -303,28 +298,10 @@ def test_recipes_parse_and_pair_up(tmp_path: Path):
     assert parse_args(["--config", str(RECIPES / "finetune_phikon.yaml")])[0].model_name_or_path == "owkin/phikon"
 
 
-def _readme_commands() -> list[list[str]]:
-    """The ``python scripts/...`` commands of README's pretraining section, joined over line breaks."""
-    import shlex
-
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## 8. Self-supervised pretraining", 1)[1].split("\n## ", 1)[0]
-    commands, current = [], ""
-    for block in section.split("```bash")[1:]:
-        for line in block.split("```")[0].splitlines():
-            line = line.strip()
-            if current or line.startswith("python scripts/"):
-                current += " " + line.rstrip("\\")
-                if not line.endswith("\\"):
-                    commands.append(shlex.split(current))
-                    current = ""
-    return commands
-
-
 def test_readme_commands_run(tiny_dataset_dir: Path, tmp_path: Path, script):
     """README's pretrain -> finetune pair and the linear probe, as written, on the tiny dataset with tiny
     sizes (owkin/phikon is replaced by a local headless backbone: the Hub is not reachable here)."""
-    commands = _readme_commands()
+    commands = readme_commands("## 8. Self-supervised pretraining")
     assert [c[1] for c in commands] == ["scripts/prepare_dataset.py", "scripts/pretrain.py", "scripts/finetune.py",
                                         "scripts/finetune.py"]
     backbone = str(_headless_backbone(tmp_path / "phikon"))

@@ -1,6 +1,6 @@
 """Reliability of the small cases of issue 27: each drives the real script.
 
-* ``evaluate.py --help`` prints its help (a ``%`` in a help text crashed argparse);
+* ``evaluate_model.py --help`` prints its help (a ``%`` in a help text crashed argparse);
 * ``predict.py`` with a folder and a glob that overlap writes one row per file;
 * a float32 TIFF holding 0-255 values is refused with the reason, not read as white.
 """
@@ -24,7 +24,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_evaluate_help_prints(script, capsys):
     with pytest.raises(SystemExit) as stop:
-        script("evaluate").main(["--help"])
+        script("evaluate_model").main(["--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "--n_bootstrap" in out and "95% intervals" in out

@@ -1,7 +1,7 @@
 """Reliability of damaged or incomplete model folders (issue 27, cases 2-4), through the real scripts.
 
 * a truncated ``model.safetensors`` is one line, "weights file is damaged or incomplete: <path>", in
-  predict.py, evaluate.py, attention_maps.py, tissue_map.py, finetune.py (--model_name_or_path) and app.py;
+  predict.py, evaluate_model.py, attention_maps.py, tissue_map.py, finetune.py (--model_name_or_path) and app.py;
 * a config.json without id2label/label2id: the head's size is read from the weights (the model loads with
   LABEL_i names and a warning saying what is missing); count_parameters.py counts the real head;
 * a path-like --model that does not exist is a missing folder at once (app.py, count_parameters.py).
@@ -57,7 +57,7 @@ def _runs(model: Path, tmp_path: Path, tiny_dataset_dir: Path, finetune_tiny_arg
     tiny = tiny[:tiny.index("--model_preset")] + tiny[tiny.index("--model_preset") + 2:]
     return {
         "predict": ["--model", str(model), "--inputs", str(image), "--output", str(tmp_path / "p.csv")],
-        "evaluate": ["--model", str(model), "--inputs", str(_tiles(tmp_path / "tiles")), "--output_dir",
+        "evaluate_model": ["--model", str(model), "--inputs", str(_tiles(tmp_path / "tiles")), "--output_dir",
                      str(tmp_path / "eval")],
         "attention_maps": ["--model", str(model), "--images", str(image), "--output_dir", str(tmp_path / "att")],
         "tissue_map": ["--model", str(model), "--image", str(image), "--tile", "32", "--output_dir",
@@ -69,7 +69,7 @@ def _runs(model: Path, tmp_path: Path, tiny_dataset_dir: Path, finetune_tiny_arg
     }
 
 
-@pytest.mark.parametrize("name", ["predict", "evaluate", "attention_maps", "tissue_map", "finetune", "app"])
+@pytest.mark.parametrize("name", ["predict", "evaluate_model", "attention_maps", "tissue_map", "finetune", "app"])
 def test_truncated_weights_are_one_line_naming_the_file(name, damaged_model, tmp_path, tiny_dataset_dir,
                                                         finetune_tiny_args, script, capsys):
     argv = _runs(damaged_model, tmp_path, tiny_dataset_dir, finetune_tiny_args)[name]
@@ -118,7 +118,7 @@ def test_config_without_id2label_loads_the_heads_classes_and_says_what_is_missin
     assert script("tissue_map").main(["--model", str(unlabelled_model), "--image", str(image), "--tile", "32",
                                       "--output_dir", str(tmp_path / "map")]) == 0
     mapping = json.dumps({"Tumor": "LABEL_0", "Stroma": "LABEL_1"})
-    assert script("evaluate").main(["--model", str(unlabelled_model), "--inputs", str(_tiles(tmp_path / "tiles")),
+    assert script("evaluate_model").main(["--model", str(unlabelled_model), "--inputs", str(_tiles(tmp_path / "tiles")),
                                     "--label_map", mapping, "--output_dir", str(tmp_path / "eval"),
                                     "--n_bootstrap", "0"]) == 0
 

@@ -63,7 +63,7 @@ def examples_from_folder(folder: str | os.PathLike, label_names: Sequence[str]) 
 def pick_test_examples(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, label_names: Sequence[str],
                        n_per_class: int = 2, seed: int = 0) -> list[Example]:
     """Write ``n_per_class`` random test tiles per class of a saved dataset into ``out_dir`` as PNG."""
-    from ..data import load_tissue_dataset
+    from ..data.storage import load_tissue_dataset
 
     dataset = load_tissue_dataset(dataset_dir=dataset_dir)
     if "test" not in dataset:

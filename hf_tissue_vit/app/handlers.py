@@ -16,23 +16,22 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..imaging import load_rgb8
-from ..interpret import explain_tiles, overlay_heatmap
-from ..predict import TilePredictor, label_names_of, open_large_image, save_tissue_map, tissue_map
-from .exports import area_table, write_geojson
+from ..interpret.attention import explain_tiles, require_vit
+from ..interpret.figures import overlay_heatmap
+from ..predict.predictor import TilePredictor, label_names_of
+from ..slides.outputs import save_slide_map
+from ..slides.reader import image_mpp, open_slide
+from ..slides.run import SlideMapOptions, map_slide, model_mpp
 from .model_info import ModelInfo, load_model_info, resolution_warning, tile_warnings
 
 logger = logging.getLogger(__name__)
 
 ALPHA = 0.45  # heatmap opacity: the tissue stays readable under the colours
-# Whole-slide formats that need OpenSlide (the [wsi] extra); plain TIFF/PNG/JPEG are read by PIL.
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 KEEP_RUNS = 20  # tissue-map output folders kept on disk per app
 
 
@@ -51,7 +50,8 @@ class TileResult:
 
 @dataclass
 class MapResult:
-    """A tissue map: the picture (with legend), the class-area rows and the downloadable files."""
+    """A tissue map: the picture (with legend), the class-area rows, the files :func:`save_slide_map`
+    wrote (the same as scripts/tissue_map.py's) and the map's summary (``SlideMap.fractions``)."""
 
     overlay_png: str
     table: list[list[Any]]
@@ -59,50 +59,35 @@ class MapResult:
     geojson: str
     fractions: dict[str, Any]
     warnings: list[str]
+    files: dict[str, str]
 
 
-# --------------------------------------------------------------------------------------------
-# Whole-slide HOOK (the lead wires hf_tissue_vit.slides here once it lands)
-# --------------------------------------------------------------------------------------------
-def slide_support() -> ModuleType | None:
-    """HOOK: ``hf_tissue_vit.slides`` when it and the ``[wsi]`` extra are importable, else None."""
-    try:
-        from .. import slides  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return slides
+AREA_COLUMNS = ["class", "windows", "% of tissue", "area (mm²)"]
+# The mapping's flags, as the app's fields call them (its errors are the one-line errors of slides).
+_FIELD_NAMES = {"--slide_mpp": "the scan resolution", "--tile": "window", "--image": "the image",
+                "--mpp": "a model µm/px"}
 
 
-def map_slide(model: AppModel, path: str, window: int, stride: int, threshold: float, out_dir: Path) -> MapResult:
-    """HOOK: tissue map of a whole-slide file. Not wired yet: says what to install, or that it is coming."""
-    if slide_support() is None:
-        raise ValueError(f"{Path(path).name} is a whole-slide file: install the [wsi] extra "
-                         "(pip install 'hf_tissue_vit[wsi]') to map slides, or upload a PNG/TIFF export")
-    raise ValueError(f"{Path(path).name}: whole-slide maps are not wired into the app yet; use "
-                     "scripts/tissue_map.py for slides")
+def area_table(fractions: dict[str, Any]) -> list[list[Any]]:
+    """Rows ``[class, windows, % of tissue, area mm²]`` and a background row, from ``SlideMap.fractions()``
+    (areas None when the image records no µm/px)."""
+    def area(value: float | None) -> float | None:
+        return None if value is None else float(f"{value:.4g}")  # 4 significant digits: a window is small
+
+    rows = [[name, v["cells"], round(100 * v["fraction_of_tissue"], 1), area(v["area_mm2"])]
+            for name, v in fractions["classes"].items()]
+    cell = fractions.get("cell_area_mm2")
+    n_bg = fractions["background_windows"]
+    rows.append(["Background (not classified)", n_bg, None, area(None if cell is None else n_bg * cell)])
+    return rows
 
 
-# --------------------------------------------------------------------------------------------
-# Resolution stated in a file
-# --------------------------------------------------------------------------------------------
-def stated_mpp(path: str | os.PathLike) -> float | None:
-    """µm per pixel written in the file (TIFF resolution tags or DPI), when it looks like a microscope's.
-
-    Software writes 72/96/300 dpi when it knows nothing: values above 20 µm/px are taken as "unknown".
-    """
-    try:
-        with Image.open(path) as image:
-            tags = getattr(image, "tag_v2", None)
-            if tags is not None and 282 in tags:
-                unit = {2: 25400.0, 3: 10000.0}.get(int(tags.get(296, 2)))  # µm per inch / per cm
-                value = float(tags[282])
-                mpp = unit / value if unit and value > 0 else None
-            else:
-                dpi = image.info.get("dpi")
-                mpp = 25400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
-    except (OSError, ValueError, TypeError, ZeroDivisionError):
-        return None
-    return mpp if mpp is not None and 0.05 <= mpp <= 20 else None
+def _app_error(err: ValueError) -> ValueError:
+    """A mapping error in the app's words (the slides' errors name the script's flags)."""
+    text = str(err)
+    for flag, field in _FIELD_NAMES.items():
+        text = text.replace(flag, field)
+    return ValueError(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +114,11 @@ class AppModel:
         self._n_runs = 0
 
     @property
+    def default_window(self) -> int:
+        """Window side of a tissue map: the training tile's, else the model's input size."""
+        return self.info.train_tile_px or self.info.image_size
+
+    @property
     def label_names(self) -> list[str]:
         """Class names in label-id order (the order of the probabilities)."""
         return label_names_of(self._explainer)
@@ -149,11 +139,15 @@ class AppModel:
         """
         probs = self.probabilities(path)
         tile = load_rgb8(path)
-        with self._lock:
-            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         label = max(probs, key=probs.get)
         height, width = tile.shape[:2]
-        warnings = tile_warnings(self.info, width, height, mpp if mpp else stated_mpp(path))
+        warnings = tile_warnings(self.info, width, height, mpp if mpp else image_mpp(path))
+        try:
+            require_vit(self._explainer.config)
+        except ValueError as err:  # a timm model returns no attention weights: the tile is shown without a map
+            return TileResult(probs, label, probs[label], tile, tile, [*warnings, f"no attention map: {err}"])
+        with self._lock:
+            (item,) = explain_tiles(self._explainer, self._processor, [tile])
         return TileResult(probs, label, probs[label], tile, overlay_heatmap(tile, item.rollout, ALPHA), warnings)
 
     def head_overlays(self, path: str | os.PathLike) -> list[tuple[np.ndarray, str]]:
@@ -176,26 +170,37 @@ class AppModel:
 
     def map_image(self, path: str | os.PathLike, window: int | None = None, overlap: bool = False,
                   background_threshold: float = 0.8, mpp: float | None = None) -> MapResult:
-        """Tissue map of a larger image: every ``window`` px square (default the training tile size),
-        step ``window`` (or half of it with ``overlap``), background windows left out."""
-        path = os.fspath(path)
-        window = int(window or self.info.train_tile_px)
-        stride = max(1, window // 2) if overlap else window
+        """Tissue map of a larger image or a whole slide, through the package's one map path
+        (:func:`hf_tissue_vit.slides.map_slide` and :func:`~hf_tissue_vit.slides.save_slide_map`, the
+        files scripts/tissue_map.py writes): ``window`` px windows (default :attr:`default_window`) at
+        the model's µm/px (its ``config.mpp``), step ``window`` (or half of it with ``overlap``), only
+        windows with tissue classified. ``mpp``: the scan's µm/px when the file does not record it."""
+        window = int(window or self.default_window)
+        options = SlideMapOptions(tile=window, stride=max(1, window // 2) if overlap else window, slide_mpp=mpp,
+                                  background_threshold=background_threshold, progress=False)
+        target = model_mpp(self.predictor)
         with self._lock:
             out = self._run_dir()
-        if path.lower().endswith(SLIDE_SUFFIXES):
-            return map_slide(self, path, window, stride, background_threshold, out)
-        with open_large_image(path) as image:
-            if min(image.size) < window:
-                raise ValueError(f"{Path(path).name} ({image.width} × {image.height} px) is smaller than one "
-                                 f"{window} px window: use the Tile tab, or a smaller window")
-            with self._lock:
-                result = tissue_map(self.predictor, image, tile=window, stride=stride,
-                                    background_threshold=background_threshold)
-            files = save_tissue_map(result, image, out)
-        geojson = write_geojson(result, out / "tissue_map.geojson")
-        mpp = mpp or stated_mpp(path)
-        warning = resolution_warning(self.info, mpp)
-        return MapResult(files["tissue_map.png"], area_table(result, mpp or self.info.train_mpp),
-                         files["class_fractions.csv"], str(geojson), result.area_fractions(),
-                         [warning] if warning else [])
+        try:
+            with open_slide(os.fspath(path), options.slide_mpp, options.max_image_pixels) as reader, self._lock:
+                if target is None and reader.kind != "image":
+                    raise ValueError(f"{Path(path).name}: the model records no µm/px (config.mpp), so a whole slide "
+                                     "cannot be read at its scale; map it with scripts/tissue_map.py --mpp")
+                result = map_slide(self.predictor, reader, options, target)
+        except ValueError as err:
+            raise _app_error(err) from err
+        files = save_slide_map(result, out, options.max_side)
+        fractions = result.fractions()
+        return MapResult(files["tissue_map.png"], area_table(fractions), files["class_fractions.csv"],
+                         files["tissue_map.geojson"], fractions, self._map_warnings(result.geometry), files)
+
+    def _map_warnings(self, geometry: Any) -> list[str]:
+        """Why the map may not be at the model's scale (windows of image pixels) or carries no areas."""
+        if geometry.target_mpp is not None:
+            return []
+        if geometry.slide_mpp is None:
+            known = f"; the model was trained at {self.info.train_mpp:g} µm/px" if self.info.train_mpp else ""
+            return [f"The image records no µm/px: windows are {geometry.tile} image pixels and areas are not "
+                    f"known{known}. Give the scan resolution for maps at the model's scale."]
+        warning = resolution_warning(self.info, geometry.slide_mpp)
+        return [warning] if warning else []

@@ -18,11 +18,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr
 
-from ..constants import CLASS_DESCRIPTIONS, IMAGE_EXTENSIONS
-from ..predict import class_colours
+from ..constants import CLASS_DESCRIPTIONS
+from ..slides.outputs import class_colours
+from ..slides.reader import SLIDE_EXTENSIONS
 from .examples import ATTRIBUTION, MOSAIC_NAME, Example, find_examples, make_mosaic
-from .exports import AREA_COLUMNS
-from .handlers import SLIDE_SUFFIXES, AppModel
+from .handlers import AREA_COLUMNS, AppModel
 from .model_info import DISCLAIMER, about_markdown
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _legend(label_names: Sequence[str], fractions: dict[str, Any]) -> str:
         hex_colour = "#" + "".join(f"{round(255 * c):02x}" for c in rgb)
         share = fractions["classes"][name]["fraction_of_tissue"]
         items.append(f'<span style="color:{hex_colour}; font-size:1.3em">■</span> {name} {share:.0%}')
-    background = fractions["background_fraction"]
+    background = fractions["background_windows"] / max(1, fractions["windows"])
     items.append(f"□ not classified (glass/background) {background:.0%} of windows")
     return " &nbsp; ".join(items)
 
@@ -186,21 +186,21 @@ def _tile_tab(model: AppModel, examples: Sequence[Example]) -> None:
 
 def _map_tab(model: AppModel, mosaic: str | None) -> None:
     info = model.info
-    suffixes = [*IMAGE_EXTENSIONS, *SLIDE_SUFFIXES]
+    suffixes = list(SLIDE_EXTENSIONS)  # what scripts/tissue_map.py reads: plain images and whole slides
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            image_in = gr.File(label="A larger H&E image (PNG, TIFF, JPEG)", file_types=suffixes, type="filepath",
-                               elem_id="map-input")
-            gr.Markdown("Each window is classified like a tile; mostly-glass windows are skipped. Whole-slide "
-                        "files (SVS, NDPI, ...) need the `[wsi]` extra and must be small enough to upload.",
+            image_in = gr.File(label="A larger H&E image (PNG, TIFF, JPEG) or a whole slide (SVS, NDPI, ...)",
+                               file_types=suffixes, type="filepath", elem_id="map-input")
+            gr.Markdown("Mapped exactly as `scripts/tissue_map.py` maps it: windows at the model's µm/px where the "
+                        "file records its own, tissue found on a low-resolution overview, only windows with tissue "
+                        "classified. Whole-slide files need the `[wsi]` extra and must be small enough to upload.",
                         elem_classes=["small-print"])
-            window = gr.Number(value=info.train_tile_px, precision=0, minimum=8,
-                               label=f"Window in px (the training tiles are {info.train_tile_px} px, "
-                                     f"{info.train_tile_um:.0f} µm)")
+            window = gr.Number(value=model.default_window, precision=0, minimum=8,
+                               label=f"Window in px at the model's µm/px (it was trained on {info.training_text()})")
             overlap = gr.Checkbox(label="Overlapping windows (half-window step: finer map, 4× the time)")
             threshold = gr.Slider(0.05, 1.0, value=0.8, step=0.05,
                                   label="Skip windows with at least this fraction of glass/background")
-            mpp_in = _resolution_input("map-mpp", f" (areas assume {info.train_mpp} µm/px when not known)")
+            mpp_in = _resolution_input("map-mpp", " (else what the file records)")
             run = gr.Button("Make the tissue map", variant="primary", elem_id="map-run")
             if mosaic:
                 gr.Examples([[mosaic]], inputs=[image_in], label="Example: a mosaic of the example tiles")

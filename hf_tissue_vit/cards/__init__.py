@@ -1,5 +1,6 @@
 """Dataset and model cards: card data filled as a run happens + Jinja templates from ``model_card/``."""
 
+from ..card_templates import render_card, render_text, template_path
 from .build import build_model_card, existing_card, is_package_card, write_model_card
 from .model_card import (
     DEFAULT_MODEL_LICENSE,
@@ -14,7 +15,6 @@ from .model_card import (
     hyperparameter_rows,
     merged_card_data,
 )
-from .templates import render_card, render_text, template_path
 
 __all__ = [
     "DEFAULT_MODEL_LICENSE", "EVALUATION_SECTION_TEMPLATE", "EVALUATIONS_FILE", "MODEL_CARD_TEMPLATE", "MODEL_TAGS",

@@ -28,14 +28,34 @@ def is_package_card(card: ModelCard | None) -> bool:
 
 
 def _parameter_table(output_dir: Path) -> str | None:
-    """The ViT's parameters per component (closed form beside the count); None for other models."""
-    if read_json(output_dir / "config.json").get("model_type") != "vit":
-        return None
+    """The model's parameters per component: a ViT's closed form beside the count, other supported families
+    (DINOv2, timm) counted by part; None for other models, or a timm model without timm installed."""
+    model_type = read_json(output_dir / "config.json").get("model_type")
     from transformers import AutoConfig
 
-    from ..interpret import format_parameter_table, parameter_report_from_config
+    from .. import backbones
+    from ..interpret.parameters import (
+        component_counts,
+        format_component_counts,
+        format_parameter_table,
+        parameter_report_from_config,
+    )
 
-    return format_parameter_table(parameter_report_from_config(AutoConfig.from_pretrained(output_dir)))
+    if model_type == "vit":
+        return format_parameter_table(parameter_report_from_config(AutoConfig.from_pretrained(output_dir)))
+    config = AutoConfig.from_pretrained(output_dir)
+    if backbones.family_of(config) is None:
+        return None
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    try:
+        with torch.device("meta"):  # shapes only
+            model = AutoModelForImageClassification.from_config(config)
+    except ImportError as err:  # a timm model where timm is not installed
+        logger.info("no parameter table: %s", err)
+        return None
+    return format_component_counts(component_counts(model))
 
 
 def _single(value: str | list | None) -> str | None:

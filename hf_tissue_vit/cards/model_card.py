@@ -16,9 +16,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..card_templates import render_card, render_text
 from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, VIT_BIBTEX
-from ..modelfolder import RUN_FILE  # written by finetune.py into every output dir it owns
-from .templates import render_card, render_text
+from ..modelfolder import CONFIG_FILE, RUN_FILE, ModelFacts, read_model_facts  # RUN_FILE: in every finetune.py run
 
 MODEL_CARD_TEMPLATE = "model_card.md"
 EVALUATION_SECTION_TEMPLATE = "evaluation_section.md"  # one "Evaluation on NAME" section
@@ -29,7 +29,6 @@ PACKAGE_TAG = "hf_tissue_vit"  # marks a card this package wrote (and may theref
 DEFAULT_MODEL_LICENSE = "cc-by-4.0"
 EVALUATIONS_FILE = "hf_tissue_vit_evaluations.json"  # external evaluations added to the card
 KATHER_DATASET = "Kather 2016 colorectal cancer histology tiles"
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _SPLIT_DESCRIPTIONS = {
     "stratified": "stratified per class (68% / 16% / 16%), fixed seed.",
     "slide": "slide-disjoint (no slide in two splits), fixed seed.",
@@ -61,6 +60,8 @@ class ModelCardInfo:
     label_names: list[str]
     trained_with_package: bool = False
     architecture: str | None = None
+    family: str | None = None  # backbone family (hf_tissue_vit.backbones), e.g. "DINOv2 with registers"
+    needs: str | None = None  # a package loading the model needs besides transformers (timm)
     license: str | None = None
     base_model: str | None = None
     from_scratch: bool | None = None
@@ -93,38 +94,34 @@ class ModelCardInfo:
     def from_output_dir(cls, output_dir: str | Path, repo_id: str | None = None) -> ModelCardInfo:
         """Fill from a model folder: config.json, preprocessor_config.json and the run's result files."""
         out = Path(output_dir)
-        config = read_json(out / "config.json")
-        if not config:
-            raise FileNotFoundError(f"{out / 'config.json'} is missing: pass a model folder")
-        results = read_json(out / "all_results.json")
+        if not (out / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{out / CONFIG_FILE} is missing: pass a model folder")
+        facts = read_model_facts(out)
+        results = facts.results
         ours = (out / RUN_FILE).is_file() or "hf_tissue_vit" in (results.get("versions") or {})
-        id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
-        info = cls(model_id=repo_id or out.resolve().name,
-                   label_names=results.get("label_names") or [id2label[i] for i in sorted(id2label)],
-                   trained_with_package=ours, architecture=(config.get("architectures") or [None])[0])
-        info._fill_model(config, results.get("model") or {})
-        info._fill_processor(read_json(out / "preprocessor_config.json"))
+        info = cls(model_id=repo_id or out.resolve().name, label_names=facts.label_names,
+                   trained_with_package=ours, architecture=(facts.config.get("architectures") or [None])[0])
+        info._fill_model(facts)
         info._fill_results(results)
         info.evaluations = list(read_json(out / EVALUATIONS_FILE).get("evaluations", []))
         info.figures = [n for n in ("confusion_matrix.png", "training_curves.png") if (out / n).is_file()]
         return info
 
-    def _fill_model(self, config: dict[str, Any], model: dict[str, Any]) -> None:
+    def _fill_model(self, facts: ModelFacts) -> None:
+        model = facts.results.get("model") or {}
         self.from_scratch = model.get("from_scratch")
         self.base_model = None if self.from_scratch else model.get("base_model")
         self.preset = model.get("preset") if self.from_scratch else None
-        self.image_size = model.get("image_size") or config.get("image_size")
-        self.patch_size = model.get("patch_size") or config.get("patch_size")
+        self.image_size = facts.input_size
+        self.patch_size = model.get("patch_size") or facts.config.get("patch_size")
         self.num_parameters = model.get("num_parameters")
-        self.mpp = config.get("mpp")
+        self.family = model.get("family")
+        self.needs = "timm" if facts.config.get("model_type") == "timm_wrapper" else None
+        self.mpp = facts.mpp
         pretraining = model.get("pretraining")
         self.pretraining = hyperparameter_rows(pretraining) if isinstance(pretraining, dict) else None
-
-    def _fill_processor(self, processor: dict[str, Any]) -> None:
-        self.resample = _RESAMPLE.get(processor.get("resample"))
-        self.image_mean, self.image_std = processor.get("image_mean"), processor.get("image_std")
-        if self.image_size is None:
-            self.image_size = (processor.get("size") or {}).get("height")
+        self.resample = facts.resample
+        self.image_mean, self.image_std = facts.processor.get("image_mean"), facts.processor.get("image_std")
 
     def _fill_results(self, results: dict[str, Any]) -> None:
         dataset = results.get("dataset") or {}
@@ -134,7 +131,6 @@ class ModelCardInfo:
         splits = dataset.get("splits")
         if isinstance(splits, dict):
             self.split_sizes = [(k, int(v)) for k, v in splits.items() if isinstance(v, (int, float))] or None
-        self.mpp = self.mpp or dataset.get("mpp")
         self.hyperparameters = hyperparameter_rows(results.get("hyperparameters") or {}) or None
         hardware = results.get("hardware")
         if isinstance(hardware, dict):

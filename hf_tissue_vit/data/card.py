@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from ..cards import render_card
+from ..card_templates import render_card
 from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, KATHER_CITATION
 from .schema import FOLDER_OF_CLASS, SPLITS
 

@@ -12,7 +12,7 @@ from datasets import Image as ImageFeature
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..constants import ALL_CLASS_NAMES
-from ..hub import check_repo_id
+from ..modelfolder import check_repo_id
 from .report import BuildReport
 from .schema import SPLITS, class_name_for, describe_columns, split_name_for
 from .sources import Entry

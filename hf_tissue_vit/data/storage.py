@@ -175,19 +175,6 @@ def record_hub_dataset_id(dataset_dir: str | os.PathLike, hub_dataset_id: str) -
     atomic_write_json(folder / METADATA_FILE, metadata)
 
 
-def push_dataset(
-    dataset_dict: DatasetDict, repo_id: str, *, metadata: dict[str, Any] | None = None, private: bool = False,
-    token: str | None = None,
-) -> str:
-    """Push the splits and the dataset card (rendered from ``metadata``) to the Hub dataset repo ``repo_id``."""
-    # hub pulls in model-card code that data users never need
-    from ..hub import push_dataset as _push
-
-    card = dataset_card({**metadata, "hub_dataset_id": repo_id}) if metadata is not None else None
-    return _push(dataset_dict, repo_id, private=private, card=card, token=token,
-                 commit_message="Upload Kather 2016 tissue tiles (hf_tissue_vit)")
-
-
 # --------------------------------------------------------------------------------------------
 # Load (used by training)
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scores of a trained tile classifier on labelled data: ``scripts/evaluate.py``'s library.
+"""Scores of a trained tile classifier on labelled data: ``scripts/evaluate_model.py``'s library.
 
 - :mod:`.labels`: class folders at any depth, the folder-name alias table (Kather 2016, NCT-CRC-HE),
   ``--label_map`` and the matching of the data's classes to the model's;

@@ -25,15 +25,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
-from ..cards import (
-    EVALUATIONS_FILE,
-    ModelCardInfo,
-    evaluation_section,
-    existing_card,
-    is_package_card,
-    merged_card_data,
-    write_model_card,
-)
+from ..cards.build import existing_card, is_package_card, write_model_card
+from ..cards.model_card import EVALUATIONS_FILE, ModelCardInfo, evaluation_section, merged_card_data
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text
 from .scoring import HEADLINE_METRICS, classes_in_play
 from .sources import slug

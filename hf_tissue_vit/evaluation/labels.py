@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
-from ..data import class_name_for
+from ..data.schema import class_name_for
 
 # NCT-CRC-HE-100K / CRC-VAL-HE-7K folder -> Kather 2016 class (see the module docstring).
 NCT_ALIASES: dict[str, str] = {"TUM": "Tumor", "LYM": "Lympho", "NORM": "Mucosa", "DEB": "Debris",

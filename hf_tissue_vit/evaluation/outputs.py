@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..fileio import atomic_write, atomic_write_json
+from ..distributed import ShardedCSV
+from ..fileio import atomic_write_json
 from ..metrics import plot_confusion_matrix
-from ..predict import probability_columns
+from ..predict.table import probability_columns
 from .scoring import HEADLINE_METRICS, classes_in_play
 from .sources import ScoredRow
 
@@ -27,16 +28,22 @@ _TTA_COLUMNS = ("prediction_tta", "score_tta")
 _NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}
 
 
+def predictions_columns(label_names: Sequence[str], tta: bool) -> list[str]:
+    """The header of eval_predictions.csv."""
+    fixed = (*CSV_FIXED_COLUMNS, *(_TTA_COLUMNS if tta else ()))
+    names = [*label_names, *([f"{n}_tta" for n in label_names] if tta else [])]
+    return [*fixed, *probability_columns(names, fixed)]
+
+
 class PredictionsWriter:
     """Rows of eval_predictions.csv: the true class (as in the data and as the model's class), the
     prediction and its probability, the per-class probabilities; with TTA the same again, ``_tta``."""
 
-    def __init__(self, handle: IO[str], label_names: Sequence[str], tta: bool) -> None:
+    def __init__(self, handle: IO[str], label_names: Sequence[str], tta: bool, header: bool = True) -> None:
         self.label_names, self.tta = list(label_names), tta
-        fixed = (*CSV_FIXED_COLUMNS, *(_TTA_COLUMNS if tta else ()))
-        names = [*self.label_names, *([f"{n}_tta" for n in self.label_names] if tta else [])]
         self.writer = csv.writer(handle)
-        self.writer.writerow([*fixed, *probability_columns(names, fixed)])
+        if header:
+            self.writer.writerow(predictions_columns(label_names, tta))
 
     def write(self, row: ScoredRow) -> None:
         """One CSV row."""
@@ -54,10 +61,11 @@ class PredictionsWriter:
 
 
 @contextlib.contextmanager
-def predictions_csv(path: str | Path, label_names: Sequence[str], tta: bool) -> Iterator[PredictionsWriter]:
-    """Write eval_predictions.csv row by row into a temp file, moved into place when the block ends."""
-    with atomic_write(path, newline="") as handle:
-        yield PredictionsWriter(handle, label_names, tta)
+def predictions_csv(state: Any, path: str | Path, label_names: Sequence[str], tta: bool) -> Iterator[PredictionsWriter]:
+    """Write eval_predictions.csv row by row: this process's rows (see
+    :class:`~hf_tissue_vit.distributed.ShardedCSV`), the whole file moved into place when the block ends."""
+    with ShardedCSV(state, path, predictions_columns(label_names, tta)) as handle:
+        yield PredictionsWriter(handle, label_names, tta, header=False)
 
 
 def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:

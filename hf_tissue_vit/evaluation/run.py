@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,11 +16,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..hardware import parse_bf16_flag, versions
 from ..metrics import BOOTSTRAP_SEED
+from ..modelfolder import check_model_folder, read_model_facts
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels
-from .outputs import CONFUSION_FILE, PREDICTIONS_FILE, predictions_csv, write_confusion_matrices, write_results
+from .outputs import (
+    CONFUSION_FILE,
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    predictions_csv,
+    write_confusion_matrices,
+    write_results,
+)
 from .scoring import ScoreCollector
 from .sources import FolderData, LabelledData, load_dataset_dir, load_hub_dataset
 
@@ -32,7 +40,7 @@ TRAINING_PRECISION = "training"  # --bf16 value: the precision of the model's ow
 
 @dataclass
 class EvaluationArguments:
-    """scripts/evaluate.py's flags."""
+    """scripts/evaluate_model.py's flags."""
 
     model: str = field(metadata={"help": "Model folder (a finetune.py output, or any saved image classifier with "
                                          "its image processor) or Hub model id."})
@@ -61,10 +69,11 @@ class EvaluationArguments:
                                                                 "so the test split gets its card's intervals)."})
     bf16: str = field(default="training", metadata={
         "help": "Precision. training (default): as the model's own test evaluation in finetune.py (fp32, or "
-                "bf16 autocast with the training's attention kernel, read from all_results.json; fp32 when it "
-                "is absent), so scores compare with the card's test score; auto / true / false: bf16 weights "
+                "bf16 autocast with the training's attention kernel, read from the run's results; fp32 when "
+                "they are absent), so scores compare with the card's test score; auto / true / false: bf16 weights "
                 "as predict.py (auto: where the CPU/GPU has native bf16).", "nargs": "?", "const": "true"})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available; under "
+                                                                  "accelerate launch each process its own GPU)."})
     num_workers: int = field(default=4, metadata={"help": "Image decoding threads (0 = none)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
@@ -137,20 +146,15 @@ def open_data(args: EvaluationArguments) -> LabelledData:
 
 def model_label_names(model: str) -> list[str]:
     """The model's class names in label-id order, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from ..modelfolder import check_model_folder, label_overrides
-
     check_model_folder(model, "--model")
     try:
-        config = AutoConfig.from_pretrained(model, **label_overrides(model))
+        names = read_model_facts(model).label_names
     except OSError as err:
         raise FileNotFoundError(f"--model {model!r}: no model config ({err}); give a model folder with "
                                 "config.json or a Hub model id") from err
-    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-    if not id2label:
+    if not names:
         raise ValueError(f"--model {model!r} has no id2label in its config: its class names are unknown")
-    return [id2label[i] for i in range(len(id2label))]
+    return names
 
 
 @dataclass
@@ -176,35 +180,20 @@ class Precision:
         return f"{kind}, {predictor.attn_implementation} attention"
 
 
-def _training_results(model: str, local: bool) -> dict[str, Any]:
-    """The model's all_results.json (from finetune.py), or {} when it has none."""
-    if local:
-        path = Path(model) / "all_results.json"
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            path = Path(hf_hub_download(model, "all_results.json"))
-        except EntryNotFoundError:
-            return {}
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def precision_of(args: EvaluationArguments) -> Precision:
     """The precision ``--bf16`` asks for (see :class:`EvaluationArguments`)."""
     if args.bf16 != TRAINING_PRECISION:
         return Precision(bf16_weights=parse_bf16_flag(args.bf16))
-    results = _training_results(args.model, args.model_is_local)
+    results = read_model_facts(args.model).results
     attn = (results.get("model") or {}).get("attn_implementation") or "auto"
     bf16 = bool((results.get("hyperparameters") or {}).get("bf16"))
     return Precision(bf16_weights=False, autocast=bf16, attn_implementation=attn)
 
 
-def _predictors(args: EvaluationArguments, precision: Precision) -> list[Any]:
-    from ..predict import TilePredictor
+def _predictors(args: EvaluationArguments, precision: Precision, device: Any) -> list[Any]:
+    from ..predict.predictor import TilePredictor
 
-    predictor = TilePredictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+    predictor = TilePredictor.from_pretrained(args.model, device=device, batch_size=args.batch_size,
                                               num_workers=args.num_workers, bf16=precision.bf16_weights,
                                               attn_implementation=precision.attn_implementation)
     if not args.tta:
@@ -241,7 +230,12 @@ def _update_card(args: EvaluationArguments, results: dict[str, Any], out: Path) 
 
 
 def run_evaluation(args: EvaluationArguments) -> EvaluationOutcome:
-    """Evaluate ``args.model`` on the labelled data and write the outputs into ``args.output_dir``."""
+    """Evaluate ``args.model`` on the labelled data and write the outputs into ``args.output_dir``.
+
+    Under ``accelerate launch`` each process scores a contiguous shard of the images on its own
+    device; the main process joins the predictions in input order, scores all of them together and
+    writes the files (see :mod:`hf_tissue_vit.distributed`)."""
+    state = distributed.process_state(args.device)
     label_map = parse_label_map(args.label_map)
     data = open_data(args)
     model_labels = model_label_names(args.model)
@@ -249,24 +243,29 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationOutcome:
     if args.push:
         owns_repo(args.model)  # the token is checked before the long part
     precision = precision_of(args)
-    predictors = _predictors(args, precision)
+    predictors = _predictors(args, precision, distributed.process_device(state, args.device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shard = distributed.split(state, range(data.n_rows(mapping)))
     collector = ScoreCollector(len(predictors))
-    with predictions_csv(out / PREDICTIONS_FILE, model_labels, args.tta) as writer, \
+    with predictions_csv(state, out / PREDICTIONS_FILE, model_labels, args.tta) as writer, \
             precision.context(predictors[0].device):
-        rows = data.rows(mapping, predictors)
-        for row in tqdm(rows, total=data.n_scored_items(mapping), unit="tile", desc="evaluate",
-                        disable=args.no_progress):
+        rows = data.rows(mapping, predictors, shard)
+        for row in tqdm(rows, total=data.n_scored_in(mapping, shard), unit="tile",
+                        desc=distributed.progress_name(state, "evaluate"), disable=args.no_progress):
             writer.write(row)
             collector.add(row)
+    collector = ScoreCollector.merged(distributed.gather([collector]))
     name = args.eval_name or data.default_name()
     results = {**collector.results(model_labels, args.n_bootstrap, args.seed),
-               **_describe(args, data, mapping, predictors[0], precision, name)}
-    files = {"results": write_results(out, results), "predictions": out / PREDICTIONS_FILE}
-    for path in write_confusion_matrices(out, results):
-        files[path.stem] = path
+               **_describe(args, data, mapping, predictors[0], precision, name), "num_processes": state.num_processes}
+    files = {"results": out / RESULTS_FILE, "predictions": out / PREDICTIONS_FILE}
     outcome = EvaluationOutcome(results, files)
-    if args.update_card:
-        outcome.card, outcome.pushed = _update_card(args, results, out)
+    if state.is_main_process:
+        write_results(out, results)
+        for path in write_confusion_matrices(out, results):
+            files[path.stem] = path
+        if args.update_card:
+            outcome.card, outcome.pushed = _update_card(args, results, out)
+    state.wait_for_everyone()
     return outcome

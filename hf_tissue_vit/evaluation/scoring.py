@@ -52,6 +52,18 @@ class ScoreCollector:
         self.skipped: list[dict[str, str]] = []
         self.n_skipped = 0
 
+    @classmethod
+    def merged(cls, parts: Sequence[ScoreCollector]) -> ScoreCollector:
+        """One collector of the rows of ``parts`` (one per process, in input order)."""
+        out = cls(len(parts[0].y_pred))
+        for part in parts:
+            out.y_true += part.y_true
+            for predictions, more in zip(out.y_pred, part.y_pred, strict=True):
+                predictions += more
+            out.skipped += part.skipped[: MAX_LISTED_SKIPPED - len(out.skipped)]
+            out.n_skipped += part.n_skipped
+        return out
+
     @property
     def n_scored(self) -> int:
         """Images with a prediction."""

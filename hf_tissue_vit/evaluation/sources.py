@@ -2,7 +2,8 @@
 
 Each source names its classes (folder names, or the ClassLabel names of a dataset) and counts its images
 per class before anything is decoded, so the label mapping is checked first. :meth:`rows` then streams
-one :class:`ScoredRow` per image of a scored class, in a fixed order: files are read and classified
+one :class:`ScoredRow` per image of a scored class, in a fixed order (or those of one contiguous
+shard of that order, ``rows(..., shard=range(a, b))``, one per process): files are read and classified
 by :meth:`TilePredictor.predict_files` (exactly as ``predict.py`` does), dataset images are decoded
 with :func:`imaging.decode_dataset_image` and classified with :meth:`TilePredictor.predict_tiles` (as
 ``finetune.py`` classifies its test split), one batch at a time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..imaging import decode_dataset_image
-from ..predict import iter_input_files
+from ..predict.inputs import iter_input_files
 from .labels import LabelMapping, find_class_folders
 
 logger = logging.getLogger(__name__)
@@ -75,8 +77,16 @@ class LabelledData:
         """Images of the classes that are scored."""
         return sum(n for name, n in self.counts.items() if mapping.targets.get(name) is not None)
 
-    def rows(self, mapping: LabelMapping, predictors: Sequence[Any]) -> Iterator[ScoredRow]:
-        """Stream the scored images with every predictor's probabilities."""
+    def n_rows(self, mapping: LabelMapping) -> int:
+        """Length of the order :meth:`rows` shards (a shard is a ``range`` of it)."""
+        raise NotImplementedError
+
+    def n_scored_in(self, mapping: LabelMapping, shard: range) -> int:
+        """Images of scored classes in ``shard`` (a progress bar's total)."""
+        raise NotImplementedError
+
+    def rows(self, mapping: LabelMapping, predictors: Sequence[Any], shard: range | None = None) -> Iterator[ScoredRow]:
+        """Stream the scored images (of ``shard`` only, when given) with every predictor's probabilities."""
         raise NotImplementedError
 
 
@@ -107,9 +117,20 @@ class FolderData(LabelledData):
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.root.resolve()), "images_per_class": dict(self.counts)}
 
-    def rows(self, mapping: LabelMapping, predictors: Sequence[Any]) -> Iterator[ScoredRow]:
-        items = [(path, name, mapping.targets[name]) for name in self.class_names
-                 if mapping.targets[name] is not None for path in self.files[name]]
+    def _items(self, mapping: LabelMapping) -> list[tuple[str, str, int]]:
+        return [(path, name, mapping.targets[name]) for name in self.class_names
+                if mapping.targets[name] is not None for path in self.files[name]]
+
+    def n_rows(self, mapping: LabelMapping) -> int:
+        return self.n_scored_items(mapping)
+
+    def n_scored_in(self, mapping: LabelMapping, shard: range) -> int:
+        return len(shard)
+
+    def rows(self, mapping: LabelMapping, predictors: Sequence[Any], shard: range | None = None) -> Iterator[ScoredRow]:
+        items = self._items(mapping)
+        if shard is not None:
+            items = items[shard.start:shard.stop]
         streams = [predictor.predict_files(path for path, _, _ in items) for predictor in predictors]
         for (path, name, label), *predicted in zip(items, *streams):
             if predicted[0].file != path:  # predict_files keeps the input order; guard the pairing anyway
@@ -151,6 +172,7 @@ class DatasetData(LabelledData):
         self.image_column, self.label_column, self.file_column = _columns(dataset, where)
         self.class_names = list(dataset.features[self.label_column].names)
         labels = np.asarray(dataset.with_format("numpy")[self.label_column], dtype=np.int64).reshape(-1)
+        self.labels = labels
         self.unlabelled = int((labels < 0).sum())
         counts = np.bincount(labels[labels >= 0], minlength=len(self.class_names))
         self.counts = {name: int(n) for name, n in zip(self.class_names, counts)}
@@ -170,28 +192,49 @@ class DatasetData(LabelledData):
                 "fingerprint": getattr(self.dataset, "_fingerprint", None), "images_per_class": dict(self.counts)}
         return {k: v for k, v in info.items() if v is not None}
 
-    def rows(self, mapping: LabelMapping, predictors: Sequence[Any]) -> Iterator[ScoredRow]:
+    def n_rows(self, mapping: LabelMapping) -> int:
+        return len(self.dataset)
+
+    def n_scored_in(self, mapping: LabelMapping, shard: range) -> int:
+        scored = np.array([mapping.targets[name] is not None for name in self.class_names] + [False])
+        return int(scored[self.labels[shard.start:shard.stop]].sum())  # label -1 (unlabelled): the False
+
+    def rows(self, mapping: LabelMapping, predictors: Sequence[Any], shard: range | None = None) -> Iterator[ScoredRow]:
         from datasets import Image
 
         targets = [mapping.targets[name] for name in self.class_names]
         columns = [c for c in (self.image_column, self.label_column, self.file_column) if c]
         raw = self.dataset.select_columns(columns).cast_column(self.image_column, Image(decode=False))
+        start = 0 if shard is None else shard.start
+        if shard is not None:
+            raw = raw.select(shard)
         batch_size = predictors[0].batch_size
-        start = 0
+        # on a GPU (predictor.overlap) the next batch decodes while the model runs on this one
+        ahead = 1 if getattr(predictors[0], "overlap", False) else 0
         with ThreadPoolExecutor(max(1, predictors[0].num_workers), thread_name_prefix="decode") as pool:
+            pending: deque[tuple[dict[str, list], list[int], Iterator, int]] = deque()
             for batch in raw.iter(batch_size=batch_size):
                 labels = batch[self.label_column]
                 keep = [i for i, y in enumerate(labels) if y >= 0 and targets[y] is not None]
-                decoded = list(pool.map(_decode, [batch[self.image_column][i] for i in keep]))
-                ok = [j for j, (tile, _) in enumerate(decoded) if tile is not None]
-                probs = [p.predict_tiles([decoded[j][0] for j in ok]).numpy() for p in predictors] if ok else []
-                position = {j: k for k, j in enumerate(ok)}
-                for j, i in enumerate(keep):
-                    name = batch[self.file_column][i] if self.file_column else f"{self.split or 'row'}[{start + i}]"
-                    row_probs = [p[position[j]] for p in probs] if j in position else [None] * len(predictors)
-                    yield ScoredRow(str(name), self.class_names[labels[i]], targets[labels[i]], row_probs,
-                                    decoded[j][1])
+                pending.append((batch, keep, pool.map(_decode, [batch[self.image_column][i] for i in keep]), start))
                 start += len(labels)
+                if len(pending) > ahead:
+                    yield from self._scored(*pending.popleft(), targets, predictors)
+            while pending:
+                yield from self._scored(*pending.popleft(), targets, predictors)
+
+    def _scored(self, batch: dict[str, list], keep: list[int], decoded: Iterator, start: int,
+                targets: list[int | None], predictors: Sequence[Any]) -> Iterator[ScoredRow]:
+        """The rows of one decoded batch (``start``: the batch's first row number, for row names)."""
+        labels = batch[self.label_column]
+        decoded = list(decoded)
+        ok = [j for j, (tile, _) in enumerate(decoded) if tile is not None]
+        probs = [p.predict_tiles([decoded[j][0] for j in ok]).numpy() for p in predictors] if ok else []
+        position = {j: k for k, j in enumerate(ok)}
+        for j, i in enumerate(keep):
+            name = batch[self.file_column][i] if self.file_column else f"{self.split or 'row'}[{start + i}]"
+            row_probs = [p[position[j]] for p in probs] if j in position else [None] * len(predictors)
+            yield ScoredRow(str(name), self.class_names[labels[i]], targets[labels[i]], row_probs, decoded[j][1])
 
 
 def _pick_split(splits: Sequence[str], split: str, where: str) -> str:
@@ -208,7 +251,7 @@ def load_dataset_dir(dataset_dir: str | os.PathLike, split: str = "test") -> Dat
     """One split of a dataset saved with ``save_to_disk`` (e.g. by prepare_dataset.py)."""
     from datasets import DatasetDict, load_from_disk
 
-    from ..data import read_dataset_metadata
+    from ..data.storage import read_dataset_metadata
 
     path = Path(dataset_dir).expanduser()
     where = f"--dataset_dir {str(path)!r}"

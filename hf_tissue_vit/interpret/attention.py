@@ -8,8 +8,9 @@
   the call and restores the previous implementation; :func:`explain_tiles` does it for tiles, with
   the saved processor's exact preprocessing.
 
-Only ViT models (``model_type == "vit"``: a CLS token, then one token per patch) are supported;
-:func:`require_vit` refuses others with a clear error.
+Models that return attention weights over a CLS token and one token per patch are supported: ViT and DINOv2
+(with or without registers, whose register tokens are left out of the maps; see :mod:`hf_tissue_vit.backbones`).
+:func:`require_vit` refuses others (timm, Swin, ConvNeXt, ...) in one line.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import backbones
 from ..imaging import to_uint8
 from ..predict.large_image import downscale
 from ..predict.predictor import label_names_of
-from ..transforms import ProcessorTransform
+from ..transforms.processor import ProcessorTransform
 from .parameters import pair
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
@@ -37,15 +39,17 @@ if TYPE_CHECKING:  # annotations only; transformers is imported where a model is
 logger = logging.getLogger(__name__)
 
 HEAD_FUSIONS = ("mean", "max")
-SUPPORTED_MODEL_TYPES = ("vit",)
+SUPPORTED_MODEL_TYPES = tuple(t for f in backbones.FAMILIES if f.attentions for t in f.model_types if t != "vit_mae")
 
 
 def require_vit(config: Any, what: str = "attention maps", name: str = "the model") -> None:
-    """Raise ValueError (one line, naming ``name``) unless ``config`` is a ViT's."""
+    """Raise ValueError (one line, naming ``name``) unless ``config`` is a model that returns attention weights over
+    a CLS token and patch tokens (ViT, DINOv2 with or without registers)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{name} is a {model_type!r} model; {what} need a ViT (model_type 'vit': "
-                         "a CLS token and one token per patch)")
+        raise ValueError(f"{name} is a {model_type!r} model; {what} need a ViT or DINOv2 (model_type "
+                         f"{' / '.join(SUPPORTED_MODEL_TYPES)}: a CLS token and one token per patch, attention "
+                         "weights returned)")
 
 
 def _stack_attentions(attentions: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -105,19 +109,23 @@ def attention_rollout(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     grid_size: tuple[int, int] | None = None,
+    prefix: int = 1,
 ) -> torch.Tensor:
-    """CLS→patch rollout map [B, rows, cols] (the CLS row of :func:`rollout_matrix` without CLS)."""
+    """CLS→patch rollout map [B, rows, cols] (the CLS row of :func:`rollout_matrix` without the ``prefix`` tokens
+    before the patches: CLS, and DINOv2's register tokens)."""
     matrix = rollout_matrix(attentions, head_fusion, discard_ratio)
-    cls_row = matrix[:, 0, 1:]
+    cls_row = matrix[:, 0, prefix:]
     return cls_row.reshape(cls_row.shape[0], *_grid_shape(cls_row.shape[1], grid_size))
 
 
 def cls_attention(
-    attentions: Sequence[torch.Tensor] | torch.Tensor, layer: int = -1, grid_size: tuple[int, int] | None = None
+    attentions: Sequence[torch.Tensor] | torch.Tensor, layer: int = -1, grid_size: tuple[int, int] | None = None,
+    prefix: int = 1,
 ) -> torch.Tensor:
-    """CLS→patch attention of one layer (default the last) per head: [B, heads, rows, cols]."""
+    """CLS→patch attention of one layer (default the last) per head: [B, heads, rows, cols] (``prefix``: tokens
+    before the patches)."""
     att = _stack_attentions(attentions)[layer]  # [B, H, T, T]
-    cls_row = att[:, :, 0, 1:]
+    cls_row = att[:, :, 0, prefix:]
     return cls_row.reshape(*cls_row.shape[:2], *_grid_shape(cls_row.shape[-1], grid_size))
 
 
@@ -159,7 +167,7 @@ class AttentionMaps:
 def compute_attention_maps(
     model: PreTrainedModel, pixel_values: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
 ) -> AttentionMaps:
-    """Run ``model`` (a ViT) on preprocessed ``pixel_values`` [B, 3, H, W] and return its attention maps."""
+    """Run ``model`` (a ViT or DINOv2) on preprocessed ``pixel_values`` [B, 3, H, W] and return its attention maps."""
     require_vit(model.config)
     device = next(model.parameters()).device
     patch_h, patch_w = pair(model.config.patch_size)
@@ -169,10 +177,11 @@ def compute_attention_maps(
     if not outputs.attentions:
         raise RuntimeError("the model returned no attention weights even with eager attention")
     attentions = [a.cpu() for a in outputs.attentions]
+    prefix = backbones.num_prefix_tokens(model.config)
     return AttentionMaps(
         probs=outputs.logits.float().softmax(-1).cpu(),
-        rollout=attention_rollout(attentions, head_fusion, discard_ratio, grid_size=grid),
-        heads=cls_attention(attentions, grid_size=grid),
+        rollout=attention_rollout(attentions, head_fusion, discard_ratio, grid_size=grid, prefix=prefix),
+        heads=cls_attention(attentions, grid_size=grid, prefix=prefix),
     )
 
 

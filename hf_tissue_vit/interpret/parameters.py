@@ -159,3 +159,33 @@ def format_parameter_table(rows: Sequence[ParameterRow]) -> str:
         counted = "" if r.counted is None else f"{r.counted:,}"
         lines.append(f"| {r.component} | {r.formula} | {r.expected:,} | {counted} |")
     return "\n".join(lines)
+
+
+def component_counts(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """Parameters of any supported image classifier (:mod:`hf_tissue_vit.backbones`: DINOv2, timm, ViT) by part:
+    what comes before the transformer blocks, the blocks, what comes after them, the classifier, and the total.
+    Counted, not closed form (the formulas of :func:`parameter_table` are the plain ViT's). Works on the meta device."""
+    from .. import backbones
+
+    blocks = backbones.transformer_blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    head = sum(p.numel() for p in backbones.head_of(model).parameters())
+    before = after = 0
+    seen_blocks = False
+    for parameter in backbones.backbone_parameters(model).values():
+        if id(parameter) in in_blocks:
+            seen_blocks = True
+        elif seen_blocks:
+            after += parameter.numel()
+        else:
+            before += parameter.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return [("embeddings and tokens (before the blocks)", before),
+            (f"transformer blocks (L = {len(blocks)})", total - before - after - head),
+            ("after the blocks (final norms)", after), (f"classifier head (K = {model.config.num_labels})", head),
+            ("total", total)]  # fmt: skip
+
+
+def format_component_counts(rows: Sequence[tuple[str, int]]) -> str:
+    """Markdown table of :func:`component_counts` rows."""
+    return "\n".join(["| component | counted |", "|---|---:|", *(f"| {name} | {n:,} |" for name, n in rows)])

@@ -75,7 +75,7 @@ def tiles_from_images(
 
 def tiles_from_dataset(dataset_dir: str, split: str, n_per_class: int, seed: int = 0) -> TileSet:
     """``n_per_class`` tiles per class of ``split`` of a saved dataset (drawn with ``seed``)."""
-    from ..data import load_tissue_dataset
+    from ..data.storage import load_tissue_dataset
 
     dataset = load_tissue_dataset(dataset_dir=dataset_dir)
     if split not in dataset:

@@ -1,4 +1,5 @@
-"""Reading large images (a few thousand pixels a side) for tissue maps and figures, with clear errors."""
+"""Reading large images downscaled (for attention maps and figures), with clear errors. Tissue maps of
+large images read them through :mod:`hf_tissue_vit.slides`."""
 
 from __future__ import annotations
 
@@ -34,31 +35,6 @@ def _existing_file(path: str | os.PathLike, flag: str) -> str:
     return name
 
 
-@contextlib.contextmanager
-def open_large_image(
-    path: str | os.PathLike, max_image_pixels: int | None = None, flag: str = "--image"
-) -> Iterator[Image.Image]:
-    """Open and decode an image file once (PIL keeps it in memory; callers crop strips from it).
-
-    PIL refuses images above ``Image.MAX_IMAGE_PIXELS`` (its decompression-bomb limit); pass
-    ``max_image_pixels`` to allow bigger ones. Unreadable files raise ValueError naming ``flag`` and the file.
-    """
-    name = _existing_file(path, flag)
-    with _read_errors(name, flag), pixel_limit(max_image_pixels):
-        image = open_image(name)
-        image.load()
-    try:
-        yield image
-    finally:
-        image.close()
-
-
-def read_large_image(path: str | os.PathLike, max_image_pixels: int | None = None) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 (see :func:`open_large_image` for limits and errors)."""
-    with open_large_image(path, max_image_pixels) as image:
-        return to_uint8(image)
-
-
 def downscale(image: Image.Image, max_side: int) -> Image.Image:
     """8-bit RGB copy of ``image`` at most ``max_side`` px a side (aspect kept): the mode rule of
     :func:`~hf_tissue_vit.imaging.to_rgb8` (no copy for RGB), an integer ``reduce`` (box filter, no
@@ -78,7 +54,8 @@ def read_downscaled(
 
     Memory stays at about the decoded image (one byte per pixel and channel): a JPEG is decoded at
     1/2 to 1/8 scale (``Image.draft``), other formats are decoded once and reduced with PIL; no
-    full-size float array is made. Errors as in :func:`open_large_image`.
+    full-size float array is made. Missing files raise FileNotFoundError, unreadable ones and
+    images over PIL's pixel limit (``max_image_pixels`` raises it) ValueError, naming ``flag`` and the file.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")

@@ -28,8 +28,10 @@ from PIL import Image
 
 from .. import hardware
 from ..imaging import open_image, to_rgb8
-from ..transforms import ProcessorTransform, dihedral_views
-from .input_checks import InputNotes, training_tile_size
+from ..modelfolder import training_tile_size
+from ..transforms.augmentation import dihedral_views
+from ..transforms.processor import ProcessorTransform
+from .input_checks import InputNotes
 from .table import PredictionRow, csv_columns, write_predictions_csv
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built

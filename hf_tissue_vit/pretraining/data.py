@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..imaging import load_rgb8
-from ..predict import check_inputs, iter_input_files
+from ..predict.inputs import check_inputs, iter_input_files
 from ..training.tiles import (
     TileCollator,
     TileDataset,
@@ -46,7 +46,7 @@ def dataset_train_tiles(
     with ``seed``), and only that train part is used, so the tiles fine-tuning validates and tests on stay unseen
     when finetune.py runs with the same ``--seed``.
     """
-    from ..data import complete_splits, load_tissue_dataset
+    from ..data.storage import complete_splits, load_tissue_dataset
 
     dataset = load_tissue_dataset(dataset_dir=dataset_dir, dataset_name=dataset_name, require_validation=False)
     dataset, made_splits = complete_splits(dataset, seed)

@@ -18,13 +18,14 @@ from transformers import AutoConfig, ViTMAEConfig, ViTMAEForPreTraining, set_see
 
 from .. import hardware
 from ..modelfolder import PRETRAINING_FILE, mark_run_complete
-from ..predict import check_inputs
+from ..predict.inputs import check_inputs
 from ..training.outputs import write_json_atomic
 from ..training.run import processor_stats, resolve_mpp
 from ..training.rundir import check_output_dir, claim_output_dir, run_signature
 from ..training.tiles import EpochCallback
 from ..training.trainer import TissueTrainer
-from ..transforms import TileTransform, make_image_processor
+from ..transforms.processor import make_image_processor
+from ..transforms.tile_transform import TileTransform
 from .arguments import DECODER_FLAGS, MAEModelArguments, PretrainingArguments, UnlabelledDataArguments
 from .data import PixelCollator, UnlabelledTiles, load_unlabelled_tiles, unlabelled_dataset
 
@@ -108,7 +109,7 @@ def build_pretrainer(
 
 def _dataset_mpp(data_args: UnlabelledDataArguments) -> float | None:
     """finetune.py's rule (:func:`~hf_tissue_vit.training.run.resolve_mpp`): --mpp, else the dataset folder's."""
-    from ..data import read_dataset_metadata
+    from ..data.storage import read_dataset_metadata
 
     metadata = read_dataset_metadata(data_args.dataset_dir) if data_args.dataset_dir else {}
     return resolve_mpp(data_args.mpp, metadata, data_args.dataset_dir)

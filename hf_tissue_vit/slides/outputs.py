@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write, atomic_write_json, save_figure_atomic
-from ..predict import class_colours
 from .geometry import WindowGeometry
 
 BACKGROUND = -1
@@ -73,6 +72,14 @@ class SlideMap:
             "errors": self.errors[:MAX_LISTED_ERRORS],
             "classes": classes,
         }
+
+
+def class_colours(n: int) -> np.ndarray:
+    """n distinct RGB colours in [0, 1] (tab10, then tab20): the colours of every map and legend."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return np.array([cmap(i)[:3] for i in range(n)])
 
 
 def colours_255(n: int) -> list[list[int]]:

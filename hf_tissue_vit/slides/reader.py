@@ -197,6 +197,16 @@ def _tiff_cm_mpp(image: Image.Image) -> float | None:
     return _mean_mpp(mpp_x, mpp_y, getattr(image, "filename", ""))
 
 
+def image_mpp(path: str | os.PathLike) -> float | None:
+    """µm/px a plain image file records (the TIFF rule of :class:`ImageReader`: centimetre resolution
+    tags only), read from its header without decoding the pixels; None when it records none."""
+    try:
+        with open_image(os.fspath(path)) as image:
+            return _tiff_cm_mpp(image)
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 class ImageReader(SlideReader):
     """A plain image (PNG, JPEG, flat TIFF ...) decoded once with PIL: one level."""
 

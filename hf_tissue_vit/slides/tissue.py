@@ -165,10 +165,3 @@ def min_area_px(geometry: WindowGeometry, mask_downsample: float, min_tissue_are
     """``min_tissue_area`` (in window areas) as overview pixels."""
     side = geometry.window0 / mask_downsample
     return max(0.0, min_tissue_area) * side * side if math.isfinite(side) else 0.0
-
-
-def overview_image(rgb: np.ndarray, max_side: int) -> Image.Image:
-    """The overview as a PIL image of at most ``max_side`` px (for the picture)."""
-    image = Image.fromarray(rgb)
-    image.thumbnail((max_side, max_side))
-    return image

@@ -23,7 +23,7 @@ from transformers.integrations import is_tensorboard_available
 
 from .. import hardware
 from ..modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, PatchDropout
-from ..transforms import AugmentationConfig
+from ..transforms.augmentation import AugmentationConfig
 from .ema import WeightEMA
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default=DEFAULT_BASE_MODEL,
-        metadata={"help": "ViT checkpoint to fine-tune (local dir or Hub id); ignored with --from_scratch."},
+        metadata={"help": "Checkpoint to fine-tune (local dir or Hub id): a ViT, DINOv2 (with or without registers) "
+                  "or timm image model; ignored with --from_scratch."},
     )
     from_scratch: bool = field(
         default=False, metadata={"help": "Train a randomly initialised ViT (see --model_preset)."}
@@ -86,6 +87,13 @@ class ModelArguments:
             "augmented; epoch e trains on view e mod probe_views."
         },
     )
+    unfreeze_last_blocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Partial fine-tuning: train only the last N transformer blocks of the checkpoint's backbone (and "
+            "the norm after them) with the new head; the earlier blocks and the embeddings stay frozen. None = all."
+        },
+    )
     freeze_position_embeddings: bool = field(
         default=False,
         metadata={"help": "Keep the position embeddings fixed (e.g. the sin-cos ones of an MAE checkpoint)."},
@@ -99,6 +107,12 @@ class ModelArguments:
             raise ValueError(f"--probe_views must be >= 1, got {self.probe_views}")
         if self.freeze_backbone and self.from_scratch:
             raise ValueError("--freeze_backbone needs a pretrained --model_name_or_path, not --from_scratch")
+        if self.unfreeze_last_blocks is not None:
+            if self.from_scratch or self.freeze_backbone:
+                raise ValueError("--unfreeze_last_blocks fine-tunes part of a pretrained --model_name_or_path; it "
+                                 "cannot be combined with --from_scratch or --freeze_backbone")
+            if self.unfreeze_last_blocks < 1:
+                raise ValueError(f"--unfreeze_last_blocks must be >= 1, got {self.unfreeze_last_blocks}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:

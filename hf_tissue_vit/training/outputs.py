@@ -15,7 +15,8 @@ import numpy as np
 
 from ..fileio import atomic_write, atomic_write_json
 from ..hardware import hardware_info, resolve_device_augmentation, versions
-from ..predict import probability_columns
+from ..modelfolder import RESULTS_FILE
+from ..predict.table import probability_columns
 from .evaluation import TestPredictions
 from .rundir import SIGNATURE_TRAINING_FIELDS, plain_values
 from .trainer import TissueTrainer
@@ -23,7 +24,6 @@ from .trainer import TissueTrainer
 logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
-RESULTS_FILE = "all_results.json"
 # copied from the dataset folder's metadata
 _METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits")
 
@@ -93,7 +93,8 @@ def run_description(
             "from_scratch": model_args.from_scratch,
             "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
             "preset": model_args.model_preset if model_args.from_scratch else None,
-            **{name: getattr(config, name) for name in architecture},
+            "architecture": type(model).__name__,
+            **{name: getattr(config, name, None) for name in architecture},  # a timm config has none but the size
             "num_parameters": model.num_parameters(),
             "attn_implementation": attn_implementation,
             "patch_keep": model_args.patch_keep,
@@ -115,7 +116,8 @@ def write_outputs(
 ) -> None:
     """Predictions CSV, figures, all_results.json, card, then the completion marker (the folder is a
     finished run from then on: :func:`hf_tissue_vit.modelfolder.mark_run_complete`), then the push."""
-    from .. import cards, metrics
+    from .. import metrics
+    from ..cards.build import write_model_card
     from ..modelfolder import mark_run_complete
 
     out = Path(trainer.args.output_dir)
@@ -130,7 +132,7 @@ def write_outputs(
     _figure(out / "training_curves.png", metrics.plot_training_curves, trainer.state.log_history,
             metric=metric if metric.startswith("eval_") else f"eval_{metric}")  # fmt: skip
     write_json_atomic(out / RESULTS_FILE, results)
-    cards.write_model_card(out)
+    write_model_card(out)
     mark_run_complete(out)
     if push:
         from .. import hub

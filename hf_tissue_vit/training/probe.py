@@ -1,12 +1,13 @@
 """``--freeze_backbone``: train only the classifier on the frozen backbone's features (the linear-probe protocol
 for pathology backbones), computed once per tile and view instead of every epoch.
 
-The features are what the classifier of ``ViTForImageClassification`` reads: the CLS token after the final
-layernorm. They are kept in the decoded-tile cache folder, keyed by the backbone's weights, the split's
-fingerprint, the transform and the view. While :func:`linear_probe` is active the Trainer trains and validates
-the whole model on those features (``model.vit`` passes them through), so checkpoints, resume, the best-model
-selection and ``save_pretrained`` all see the complete ViT with its untouched backbone; the test split is then
-evaluated on the tiles themselves, through the full model.
+The features are what the model's classifier reads (:func:`hf_tissue_vit.backbones.pooled_features`): ViT's CLS
+token after the final layernorm, DINOv2's CLS token beside its mean patch token, a timm model's pre-logits. They
+are kept in the decoded-tile cache folder, keyed by the backbone's weights, the split's fingerprint, the transform
+and the view. While :func:`linear_probe` is active the Trainer trains and validates the whole model on those
+features (its forward runs only the classifier on them), so checkpoints, resume, the best-model selection and
+``save_pretrained`` all see the complete model with its untouched backbone; the test split is then evaluated on
+the tiles themselves, through the full model.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import ImageClassifierOutput
 
+from .. import backbones
 from .tiles import EpochCallback, TileCollator, TileDataset, decode_cache_file, split_fingerprint, write_decode_cache
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,10 @@ def collate_features(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 def backbone_fingerprint(model: Any) -> str:
     """A digest of the backbone's weights (names, shapes, values): features computed by it are reusable."""
     digest = hashlib.blake2b(digest_size=12)
-    for name, tensor in model.vit.state_dict().items():
+    head = {p.data_ptr() for p in backbones.head_of(model).parameters()}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in head:
+            continue
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -63,7 +68,8 @@ def backbone_fingerprint(model: Any) -> str:
 def compute_features(
     model: Any, tiles: TileDataset, collator: TileCollator, batch_size: int, bf16: bool = False
 ) -> torch.Tensor:
-    """CLS features [N, D] (float32, CPU) of ``tiles`` after ``collator``'s transform, with the model in eval mode."""
+    """Classifier-input features [N, D] (float32, CPU) of ``tiles`` after ``collator``'s transform, with the model
+    in eval mode."""
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(tiles, batch_size=batch_size, shuffle=False, collate_fn=collator)
     was_training = model.training
@@ -74,8 +80,8 @@ def compute_features(
             if "pixels" in batch:  # a uint8 training batch that the collator leaves to the device
                 batch = collator.augment_on_device({**batch, "pixels": batch["pixels"].to(device)})
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                hidden = model.vit(batch["pixel_values"].to(device)).last_hidden_state
-            parts.append(hidden[:, 0].float().cpu())
+                features = backbones.pooled_features(model, batch["pixel_values"].to(device))
+            parts.append(features.float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(parts)
@@ -132,18 +138,20 @@ def probe_features(
 
 
 @contextlib.contextmanager
-def _backbone_passes_features(model: Any) -> Iterator[None]:
-    """While active, ``model.vit`` returns its input (a batch of cached CLS features) as its CLS output."""
-    backbone = model.vit
+def _classifier_reads_features(model: Any) -> Iterator[None]:
+    """While active, ``model``'s forward runs only its classifier, on a batch of cached features."""
+    head = backbones.head_of(model)
 
-    def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> BaseModelOutput:
-        return BaseModelOutput(last_hidden_state=pixel_values.unsqueeze(1))
+    def forward(pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
+        logits = head(pixel_values)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.float(), labels)
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
-    backbone.forward = forward  # an instance attribute: the module's weights and state dict are unchanged
+    model.forward = forward  # an instance attribute: the module's weights and state dict are unchanged
     try:
         yield
     finally:
-        del backbone.forward
+        del model.forward
 
 
 @contextlib.contextmanager
@@ -151,7 +159,7 @@ def linear_probe(trainer: Any, data: Any, views: int, cache: bool = True, cache_
     """Make ``trainer`` (whose model's backbone is frozen) train and validate the classifier on cached features
     of ``data``'s train and validation tiles; on exit it is back on the tiles (for the test split)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if any(p.requires_grad for p in model.vit.parameters()):
+    if any(p.requires_grad for p in backbones.backbone_parameters(model).values()):
         raise ValueError("linear_probe needs a frozen backbone (freeze_model_parts(model, backbone=True))")
     collator = trainer.data_collator
     if not isinstance(collator, TileCollator):
@@ -162,7 +170,7 @@ def linear_probe(trainer: Any, data: Any, views: int, cache: bool = True, cache_
     trainer.train_dataset, trainer.eval_dataset = features["train"], features["validation"]
     trainer.data_collator = collate_features
     try:
-        with _backbone_passes_features(model):
+        with _classifier_reads_features(model):
             yield
     finally:
         trainer.train_dataset, trainer.eval_dataset = saved[0], saved[1]

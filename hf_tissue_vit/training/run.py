@@ -18,14 +18,16 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from .. import hardware
-from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model
-from ..transforms import ProcessorTransform, TileTransform, make_image_processor
+from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model, checkpoint_preprocessing
+from ..transforms.processor import ProcessorTransform, make_image_processor
+from ..transforms.tile_transform import TileTransform
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
+from .speed import SPEED_KEY, SpeedCallback
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
 
@@ -66,9 +68,9 @@ class TrainingData:
 
 def default_dataset_dir() -> Path:
     """Where the default dataset (Kather release, stratified split) is built on first use."""
-    from .. import data
+    from ..data.download import default_cache_dir
 
-    return data.default_cache_dir().parent / "kather2016_stratified"
+    return default_cache_dir().parent / "kather2016_stratified"
 
 
 def _warn_single_cpu_process() -> None:
@@ -104,6 +106,16 @@ def validate_run(
         patch_size=model_args.patch_size,
         overrides=model_args.overrides(),
     )
+    if model_args.patch_keep < 1 and not spec.family.token_sequence:
+        raise ValueError(f"--patch_keep {model_args.patch_keep}: PatchDropout needs a ViT or DINOv2 backbone, not a "
+                         f"{spec.family.name} model (leave --patch_keep at 1)")
+    if model_args.freeze_position_embeddings and not spec.family.token_sequence:
+        raise ValueError(f"--freeze_position_embeddings: a {spec.family.name} model has no position embeddings the "
+                         "package can reach; leave the flag out")
+    layers = getattr(spec.config, "num_hidden_layers", None)
+    if model_args.unfreeze_last_blocks is not None and layers is not None and model_args.unfreeze_last_blocks > layers:
+        raise ValueError(f"--unfreeze_last_blocks {model_args.unfreeze_last_blocks}: the backbone has {layers} blocks; "
+                         f"give 1 to {layers}")
     if checkpoint:
         check_model_folder(checkpoint, "--model_name_or_path")  # safetensors weights there; a run that finished
     build_default = not (data_args.dataset_dir or data_args.dataset_name)
@@ -128,16 +140,18 @@ def validate_run(
 def load_dataset_for_training(plan: RunPlan, label_names: list[str] | None = None) -> Any:
     """The plan's dataset folder or Hub dataset; the default dataset (the Kather release from Zenodo,
     ``data.build_dataset``'s default source) is built once into the HF cache and reused."""
-    from .. import data
+    from ..data.build import build_dataset_with_report
+    from ..data.download import DownloadError
+    from ..data.storage import load_tissue_dataset, save_dataset
 
     if plan.build_default_dataset and not (Path(plan.dataset_dir) / "dataset_dict.json").is_file():
         logger.info("no --dataset_dir/--dataset_name: building the default dataset into %s", plan.dataset_dir)
         try:
-            dataset, report = data.build_dataset_with_report(None)
-            data.save_dataset(dataset, plan.dataset_dir, report=report)
-        except data.DownloadError as err:  # its default hint names prepare_dataset.py's --source
+            dataset, report = build_dataset_with_report(None)
+            save_dataset(dataset, plan.dataset_dir, report=report)
+        except DownloadError as err:  # its default hint names prepare_dataset.py's --source
             raise err.with_hint(NO_DOWNLOAD_HINT) from err
-    return data.load_tissue_dataset(
+    return load_tissue_dataset(
         dataset_dir=plan.dataset_dir, dataset_name=plan.dataset_name, label_names=label_names,
         require_validation=False,
     )
@@ -153,7 +167,7 @@ def resolve_mpp(flag: float | None, metadata: dict[str, Any], dataset_dir: str |
     if saved is None:
         return None
     if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not (math.isfinite(saved) and saved > 0):
-        from ..data import METADATA_FILE
+        from ..data.storage import METADATA_FILE
 
         raise ValueError(f"{Path(dataset_dir) / METADATA_FILE}: mpp {saved!r} is not a positive number of "
                          "micrometres per pixel; rebuild the dataset or pass --mpp")
@@ -164,7 +178,7 @@ def load_training_data(
     plan: RunPlan, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> TrainingData:
     """Load the dataset (the main process first: it may build the default one) and decode its splits."""
-    from ..data import complete_splits, read_dataset_metadata
+    from ..data.storage import complete_splits, read_dataset_metadata
 
     with training_args.main_process_first(desc="dataset"):
         dataset = load_dataset_for_training(plan, training_args.expected_label_names)
@@ -189,20 +203,22 @@ def load_training_data(
     )
 
 
-def processor_stats(checkpoint: str | None) -> tuple[list[float], list[float]]:
-    """Mean/std of the checkpoint's processor when fine-tuning (the weights expect them)."""
-    from ..transforms import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+def processor_stats(source: ModelSpec | str | None) -> tuple[list[float], list[float]]:
+    """Mean/std of the checkpoint's own image processor when fine-tuning or continuing from a checkpoint (the
+    weights expect them): a checked :class:`ModelSpec` (read by :func:`~hf_tissue_vit.modeling.check_model`) or
+    a checkpoint path; the package's default otherwise."""
+    from ..transforms.processor import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
-    if checkpoint is not None:
-        try:
-            from transformers import AutoImageProcessor
-
-            processor = AutoImageProcessor.from_pretrained(checkpoint)
-            return list(processor.image_mean), list(processor.image_std)
-        except (OSError, ValueError, AttributeError):
-            logger.info(
-                "no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
-            )
+    if isinstance(source, str):
+        mean, std, _ = checkpoint_preprocessing(source, None)
+    else:
+        mean, std = (source.image_mean, source.image_std) if source is not None else (None, None)
+        source = source.checkpoint if source is not None else None
+    if source is not None and mean and std:
+        return list(mean), list(std)
+    if source is not None:
+        logger.info("no image processor with the checkpoint; using mean/std %s/%s", DEFAULT_IMAGE_MEAN,
+                    DEFAULT_IMAGE_STD)  # fmt: skip
     return list(DEFAULT_IMAGE_MEAN), list(DEFAULT_IMAGE_STD)
 
 
@@ -223,7 +239,7 @@ def build_model_and_processor(
     model = build_model(plan.model, data.label_names, plan.attn_implementation)
     _record_mpp(model.config, data.mpp)
     add_patch_dropout(model, patch_keep)
-    mean, std = processor_stats(plan.model.checkpoint)
+    mean, std = processor_stats(plan.model)
     return model, make_image_processor(model.config.image_size, mean, std)
 
 
@@ -238,7 +254,7 @@ def build_trainer(
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
                             device_augmentation=on_device)
-    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"])]
+    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback()]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = TissueTrainer(
@@ -263,9 +279,11 @@ def train(trainer: TissueTrainer, plan: RunPlan) -> dict[str, Any]:
     validation metrics."""
     claim_output_dir(plan.signature, trainer.args, plan.resume)
     train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    timers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpeedCallback)]
+    speed = {SPEED_KEY: timers[0].summary()} if timers else {}
     trainer.save_model()  # the selected (best) model + processor
     trainer.save_state()
-    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+    return {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval"), **speed}
 
 
 def evaluate_test_split(
@@ -310,7 +328,8 @@ def run_finetune(
         return finished_results(training_args)
     data = load_training_data(plan, data_args, training_args)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
-    freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings)
+    freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings,
+                       model_args.unfreeze_last_blocks)
     trainer = build_trainer(model, processor, data, data_args, training_args)
     with (linear_probe(trainer, data, model_args.probe_views, data_args.cache_decoded, data_args.decode_cache_dir)
           if model_args.freeze_backbone else contextlib.nullcontext()):  # fmt: skip

@@ -25,7 +25,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..cards.model_card import EVALUATIONS_FILE
 from ..fileio import atomic_write_json, check_writable_dir
-from ..modelfolder import COMPLETE_FILE, RUN_FILE, is_complete_run, read_run_file
+from ..modelfolder import (
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    PROCESSOR_FILE,
+    RESULTS_FILE,
+    RUN_FILE,
+    WEIGHT_FILES,
+    is_complete_run,
+    read_run_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +42,8 @@ logger = logging.getLogger(__name__)
 # is the package's card): removed when a run starts in a folder a run of the package owned, so a
 # folder never mixes one run's final files with another's. External evaluations describe old weights.
 RUN_OUTPUT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json",
-    "all_results.json", "test_predictions.csv", "confusion_matrix.png", "training_curves.png", "trainer_state.json",
+    *WEIGHT_FILES, CONFIG_FILE, PROCESSOR_FILE, RESULTS_FILE, "test_predictions.csv", "confusion_matrix.png",
+    "training_curves.png", "trainer_state.json",
     "training_args.bin", EVALUATIONS_FILE,
 )  # fmt: skip
 _SHARDS = "model-*-of-*.safetensors"
@@ -166,7 +175,7 @@ def remove_run_outputs(output_dir: str | os.PathLike) -> list[str]:
     """Remove the final files a run of the package wrote into ``output_dir`` (:data:`RUN_OUTPUT_FILES`, model
     shards, the package's README.md card) and the completion marker first; the user's other files, the
     logs and the checkpoints stay. Returns the names removed."""
-    from ..cards import existing_card, is_package_card
+    from ..cards.build import existing_card, is_package_card
 
     out = Path(output_dir)
     (out / COMPLETE_FILE).unlink(missing_ok=True)  # first: from here on the folder is not a finished run

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from ..fileio import atomic_write
 from ..imaging import decode_dataset_image
-from ..transforms import TileTransform
+from ..transforms.tile_transform import TileTransform
 
 logger = logging.getLogger(__name__)
 

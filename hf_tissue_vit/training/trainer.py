@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..fileio import fix_permissions
-from ..transforms import dihedral_views
+from ..transforms.augmentation import dihedral_views
 from .ema import EMA_FILE, EMACallback, WeightEMA
 from .progress import TrainingProgress
 from .tiles import loader_generator

@@ -19,8 +19,6 @@ from .augmentation import (
     RGB_FROM_HED,
     AugmentationConfig,
     dihedral_views,
-    hed_to_rgb,
-    rgb_to_hed,
 )
 from .processor import (
     DEFAULT_IMAGE_MEAN,
@@ -44,10 +42,8 @@ __all__ = [
     "SlowPath",
     "TileTransform",
     "dihedral_views",
-    "hed_to_rgb",
     "image_to_rgb8",
     "image_to_uint8",
     "make_image_processor",
     "processor_geometry",
-    "rgb_to_hed",
 ]

@@ -74,20 +74,6 @@ def dihedral_views(pixel_values: torch.Tensor) -> list[torch.Tensor]:
     return [torch.rot90(pixel_values, k, dims) for k in range(4)] + [torch.rot90(flipped, k, dims) for k in range(4)]
 
 
-def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1], shape [B,3,H,W] -> HED stain optical densities (Ruifrok & Johnston)."""
-    od = _LOG_256 - torch.log1p(rgb * 255)
-    matrix = torch.tensor(HED_FROM_RGB, dtype=rgb.dtype, device=rgb.device)
-    return torch.einsum("bchw,cd->bdhw", od, matrix)
-
-
-def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rgb_to_hed`: HED optical densities -> RGB in [0, 1] (not clamped)."""
-    matrix = torch.tensor(RGB_FROM_HED, dtype=hed.dtype, device=hed.device)
-    od = torch.einsum("bdhw,dc->bchw", hed, matrix)
-    return torch.expm1(_LOG_256 - od) / 255
-
-
 def uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     """Uniform draws on the CPU (every random number of the augmentations is drawn there, from one CPU
     generator, so a batch augmented on a GPU gets the same draws as on the CPU)."""

@@ -1,4 +1,6 @@
-"""Card templates: shipped in the repository's ``model_card/`` and installed as package data."""
+"""Card templates (model and dataset cards): shipped in the repository's ``model_card/`` and installed as
+package data. A base module: :mod:`hf_tissue_vit.data` renders its dataset card with it, and
+:mod:`hf_tissue_vit.cards` its model card."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from huggingface_hub import CardData, DatasetCard, ModelCard
 
 # An installed package (wheel, non-editable install) carries the templates in ``hf_tissue_vit/templates``
 # (setup.py maps ``model_card/*.md`` there); a source checkout reads them from ``model_card/``.
-_INSTALLED = Path(__file__).resolve().parent.parent / "templates"
-_CHECKOUT = Path(__file__).resolve().parents[2] / "model_card"
+_INSTALLED = Path(__file__).resolve().parent / "templates"
+_CHECKOUT = Path(__file__).resolve().parents[1] / "model_card"
 
 
 def template_path(name: str) -> Path:
