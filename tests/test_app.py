@@ -280,6 +280,23 @@ def test_last_layer_heads_on_demand(client, uploads):
 
 
 @pytest.mark.slow
+def test_tile_tab_on_an_image_over_1024_px(client, uploads, tmp_path):
+    """A 1200 x 1100 px upload: classified, its overlay and heads drawn at the explained size (at most
+    1024 px a side), as attention_maps.py does, instead of failing on the size mismatch."""
+    from gradio_client import handle_file
+
+    with Image.open(uploads["tumor"]) as tile:
+        big = tmp_path / "big_1200.png"
+        tile.convert("RGB").resize((1200, 1100)).save(big)
+    label, _, warnings, shown, overlay = client.predict(handle_file(str(big)), 0.0, api_name="/classify_tile")
+    assert label["label"] in CLASS_NAMES and warnings["visible"] is True  # far from the training size: warned
+    with Image.open(shown) as picture, Image.open(overlay) as heat:
+        assert picture.size == heat.size and max(picture.size) == 1024
+    heads = client.predict(handle_file(str(big)), api_name="/attention_heads")
+    assert len(heads) == 4
+
+
+@pytest.mark.slow
 def test_tissue_map_endpoint_returns_overlay_and_fractions(client, uploads):
     """A 4 x 2 mosaic of 48 px tiles (two of them glass): 8 windows, 6 classified, 2 background."""
     from gradio_client import handle_file
