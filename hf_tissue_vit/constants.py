@@ -1,4 +1,4 @@
-"""Facts about the Kather 2016 data that data, cards and scripts share."""
+"""Facts about the known tile releases (Kather 2016, NCT-CRC-HE) that data, cards and scripts share."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ CLASS_DESCRIPTIONS: dict[str, str] = {
     "pale mucin-filled goblet cells.",
     "Adipose": "Adipose tissue: large empty (white) fat vacuoles with thin pink membranes.",
     "Empty": "Background: no tissue (glass).",
+    # NCT-CRC-HE-100K / CRC-VAL-HE-7K classes (Adipose and Debris as above).
+    "Background": "Background: no tissue (glass).",
+    "Lymphocytes": "Lymphocytes: dense small round dark-blue nuclei with little cytoplasm.",
+    "Mucus": "Mucus: pale blue-grey to light pink, nearly acellular extracellular mucin.",
+    "Smooth muscle": "Smooth muscle: pink bundles of spindle cells with elongated, cigar-shaped nuclei.",
+    "Normal mucosa": "Normal colon mucosa: regular crypts of columnar cells with basal nuclei and goblet cells.",
+    "Cancer-associated stroma": "Cancer-associated stroma: pink desmoplastic collagen with scattered "
+    "fibroblast nuclei next to tumour.",
+    "Tumor epithelium": "Colorectal adenocarcinoma epithelium: crowded, enlarged, hyperchromatic nuclei in "
+    "irregular glands.",
 }
 
 TILE_SIZE = 150
@@ -54,6 +64,30 @@ KATHER_CITATION = (
     "Multi-class texture analysis in colorectal cancer histology. Scientific Reports 6, 27988 "
     "(2016). doi:10.1038/srep27988. Data: doi:10.5281/zenodo.53169"
 )
+# NCT-CRC-HE-100K and CRC-VAL-HE-7K (Kather et al. 2019): 224 px tiles at 0.5 um/px, Macenko-normalised;
+# folder code -> the readable class name a dataset keeps, in the release's (alphabetical) label order.
+NCT_CLASSES: dict[str, str] = {
+    "ADI": "Adipose", "BACK": "Background", "DEB": "Debris", "LYM": "Lymphocytes", "MUC": "Mucus",
+    "MUS": "Smooth muscle", "NORM": "Normal mucosa", "STR": "Cancer-associated stroma", "TUM": "Tumor epithelium",
+}
+NCT_MPP = 0.5
+NCT_CITATION = (
+    "Kather JN, Krisam J, Charoentong P, Luedde T, Herpel E, Weis CA, Gaiser T, Marx A, Valous NA, Ferber D, "
+    "Jansen L, Reyes-Aldasoro CC, Zörnig I, Jäger D, Brenner H, Chang-Claude J, Hoffmeister M, Trautwein C, "
+    "Halama N. Predicting survival from colorectal cancer histology slides using deep learning: a retrospective "
+    "multicenter study. PLoS Medicine 16(1), e1002730 (2019). doi:10.1371/journal.pmed.1002730. "
+    "Data: doi:10.5281/zenodo.1214456"
+)
+NCT_BIBTEX = """@article{kather2019predicting,
+  title   = {Predicting survival from colorectal cancer histology slides using deep learning: A retrospective multicenter study},
+  author  = {Kather, Jakob Nikolas and Krisam, Johannes and Charoentong, Pornpimol and Luedde, Tom and Herpel, Esther and Weis, Cleo-Aron and Gaiser, Timo and Marx, Alexander and Valous, Nektarios A. and Ferber, Dyke and others},
+  journal = {PLoS Medicine},
+  volume  = {16},
+  number  = {1},
+  pages   = {e1002730},
+  year    = {2019},
+  doi     = {10.1371/journal.pmed.1002730}
+}"""
 KATHER_BIBTEX = """@article{kather2016multi,
   title   = {Multi-class texture analysis in colorectal cancer histology},
   author  = {Kather, Jakob Nikolas and Weis, Cleo-Aron and Bianconi, Francesco and Melchers, Susanne M. and Schad, Lothar R. and Gaiser, Timo and Marx, Alexander and Z{\\"o}llner, Frank Gerrit},

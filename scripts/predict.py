@@ -10,6 +10,8 @@ error (empty when fine), one probability column per class, then top2_label, top2
 (.svs, .ndpi, .mrxs, ...) are skipped with a warning (make a tissue map of a slide with
 scripts/tissue_map.py). Files far from the model's training tile size (a side over 2x smaller or
 larger) and greyscale files are classified, with one warning per kind (see hf_tissue_vit.predict.input_checks).
+--mpp (the images' µm/px) resizes tiles of another scale to the model's (config.mpp) before its image
+processor, as tissue_map.py reads slides at the model's scale; when either is unknown, one warning.
 The --output file is checked to be writable before the model is loaded.
 Many GPUs: `accelerate launch [--num_processes N] scripts/predict.py ...` (add --device cpu for CPU
 processes) gives each process a contiguous shard of the files, on its own device; the main process
@@ -34,6 +36,7 @@ from hf_tissue_vit.distributed import ShardedCSV, gather, process_device, proces
 from hf_tissue_vit.fileio import check_writable_file
 from hf_tissue_vit.hardware import parse_bf16_flag
 from hf_tissue_vit.predict import TilePredictor, check_inputs, check_top_k, list_input_files, write_prediction_rows
+from hf_tissue_vit.units import check_mpp
 
 
 @dataclass
@@ -46,6 +49,9 @@ class PredictArguments:
     top_k: int = field(default=1, metadata={"help": "Also write the top-k labels and scores (k >= 2)."})
     num_workers: int = field(default=4, metadata={"help": "Image decoding threads (0 = none)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    mpp: float | None = field(default=None, metadata={
+        "help": "Micrometres per pixel of the images: tiles of another scale than the model's (config.mpp) are "
+                "resized to it before its image processor (without it: one warning, tiles as they are)."})
     bf16: str = field(default="auto", metadata={
         "help": "bf16 model copy: auto (on where the CPU/GPU has native bf16), true or false; --bf16 alone = true.",
         "nargs": "?", "const": "true"})
@@ -61,6 +67,7 @@ class PredictArguments:
         if self.num_workers < 0 or (self.num_threads is not None and self.num_threads < 1):
             raise ValueError("--num_workers must be >= 0 and --num_threads >= 1")
         parse_bf16_flag(self.bf16)
+        check_mpp(self.mpp, "--mpp")
         check_inputs(self.inputs)
         check_writable_file(self.output, "--output")  # before the model is loaded
 
@@ -75,7 +82,7 @@ def _run(argv: list[str] | None) -> int:
         torch.set_num_threads(args.num_threads)
     predictor = TilePredictor.from_pretrained(
         args.model, device=process_device(state, args.device), batch_size=args.batch_size, tta=args.tta,
-        num_workers=args.num_workers, bf16=parse_bf16_flag(args.bf16),
+        num_workers=args.num_workers, bf16=parse_bf16_flag(args.bf16), mpp=args.mpp,
     )
     check_top_k(args.top_k, predictor.label_names)
     mine = split(state, paths)  # a contiguous shard each: the joined CSV keeps the input order

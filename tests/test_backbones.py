@@ -187,7 +187,17 @@ def test_family_linear_probe(family: str, tiny_dataset_dir: Path, tmp_path: Path
     from transformers import ViTImageProcessorPil
 
     pixel_values = TileTransform.from_processor(ViTImageProcessorPil.from_pretrained(out))(validation)
-    pooled = backbones.pooled_features(trained, pixel_values).numpy()
+    with torch.no_grad():  # the backbone's pooled output, computed here without the package's hook
+        if family == "vit":
+            pooled = trained.vit(pixel_values).last_hidden_state[:, 0]
+        elif family == "timm":
+            timm_model = trained.timm_model
+            pooled = timm_model.forward_head(timm_model.forward_features(pixel_values), pre_logits=True)
+        else:
+            hidden = trained.dinov2_with_registers(pixel_values).last_hidden_state
+            pooled = torch.cat([hidden[:, 0], hidden[:, 1 + 2:].mean(dim=1)], dim=1)  # CLS, mean patch (no registers)
+    torch.testing.assert_close(backbones.pooled_features(trained, pixel_values), pooled)
+    pooled = pooled.numpy()
     cached = [np.load(path) for path in cache.glob("*features-*_12.npy")]
     assert len(cached) == 1 and np.allclose(cached[0], pooled, atol=1e-5)
     expected_dim = {"vit": 24, "dinov2_registers": 48, "timm": 24}[family]  # DINOv2: CLS beside mean patch
@@ -424,3 +434,15 @@ def test_dinov2_under_accelerate_launch_with_two_processes(extra: list[str], tin
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["hardware"]["num_processes"] == 2 and results["test_samples"] == 12
+
+
+def test_ci_runs_the_timm_tests_in_their_own_environment():
+    """.ci/run: the `timm` tests in a second venv (PyPI's torch 2.14.1 + torchvision 0.29.1 + the [timm] extra),
+    the main suite on the CPU torch 2.13.0; setup.py has the extra."""
+    root = RECIPES.parent.parent
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    timm_steps = ["-m pip install --quiet torch==2.14.1 torchvision==0.29.1",
+                  '-m pip install --quiet -e ".[test,timm]"', "-m pytest tests/test_backbones.py -q -ra -m timm"]
+    positions = [ci.index(step) for step in timm_steps]
+    assert positions == sorted(positions) and "python -m pip install --quiet torch==2.13.0" in ci
+    assert '"timm": ["timm' in (root / "setup.py").read_text(encoding="utf-8")

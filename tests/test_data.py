@@ -160,7 +160,6 @@ def test_hub_source_classlabel_with_splits(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize(
     ("features", "labels", "match"),
     [
-        (Features({"img": ImageFeature(), "label": Value("string")}), ["cat", "dog"], r"\['cat', 'dog'\]"),
         (Features({"img": ImageFeature(), "label": Value("int64")}), [0, 1], "not a ClassLabel"),
         (Features({"img": ImageFeature(), "y": Value("int64")}), [0, 1], "no label column"),
     ],
@@ -555,7 +554,12 @@ def test_card_info_from_metadata(release_dir: Path, tmp_path: Path) -> None:
     assert not {"split_by", "seed", "source", "source_kind", "tile_size", "mpp", "checks", "version"} & set(known)
     assert known["total"] == 3
     text = str(minimal.render())
-    assert "| 1 | Stroma | `02_STROMA` |" in text and "µm" not in text and "Split mode" not in text
+    assert "| 1 | Stroma |  |" in text and "µm" not in text and "Split mode" not in text
+    assert "Kather et al" not in text and "## Citation" not in text  # other data: no Kather citation, no folder
+    counts = {"train": {"Tumor": 1, "Stroma": 2}}
+    kather = str(DatasetCardInfo(class_names=["Tumor", "Stroma"], split_class_counts=counts, preset="kather2016",
+                                 citation="Kather 2016").render())
+    assert "| 1 | Stroma | `02_STROMA` |" in kather
     assert DatasetCardInfo.from_metadata({**read_dataset_metadata(out), "split_by": "unknown"}).split_by is None
 
 

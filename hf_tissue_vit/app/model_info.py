@@ -54,6 +54,8 @@ class ModelInfo:
     base_model: str | None = None
     license: str | None = None
     versions: dict[str, str] = field(default_factory=dict)  # of the packages it was trained with
+    data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
+    data_citation: str | None = None  # the training data's own citation
 
     @property
     def display_name(self) -> str:
@@ -138,6 +140,9 @@ def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
         base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
         license=card.data.license if card is not None else None,
         versions={str(k): str(v) for k, v in (results.get("versions") or {}).items()},
+        # runs from before presets were recorded trained on Kather 2016 tiles
+        data_preset=facts.dataset.get("preset") or (None if "preset" in facts.dataset else "kather2016"),
+        data_citation=facts.dataset.get("citation"),
     )
 
 
@@ -223,10 +228,14 @@ def about_markdown(info: ModelInfo) -> str:
               "H&E colours nuclei blue/purple (hematoxylin) and cytoplasm and collagen pink (eosin).",
               "\n".join(["| class | what it looks like in H&E |", "|---|---|",
                          *[f"| **{name}** | {CLASS_DESCRIPTIONS.get(name, '')} |" for name in info.label_names]])]
+    if info.data_preset == "kather2016":
+        data = (f"Kather et al. (2016) colorectal cancer histology tiles ({info.training_text()}), one centre and one "
+                f"scanner; released under CC-BY 4.0. {KATHER_CITATION}.")
+    else:
+        data = f"{len(info.label_names)}-class {info.training_text()}. {info.data_citation or ''}".strip()
     parts += [
         "## Data",
-        (f"Kather et al. (2016) colorectal cancer histology tiles ({info.training_text()}), one centre and one "
-         f"scanner; released under CC-BY 4.0. {KATHER_CITATION}."),
+        data,
         "## Intended use",
         (f"**{DISCLAIMER}** Expect lower accuracy on other labs' staining, scanners or magnifications, "
         "and on tissue that is none of the classes above."),

@@ -234,7 +234,8 @@ def build_app(model: AppModel, examples: Sequence[Example] = (), mosaic: str | N
     # Uploads and outputs older than 2 h are deleted every hour: a Space runs for weeks.
     with gr.Blocks(title=f"H&E tissue classifier: {info.display_name}", delete_cache=(3600, 7200)) as demo:
         gr.Markdown(f"# H&E colorectal tissue classifier\nModel `{info.display_name}`: {len(info.label_names)} tissue "
-                    f"classes ({', '.join(info.label_names)}), trained on Kather et al. 2016 tiles.",
+                    f"classes ({', '.join(info.label_names)})"
+                    f"{', trained on Kather et al. 2016 tiles' if info.data_preset == 'kather2016' else ''}.",
                     elem_id="header")
         gr.Markdown(f"**{DISCLAIMER}**", elem_id="disclaimer")
         with gr.Tabs():

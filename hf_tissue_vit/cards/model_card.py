@@ -2,8 +2,9 @@
 
 :class:`ModelCardInfo` holds every fact the card can state; a field the run did not record stays
 ``None`` and the template leaves it out. Nothing on the card is invented: a folder that was not
-trained by this package (e.g. by plain ``Trainer``) gets no claim of it, no Kather description and
-no metric it does not report.
+trained by this package (e.g. by plain ``Trainer``) gets no claim of it, no class descriptions and
+no metric it does not report. Data facts (release, citation, tile size) come from the dataset the run
+recorded; a dataset that is no known release is cited with its own citation, if it has one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..card_templates import render_card, render_text
-from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, VIT_BIBTEX
+from ..constants import ALL_CLASS_NAMES, CLASS_DESCRIPTIONS, KATHER_BIBTEX, NCT_BIBTEX, VIT_BIBTEX
 from ..modelfolder import CONFIG_FILE, RUN_FILE, ModelFacts, read_model_facts  # RUN_FILE: in every finetune.py run
 
 MODEL_CARD_TEMPLATE = "model_card.md"
@@ -29,6 +30,9 @@ PACKAGE_TAG = "hf_tissue_vit"  # marks a card this package wrote (and may theref
 DEFAULT_MODEL_LICENSE = "cc-by-4.0"
 EVALUATIONS_FILE = "hf_tissue_vit_evaluations.json"  # external evaluations added to the card
 KATHER_DATASET = "Kather 2016 colorectal cancer histology tiles"
+# The known releases (data.classes.PRESETS): what the card calls them and how it cites them.
+_DATASETS = {"kather2016": (KATHER_DATASET, KATHER_BIBTEX),
+             "nct-crc-he": ("NCT-CRC-HE colorectal cancer tissue tiles", NCT_BIBTEX)}
 _SPLIT_DESCRIPTIONS = {
     "stratified": "stratified per class (68% / 16% / 16%), fixed seed.",
     "slide": "slide-disjoint (no slide in two splits), fixed seed.",
@@ -71,6 +75,9 @@ class ModelCardInfo:
     made_splits: dict[str, Any] | None = None  # validation/test made from the dataset's train split
     split_sizes: list[tuple[str, int]] | None = None
     mpp: float | None = None
+    data_preset: str | None = None  # the known release the training data came from (kather2016, nct-crc-he)
+    data_citation: str | None = None  # the training data's own citation, when it is no known release
+    tile_size: list[int] | None = None  # px of the training tiles
     image_size: int | None = None
     patch_size: int | None = None
     num_parameters: int | None = None
@@ -131,6 +138,12 @@ class ModelCardInfo:
         splits = dataset.get("splits")
         if isinstance(splits, dict):
             self.split_sizes = [(k, int(v)) for k, v in splits.items() if isinstance(v, (int, float))] or None
+        # Runs from before presets were recorded trained on Kather 2016 tiles only.
+        legacy = "preset" not in dataset and set(self.label_names) <= set(ALL_CLASS_NAMES)
+        self.data_preset = dataset.get("preset") or ("kather2016" if legacy and self.trained_with_package else None)
+        self.data_citation = None if self.data_preset in _DATASETS else dataset.get("citation")
+        tile = dataset.get("tile_size") or ([150, 150] if self.data_preset == "kather2016" else None)
+        self.tile_size = list(tile) if tile else None
         self.hyperparameters = hyperparameter_rows(results.get("hyperparameters") or {}) or None
         hardware = results.get("hardware")
         if isinstance(hardware, dict):
@@ -153,9 +166,11 @@ class ModelCardInfo:
         dataset and split, each metric once (a later evaluation of the same data replaces the earlier's)."""
         groups: dict[tuple[str, str], list[EvalResult]] = {}
         if self.test:
-            name = self.dataset_id or (KATHER_DATASET if self.trained_with_package else None)
+            known = _DATASETS.get(self.data_preset or "", (None, None))[0]
+            name = self.dataset_id or (known if self.trained_with_package else None)
             if name:
-                dataset_type = self.dataset_id or "kather2016-colorectal-histology"
+                dataset_type = self.dataset_id or (
+                    "kather2016-colorectal-histology" if self.data_preset == "kather2016" else self.data_preset)
                 groups[dataset_type, "test"] = _metric_entries(self.test, name, dataset_type, "test")
         for ev in self.evaluations:
             # the Hub groups entries by dataset: two evaluations of one dataset would list each metric twice
@@ -188,7 +203,9 @@ class ModelCardInfo:
             validation_rows=[{"name": _NAMES[k], "value": fmt(v)} for k, v in self.validation.items()] or None,
             per_class=_per_class_rows(self.per_class) or None,
             evaluation_sections=[evaluation_section(ev) for ev in self.evaluations] or None,
-            vit_bibtex=VIT_BIBTEX, kather_bibtex=KATHER_BIBTEX if self.trained_with_package else None,
+            vit_bibtex=VIT_BIBTEX,
+            data_bibtex=_DATASETS.get(self.data_preset or "", (None, None))[1] if self.trained_with_package else None,
+            data_name=_DATASETS.get(self.data_preset or "", (None, None))[0],
         )
         return variables
 

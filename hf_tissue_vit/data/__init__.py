@@ -1,10 +1,12 @@
-"""Kather 2016 tissue tiles as a Hugging Face ``DatasetDict`` (train / validation / test).
+"""Labelled tissue tiles as a Hugging Face ``DatasetDict`` (train / validation / test).
 
 Modules, in the order a build runs through them:
 
-- :mod:`.sources` finds the tiles in a folder or zip (release or train/val/test layout),
-  :mod:`.hub_source` in a Hub dataset, :mod:`.download` fetches the Zenodo zip (cache, MD5);
-- :mod:`.decode` decodes each file once (checks: modes, sizes, duplicates);
+- :mod:`.sources` finds the tiles in a folder or zip (class folders or train/val/test layout),
+  :mod:`.manifest` in a CSV/Parquet manifest, :mod:`.hub_source` in a Hub dataset, :mod:`.download`
+  fetches the Kather 2016 Zenodo zip (cache, MD5); :mod:`.classes` decides the classes and their order
+  (presets for known releases, ``--classes``, ``--label_map``);
+- :mod:`.decode` decodes each file once, streaming to Arrow shards (checks: modes, sizes, duplicates);
 - :mod:`.splits` assigns tiles to splits (stratified, slide-disjoint, or as given);
 - :mod:`.build` runs those steps (:func:`build_dataset_with_report`) and fills the :class:`BuildReport`;
 - :mod:`.storage` saves / loads / pushes, with the metadata file; :mod:`.card` renders the dataset card;
@@ -23,6 +25,7 @@ from .build import (
     tile_resolution,
 )
 from .card import DatasetCardInfo, dataset_card
+from .classes import PRESET_NAMES, PRESETS, ClassChoice, parse_class_list, parse_label_map
 from .download import (
     DEFAULT_DOWNLOAD_TIMEOUT,
     DownloadError,
@@ -46,6 +49,7 @@ from .schema import (
 from .splits import SPLIT_FRACTIONS, SPLIT_MODES, target_split_sizes
 from .storage import (
     METADATA_FILE,
+    build_workspace,
     check_output_dir,
     complete_splits,
     dataset_metadata,
@@ -56,6 +60,12 @@ from .storage import (
 )
 
 __all__ = [
+    "PRESETS",
+    "PRESET_NAMES",
+    "ClassChoice",
+    "build_workspace",
+    "parse_class_list",
+    "parse_label_map",
     "DEFAULT_DOWNLOAD_TIMEOUT",
     "METADATA_FILE",
     "SLIDE_PATTERN",

@@ -2,17 +2,21 @@
 
 Sources (auto-detected by :func:`build_dataset`):
 
-1. the Kather release, as a folder or ``.zip``, with class folders ``01_TUMOR`` ... ``08_EMPTY``;
+1. a folder or ``.zip`` of class folders of any names (``imagefolder``); the Kather 2016 release
+   (``01_TUMOR`` ... ``08_EMPTY``) and NCT-CRC-HE-100K / CRC-VAL-HE-7K (``ADI`` ... ``TUM``) are presets;
 2. a folder already split as ``train/ val|validation/ test/``, each holding class folders;
-3. a Hub dataset id, loaded with ``datasets.load_dataset`` and mapped onto our features;
-4. nothing: the Zenodo zip is downloaded into the HF cache and its MD5 checked.
+3. a CSV or Parquet manifest of ``path,label[,slide][,split]`` rows (:mod:`.manifest`);
+4. a Hub dataset id, loaded with ``datasets.load_dataset`` and mapped onto our features;
+5. nothing: the Kather 2016 Zenodo zip is downloaded into the HF cache and its MD5 checked.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-import math
 import os
+import shutil
+import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -21,10 +25,13 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from ..constants import ALL_CLASS_NAMES, CLASS_NAMES, KATHER_MPP, TILE_SIZE, ZENODO_URL
-from .decode import Tile, decode_entries, duplicate_groups
+from ..constants import KATHER_MPP, TILE_SIZE, ZENODO_URL
+from ..units import check_mpp
+from .classes import ClassChoice, ClassPlan, Preset
+from .decode import Tile, duplicate_groups, tiff_resolution, tile_records, write_tiles
 from .download import check_md5, download_kather_zip, md5_of_file, release_location
 from .hub_source import check_hub_id, hub_entries, is_hub_id
+from .manifest import is_manifest, manifest_entries
 from .report import BuildReport
 from .schema import SLIDE_PATTERN, SPLITS, dataset_features, split_class_counts
 from .sources import Entry, folder_entries, zip_entries
@@ -32,11 +39,11 @@ from .splits import SPLIT_MODES, given_assign, slide_assign, stratified_assign
 
 logger = logging.getLogger(__name__)
 
-SOURCE_TYPES: tuple[str, ...] = ("auto", "release", "split", "hub", "download")
+SOURCE_TYPES: tuple[str, ...] = ("auto", "release", "split", "manifest", "hub", "download")
 
 
 def resolve_source(source: str | os.PathLike | None, source_type: str) -> tuple[str, str]:
-    """(kind, source) with kind in ``folder``, ``zip``, ``hub``, ``download``."""
+    """(kind, source) with kind in ``folder``, ``zip``, ``manifest``, ``hub``, ``download``."""
     if source_type not in SOURCE_TYPES:
         raise ValueError(f"source_type must be one of {SOURCE_TYPES}, got {source_type!r}")
     if source is None or str(source) == "" or source_type == "download":
@@ -47,16 +54,21 @@ def resolve_source(source: str | os.PathLike | None, source_type: str) -> tuple[
         return "hub", check_hub_id(text, "source")
     if path.is_dir():
         return "folder", str(path)
+    if path.is_file() and (source_type == "manifest" or is_manifest(path)):
+        return "manifest", str(path)
+    if source_type == "manifest":
+        raise FileNotFoundError(f"manifest {text!r} does not exist; pass a .csv or .parquet file of path,label rows")
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"source {text!r} is a file but not a zip archive; pass the release .zip or a folder")
+            raise ValueError(f"source {text!r} is a file but not a zip archive or a .csv/.parquet manifest; "
+                             "pass a folder of class folders, a .zip of one, or a manifest")
         return "zip", str(path)
     looks_like_id = is_hub_id(text) and not text.lower().endswith(".zip")
     if source_type == "auto" and looks_like_id and not path.is_absolute() and not text.startswith("."):
         return "hub", text
     raise FileNotFoundError(
-        f"source {text!r} does not exist; pass an existing folder (01_TUMOR ... or train/ val/ test/), "
-        "a .zip of the release, or a Hub dataset id such as user/name"
+        f"source {text!r} does not exist; pass an existing folder (class folders or train/ val/ test/), "
+        "a .zip of one, a .csv/.parquet manifest, or a Hub dataset id such as user/name"
     )
 
 
@@ -65,22 +77,20 @@ def is_kather_tiles(tiles: Sequence[Tile]) -> bool:
     return all(t.size == (TILE_SIZE, TILE_SIZE) and SLIDE_PATTERN.fullmatch(t.slide) for t in tiles)
 
 
-def check_mpp(mpp: float | None, argument: str = "mpp") -> float | None:
-    """``mpp`` as a float if it is a positive, finite number of micrometres per pixel (None passes)."""
-    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-        raise ValueError(
-            f"{argument} must be a positive number of micrometres per pixel (e.g. 0.5 at 20x), got {mpp!r}"
-        )
-    return None if mpp is None else float(mpp)
-
-
-def tile_resolution(tiles: Sequence[Tile], mpp: float | None) -> float | None:
-    """Micrometres per pixel of the tiles: ``mpp`` when given, the Kather scan's for Kather tiles, else None."""
+def tile_resolution(tiles: Sequence[Tile], mpp: float | None, preset: Preset | None = None,
+                    tiff_mpp: float | None = None) -> float | None:
+    """Micrometres per pixel of the tiles: ``mpp`` when given, else the preset's (Kather's only for Kather
+    release tiles), else what all the TIFF files' resolution tags say, else None."""
     if mpp is not None:
         return check_mpp(mpp)
-    if is_kather_tiles(tiles):
+    if preset is not None and preset.mpp is not None and (preset.name != "kather2016" or is_kather_tiles(tiles)):
+        return preset.mpp
+    if preset is None and is_kather_tiles(tiles):
         return KATHER_MPP
-    logger.info("the tiles' resolution is unknown (not Kather release tiles); pass --mpp to record it")
+    if tiff_mpp is not None:
+        logger.info("the tiles' resolution is %s µm/px (from their TIFF resolution tags)", tiff_mpp)
+        return tiff_mpp
+    logger.info("the tiles' resolution is unknown (no preset, no TIFF resolution); pass --mpp to record it")
     return None
 
 
@@ -98,19 +108,16 @@ def _local_source(
     return kind, where, where
 
 
-def _read_tiles(kind: str, where: str, report: BuildReport, layout: str, skip_bad_files: bool) -> list[Tile]:
-    """Find the entries of the source and decode each once."""
-    class_names = report.class_names
+def find_entries(kind: str, where: str, choice: ClassChoice, report: BuildReport,
+                 layout: str) -> tuple[list[Entry], ClassPlan]:
+    """The entries of the source and its classes; every listing check runs here, before any decoding."""
     if kind == "zip":
-        try:
-            zf = zipfile.ZipFile(where)
-        except zipfile.BadZipFile as exc:
-            raise ValueError(f"source {where!r} is not a readable zip: {exc}") from exc
-        with zf:  # the entries read from the open zip: decode before closing it
-            return decode_entries(zip_entries(zf, where, class_names, report, layout), report, skip_bad_files)
-    entries: list[Entry] = (folder_entries(Path(where), class_names, report, layout) if kind == "folder"
-                            else hub_entries(where, class_names, report))
-    return decode_entries(entries, report, skip_bad_files)
+        return zip_entries(where, choice, report, layout)
+    if kind == "folder":
+        return folder_entries(Path(where), choice, report, layout)
+    if kind == "manifest":
+        return manifest_entries(where, choice, report)
+    return hub_entries(where, choice, report)
 
 
 def _assign(tiles: Sequence[Tile], report: BuildReport) -> list[str | None]:
@@ -124,25 +131,16 @@ def _assign(tiles: Sequence[Tile], report: BuildReport) -> list[str | None]:
     return stratified_assign(tiles, groups, report.class_names, report.seed)
 
 
-def _assemble(tiles: Sequence[Tile], assignment: Sequence[str | None], class_names: Sequence[str]) -> DatasetDict:
-    """The splits, rows sorted by label then file name."""
-    features = dataset_features(class_names)
+def _assemble(work: Dataset, rows_of: Sequence[int], tiles: Sequence[Tile], assignment: Sequence[str | None],
+              class_names: Sequence[str]) -> DatasetDict:
+    """The splits as selections of the Arrow shards, rows sorted by label then file name."""
     label_of = {name: k for k, name in enumerate(class_names)}
+    stored = list(dataset_features(class_names))
     splits = {}
     for split in SPLITS:
-        rows = sorted(
-            (i for i, s in enumerate(assignment) if s == split),
-            key=lambda i: (label_of[tiles[i].class_name], tiles[i].name),
-        )
-        splits[split] = Dataset.from_dict(
-            {
-                "image": [{"bytes": tiles[i].png, "path": None} for i in rows],
-                "label": [label_of[tiles[i].class_name] for i in rows],
-                "slide": [tiles[i].slide for i in rows],
-                "filename": [tiles[i].name for i in rows],
-            },
-            features=features,
-        )
+        chosen = sorted((i for i, s in enumerate(assignment) if s == split),
+                        key=lambda i: (label_of[tiles[i].class_name], tiles[i].name))
+        splits[split] = work.select([rows_of[i] for i in chosen]).select_columns(stored)
     return DatasetDict(splits)
 
 
@@ -161,6 +159,20 @@ def _summarise(dataset_dict: DatasetDict, tiles: Sequence[Tile], assignment: Seq
         logger.warning("no tiles for: %s (too few tiles or slides for these classes)", ", ".join(empty))
 
 
+def default_num_proc() -> int:
+    """Decoding processes of a build: the machine's cores (at most 8)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _work_dir(work_dir: str | os.PathLike | None) -> str:
+    """Where the Arrow shards of a build go: ``work_dir``, or a temporary folder removed at exit."""
+    if work_dir is not None:
+        return str(work_dir)
+    folder = tempfile.mkdtemp(prefix="hf_tissue_vit-build-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def build_dataset_with_report(
     source: str | os.PathLike | None,
     *,
@@ -173,28 +185,47 @@ def build_dataset_with_report(
     url: str = ZENODO_URL,
     cache_dir: str | os.PathLike | None = None,
     mpp: float | None = None,
+    classes: str | Sequence[str] | None = None,
+    label_map: str | dict[str, str] | None = None,
+    preset: str = "auto",
+    citation: str | None = None,
+    num_proc: int | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> tuple[DatasetDict, BuildReport]:
     """Build train/validation/test from ``source`` (see the module docstring) and say what was seen.
 
-    ``md5`` checks a local zip before any work; with no source, ``url``/``md5`` (default: Zenodo)
-    are downloaded into ``cache_dir``. Sources that come split keep their split; ``split_by``
-    (``stratified`` or ``slide``) and ``seed`` apply to the others. ``mpp`` (micrometres per pixel)
-    is recorded for the tiles; without it, only Kather release tiles get one (``KATHER_MPP``).
+    Classes come from the source's folder or label names (:mod:`.classes`): ``classes`` picks and orders
+    a subset, ``label_map`` merges names, ``preset`` names a known release (``auto``: recognised by its
+    folder names). ``md5`` checks a local zip before any work; with no source, ``url``/``md5`` (default:
+    Zenodo) are downloaded into ``cache_dir``. Sources that come split keep their split; ``split_by``
+    (``stratified`` or ``slide``) and ``seed`` apply to the others. ``mpp`` (micrometres per pixel) is
+    recorded for the tiles (else the preset's, else the TIFF files'). Tiles are decoded by ``num_proc``
+    processes (default: the machine's cores) and streamed to Arrow shards in ``work_dir`` (default: a
+    temporary folder), which the returned splits read from: keep it until they are saved.
     """
     start = time.perf_counter()
     if split_by not in SPLIT_MODES:
         raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}")
     check_mpp(mpp)  # bad values fail before any work
     md5 = check_md5(md5)
-    class_names = list(ALL_CLASS_NAMES if keep_all_classes else CLASS_NAMES)
+    choice = ClassChoice(preset, classes, label_map, keep_all_classes)
     kind, where = resolve_source(source, source_type)
     kind, where, shown = _local_source(kind, where, md5, url, cache_dir)
-    report = BuildReport(source=shown, source_kind=kind, split_by=split_by, seed=seed, class_names=class_names)
+    report = BuildReport(source=shown, source_kind=kind, split_by=split_by, seed=seed, class_names=[])
     layout = source_type if source_type in ("release", "split") else "auto"
-    tiles = _read_tiles(kind, where, report, layout, skip_bad_files)
-    report.mpp = tile_resolution(tiles, mpp)
+    entries, plan = find_entries(kind, where, choice, report, layout)
+    report.class_names = list(plan.class_names)
+    report.preset = plan.preset.name if plan.preset else None
+    report.citation = citation or (plan.preset.citation if plan.preset else None)
+    parallel = num_proc if num_proc is not None else (default_num_proc() if kind != "hub" else 1)
+    work = write_tiles(entries, plan.class_names, _work_dir(work_dir), parallel)
+    del entries
+    records = tile_records(work, plan.class_names, report, skip_bad_files)
+    rows_of = [i for i, t in enumerate(records) if t is not None]
+    tiles = [records[i] for i in rows_of]
+    report.mpp = tile_resolution(tiles, mpp, plan.preset, tiff_resolution(work))
     assignment = _assign(tiles, report)
-    dataset_dict = _assemble(tiles, assignment, class_names)
+    dataset_dict = _assemble(work, rows_of, tiles, assignment, plan.class_names)
     _summarise(dataset_dict, tiles, assignment, report)
     report.build_seconds = round(time.perf_counter() - start, 2)
     return dataset_dict, report

@@ -16,12 +16,23 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..card_templates import render_card
-from ..constants import CLASS_DESCRIPTIONS, KATHER_BIBTEX, KATHER_CITATION
-from .schema import FOLDER_OF_CLASS, SPLITS
+from ..constants import CLASS_DESCRIPTIONS, KATHER_FOLDERS, NCT_CLASSES
+from .classes import PRESETS
+from .schema import SPLITS
 
 DATASET_CARD_TEMPLATE = "dataset_card.md"
-PRETTY_NAME = "Kather 2016 colorectal cancer histology tiles"
-TAGS = ["histology", "pathology", "H&E", "colorectal-cancer", "medical", "hf_tissue_vit"]
+PRETTY_NAME = "Tissue tiles"  # a dataset that is no known release
+TAGS = ["histology", "pathology", "H&E", "medical", "hf_tissue_vit"]
+# What the card says about a known release: its description and license.
+_PRESET_TEXT = {
+    "kather2016": ("Hematoxylin and eosin (H&E) stained tiles of colorectal cancer tissue from Kather et al. (2016)",
+                   "CC-BY 4.0, as published on Zenodo. Use requires attribution to the authors below."),
+    "nct-crc-he": ("H&E stained, Macenko-normalised tiles of colorectal cancer and normal tissue from Kather et al. "
+                   "(2019), NCT-CRC-HE-100K / CRC-VAL-HE-7K",
+                   "CC-BY 4.0, as published on Zenodo. Use requires attribution to the authors below."),
+}
+_RELEASE_FOLDERS = {name: folder for folder, name in KATHER_FOLDERS.items()} | {
+    name: code for code, name in NCT_CLASSES.items()}
 
 SPLIT_METHODS = {
     "stratified": "Stratified per class at random: validation and test get round(16%) of each class's tiles "
@@ -72,6 +83,8 @@ class DatasetCardInfo:
     checks: dict[str, Any] = field(default_factory=dict)
     hub_dataset_id: str | None = None
     version: str | None = None
+    preset: str | None = None  # a known release (data.classes.PRESETS)
+    citation: str | None = None  # the dataset's own citation (--citation or the preset's)
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> DatasetCardInfo:
@@ -91,7 +104,13 @@ class DatasetCardInfo:
             checks=checks,
             hub_dataset_id=metadata.get("hub_dataset_id"),
             version=metadata.get("version"),
+            preset=metadata.get("preset"),
+            citation=metadata.get("citation"),
         )
+
+    @property
+    def pretty_name(self) -> str:
+        return PRESETS[self.preset].pretty_name if self.preset in PRESETS else PRETTY_NAME
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -100,18 +119,19 @@ class DatasetCardInfo:
     def card_data(self) -> DatasetCardData:
         """The card's YAML header."""
         return DatasetCardData(
-            license="cc-by-4.0",
+            license="cc-by-4.0" if self.preset in PRESETS else None,
             task_categories=["image-classification"],
-            pretty_name=PRETTY_NAME,
+            pretty_name=self.pretty_name,
             size_categories=[_size_category(sum(self.split_sizes.values()))],
-            tags=list(TAGS),
+            tags=list(TAGS) + (["colorectal-cancer"] if self.preset in PRESETS else []),
             source_datasets=["original"],
         )
 
     def _classes(self) -> list[dict[str, Any]]:
         counts = self.split_class_counts
         return [
-            {"id": k, "name": name, "folder": FOLDER_OF_CLASS.get(name), "description": CLASS_DESCRIPTIONS.get(name),
+            {"id": k, "name": name, "folder": _RELEASE_FOLDERS.get(name) if self.preset else None,
+             "description": CLASS_DESCRIPTIONS.get(name),
              "counts": [counts.get(s, {}).get(name, 0) for s in SPLITS]}
             for k, name in enumerate(self.class_names)
         ]
@@ -120,7 +140,9 @@ class DatasetCardInfo:
         """The Jinja variables of the template; unknown facts are left out."""
         microns = [round(n * self.mpp, 1) for n in self.tile_size] if self.tile_size and self.mpp else None
         variables = {
-            "pretty_name": PRETTY_NAME,
+            "pretty_name": self.pretty_name,
+            "description": _PRESET_TEXT.get(self.preset or "", (None,))[0],
+            "license_text": _PRESET_TEXT.get(self.preset or "", (None, None))[1],
             "classes": self._classes(),
             "splits": list(SPLITS),
             "split_sizes": self.split_sizes,
@@ -137,8 +159,9 @@ class DatasetCardInfo:
             "checks": {k: v for k, v in self.checks.items() if v is not None},
             "hub_dataset_id": self.hub_dataset_id,
             "version": self.version,
-            "citation": KATHER_CITATION,
-            "bibtex": KATHER_BIBTEX,
+            "citation": self.citation,
+            "bibtex": PRESETS[self.preset].bibtex if self.preset in PRESETS and self.citation == PRESETS[
+                self.preset].citation else None,
         }
         return {k: v for k, v in variables.items() if _known(v)}
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from datasets import Image as ImageFeature
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..constants import ALL_CLASS_NAMES
 from ..modelfolder import check_repo_id
+from .classes import ClassChoice, ClassPlan, plan_classes
 from .report import BuildReport
-from .schema import SPLITS, class_name_for, describe_columns, split_name_for
+from .schema import SPLITS, describe_columns, split_name_for
 from .sources import Entry
 
 _IMAGE_COLUMNS = ("image", "img", "tile", "picture")
@@ -75,8 +74,8 @@ def _image_column(ds: Dataset, where: str) -> str:
     return column
 
 
-def _class_names_of_rows(ds: Dataset, where: str) -> list[str]:
-    """Our class name of every row, from a ClassLabel or a string column of class names."""
+def _raw_labels(ds: Dataset, where: str) -> tuple[list[str], list[str] | None]:
+    """Every row's label name, from a ClassLabel or a string column, and the ClassLabel's own order."""
     column = _pick_column(ds.features, _LABEL_COLUMNS, ClassLabel)
     if column is None:
         raise ValueError(
@@ -85,66 +84,62 @@ def _class_names_of_rows(ds: Dataset, where: str) -> list[str]:
     feature = ds.features[column]
     values = list(ds[column])
     if isinstance(feature, ClassLabel):
-        raw_names = [feature.int2str(int(v)) for v in values]
-    elif isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
-        raw_names = [str(v) for v in values]
-    else:
-        raise ValueError(
-            f"{where}: column {column!r} is {feature}, not a ClassLabel "
-            f"or string class names, so its values cannot be mapped onto {ALL_CLASS_NAMES}"
-        )
-    mapped = {raw: class_name_for(raw) for raw in set(raw_names)}
-    unknown = sorted(r for r, m in mapped.items() if m is None)
-    if unknown:
-        raise ValueError(
-            f"{where}: label name(s) {unknown} match none of {ALL_CLASS_NAMES} "
-            "(Kather folder names such as 01_TUMOR are understood too)"
-        )
-    return [mapped[raw] for raw in raw_names]
+        return [feature.int2str(int(v)) for v in values], list(feature.names)
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return [str(v) for v in values], None
+    raise ValueError(f"{where}: column {column!r} is {feature}, not a ClassLabel or string class names")
 
 
-def _split_entries(
-    ds: Dataset, split: str, where: str, class_names: Sequence[str], report: BuildReport, keep_split: bool
-) -> list[Entry]:
-    """Entries of one split; classes not asked for are counted in ``report.dropped_classes``."""
-    image_col = _image_column(ds, where)
-    row_classes = _class_names_of_rows(ds, where)
-    name_col = _pick_column(ds.features, _NAME_COLUMNS, None)
-    names = [str(n) for n in ds[name_col]] if name_col else None
-    slides = [str(s or "") for s in ds["slide"]] if "slide" in ds.features else None
-    images = list(ds.cast_column(image_col, ImageFeature(decode=False))[image_col])
-    entries = []
-    for i, (name, image) in enumerate(zip(row_classes, images)):
-        if name not in class_names:
-            report.drop_class_tile(name)
-            continue
-        filename = names[i] if names else (image.get("path") or f"{split}/{i:06d}.png")
-        entries.append(Entry(filename, name, _hub_reader(image), split if keep_split else None,
-                             slides[i] if slides else None))
-    return entries
+class _RowReader:
+    """Reads one row's encoded image from a split (picked lazily, so no split is held in memory)."""
 
+    def __init__(self, raw: Dataset, column: str, index: int) -> None:
+        self.raw, self.column, self.index = raw, column, index
 
-def hub_entries(source: str, class_names: Sequence[str], report: BuildReport) -> list[Entry]:
-    """Entries of a Hub dataset; its split is kept only when it has all of train/validation/test."""
-    splits = _load_splits(source)
-    given = set(splits) == set(SPLITS)
-    entries: list[Entry] = []
-    for split, ds in splits.items():
-        entries += _split_entries(ds, split, f"Hub dataset {source!r} split {split}", class_names, report, given)
-    for name in class_names:
-        if not any(e.class_name == name for e in entries):
-            raise ValueError(f"Hub dataset {source!r} has no tiles of class {name}")
-    report.n_image_files = len(entries) + sum(report.dropped_classes.values())
-    report.source_kind = "hub" if given else "hub_resplit"
-    return entries
-
-
-def _hub_reader(image: dict[str, Any]) -> Callable[[], bytes]:
-    def read() -> bytes:
+    def __call__(self) -> bytes:
+        image = self.raw[self.index][self.column]
         if image.get("bytes") is not None:
             return image["bytes"]
         if image.get("path") and os.path.isfile(image["path"]):
             return Path(image["path"]).read_bytes()
         raise ValueError(f"no image bytes and no readable file at {image.get('path')!r}")
 
-    return read
+
+def _split_entries(ds: Dataset, split: str, labels: Sequence[str], plan: ClassPlan, report: BuildReport,
+                   keep_split: bool) -> list[Entry]:
+    """Entries of one split; classes not asked for are counted in ``report.dropped_classes``."""
+    image_col = _image_column(ds, f"Hub dataset split {split}")
+    name_col = _pick_column(ds.features, _NAME_COLUMNS, None)
+    names = [str(n) for n in ds[name_col]] if name_col else None
+    slides = [str(s or "") for s in ds["slide"]] if "slide" in ds.features else None
+    raw = ds.cast_column(image_col, ImageFeature(decode=False))
+    entries = []
+    for i, label in enumerate(labels):
+        name = plan.mapping.get(label)
+        if name not in plan.class_names:
+            report.drop_class_tile(name or label)
+            continue
+        filename = names[i] if names else f"{split}/{i:06d}.png"
+        entries.append(Entry(filename, name, _RowReader(raw, image_col, i), split if keep_split else None,
+                             slides[i] if slides else None))
+    return entries
+
+
+def hub_entries(source: str, choice: ClassChoice, report: BuildReport) -> tuple[list[Entry], ClassPlan]:
+    """Entries of a Hub dataset and its classes (a ClassLabel's order, else sorted names); its split is
+    kept only when it has all of train/validation/test."""
+    splits = _load_splits(source)
+    given = set(splits) == set(SPLITS)
+    labels = {split: _raw_labels(ds, f"Hub dataset {source!r} split {split}") for split, ds in splits.items()}
+    ordered = next((order for _, order in labels.values() if order), None)
+    raw_names = list(dict.fromkeys((ordered or []) + sorted({n for rows, _ in labels.values() for n in rows})))
+    plan = plan_classes(raw_names, choice, f"Hub dataset {source!r}", given_order=ordered is not None)
+    entries: list[Entry] = []
+    for split, ds in splits.items():
+        entries += _split_entries(ds, split, labels[split][0], plan, report, given)
+    for name in plan.class_names:
+        if not any(e.class_name == name for e in entries):
+            raise ValueError(f"Hub dataset {source!r} has no tiles of class {name}")
+    report.n_image_files = len(entries) + sum(report.dropped_classes.values())
+    report.source_kind = "hub" if given else "hub_resplit"
+    return entries, plan

@@ -19,6 +19,8 @@ class BuildReport:
     split_by: str
     seed: int
     class_names: list[str]
+    preset: str | None = None  # a known release (data.classes.PRESETS) the source was recognised as
+    citation: str | None = None  # the dataset's citation: --citation, else the preset's
     n_image_files: int = 0
     n_ignored_files: int = 0
     ignored_examples: list[str] = field(default_factory=list)

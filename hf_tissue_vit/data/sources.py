@@ -1,8 +1,9 @@
-"""Finding the tiles in a folder or a zip: the Kather release layout or a train/ val/ test/ layout.
+"""Finding the tiles in a folder or a zip: class folders, or a train/ val/ test/ layout.
 
-A *release* layout has class folders (``01_TUMOR`` ... ``08_EMPTY``, or plain class names); a
-*split* layout has ``train/ val|validation/ test/`` folders, each holding class folders. The
-layout's root is the shallowest folder that looks like one, so a zip with a top folder works too.
+A *release* layout has one folder of tiles per class (any names, as ``imagefolder`` reads them; the
+Kather ``01_TUMOR`` ... and NCT ``ADI`` ... folders are recognised, see :mod:`.classes`); a *split*
+layout has ``train/ val|validation/ test/`` folders, each holding class folders. The layout's root
+is the shallowest folder that looks like one, so a zip with a top folder works too.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import logging
 import os
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
+from .classes import ClassChoice, ClassPlan, folder_hint, plan_classes
 from .report import BuildReport
-from .schema import FOLDER_OF_CLASS, SPLITS, class_name_for, split_name_for
+from .schema import SPLITS, split_name_for
 
 logger = logging.getLogger(__name__)
 
@@ -48,50 +51,24 @@ def _is_image_name(relpath: str) -> bool:
 
 
 def find_layout(files: Sequence[str]) -> tuple[str, str]:
-    """(kind, root) with kind ``"split"`` or ``"release"``: the shallowest folder that looks like one."""
+    """(kind, root) with kind ``"split"`` or ``"release"`` (class folders): the shallowest folder that
+    holds split folders, or class folders with image files in them."""
     children: dict[str, set[str]] = defaultdict(set)
+    class_roots: set[str] = set()
     for name in files:
         if _is_os_junk(name):
             continue
         parts = name.split("/")[:-1]
+        if parts:
+            class_roots.add("/".join(parts[:-1]))
         for depth in range(len(parts)):
             children["/".join(parts[:depth])].add(parts[depth])
     for root in sorted(children, key=lambda d: (d.count("/") + bool(d), d)):
-        subdirs = children[root]
-        if any(split_name_for(s) for s in subdirs):
+        if any(split_name_for(s) for s in children[root]):
             return "split", root
-        if any(class_name_for(s) for s in subdirs):
+        if root in class_roots:
             return "release", root
     return "", ""
-
-
-def _class_folders(
-    subdirs: Iterable[str], class_names: Sequence[str], where: str
-) -> tuple[dict[str, str], list[str]]:
-    """Map folder -> class for the given folders, and the folders that are no class.
-
-    Error if two folders hold one class or a wanted class has no folder.
-    """
-    mapping: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    unknown: list[str] = []
-    for sub in sorted(subdirs):
-        name = class_name_for(sub)
-        if name is None:
-            unknown.append(sub)
-            continue
-        if name in seen:
-            raise ValueError(f"{where}: folders {seen[name]!r} and {sub!r} both hold class {name}; keep one")
-        seen[name] = sub
-        mapping[sub] = name
-    missing = [c for c in class_names if c not in seen]
-    if missing:
-        expected = ", ".join(FOLDER_OF_CLASS[c] for c in missing)
-        raise ValueError(
-            f"{where}: class folder(s) missing for {', '.join(missing)} (expected {expected}); "
-            f"found folders: {', '.join(sorted(subdirs)) or 'none'}"
-        )
-    return mapping, unknown
 
 
 def _split_folders(images: Sequence[str], prefix: str, source: str) -> list[tuple[str, str]]:
@@ -116,44 +93,58 @@ def _split_folders(images: Sequence[str], prefix: str, source: str) -> list[tupl
 
 @dataclass
 class _Tree:
-    """The image files of a folder or zip and what the build asked for."""
+    """The image files of a folder or zip."""
 
     images: Sequence[str]
     reader: Reader
     source: str
-    class_names: Sequence[str]
-    report: BuildReport
     folders: Sequence[str] = ()  # every folder of the source (``a/b``), also those without image files
 
-    def subfolders(self, base: str, below: Sequence[str]) -> set[str]:
+    def subfolders(self, base: str) -> set[str]:
         """The folders directly in ``base``: those holding images, and empty ones (so they are not 'missing')."""
-        names = {p.split("/")[0] for p in below if "/" in p}
+        names = {p[len(base):].split("/")[0] for p in self.images if p.startswith(base) and "/" in p[len(base):]}
         names |= {f[len(base):].split("/")[0] for f in self.folders if f.startswith(base) and len(f) > len(base)}
         return {name for name in names if name and not _is_os_junk(name)}
 
-    def entries_under(self, base: str, split: str | None, prefix: str, used: set[str]) -> list[Entry]:
-        """Entries of the class folders in ``base``; adds each file it takes to ``used``."""
-        below = [p[len(base):] for p in self.images if p.startswith(base)]
+    def check_folders(self, base: str, split: str | None, plan: ClassPlan, label_mapped: bool) -> dict[str, str]:
+        """folder -> class for the class folders in ``base``; every wanted class has a folder with images."""
         where = f"source {self.source!r}" + (f" split {split!r}" if split else "")
-        mapping, unknown = _class_folders(self.subfolders(base, below), self.class_names, where)
-        if unknown:
-            logger.warning("ignoring folder(s) that are no Kather class: %s", ", ".join(base + u for u in unknown))
+        mapping = {sub: plan.mapping.get(sub) for sub in sorted(self.subfolders(base))}
+        seen: dict[str, str] = {}
+        for sub, name in mapping.items():
+            if name is not None and name in seen and not label_mapped:
+                raise ValueError(f"{where}: folders {seen[name]!r} and {sub!r} both hold class {name}; keep one")
+            seen.setdefault(name or "", sub)
+        missing = [c for c in plan.class_names if c not in seen]
+        if missing:
+            raise ValueError(
+                f"{where}: class folder(s) missing for {', '.join(missing)} "
+                f"(expected {', '.join(folder_hint(c) for c in missing)}); found folders: "
+                f"{', '.join(sorted(mapping)) or 'none'}"
+            )
+        for sub, name in mapping.items():
+            if name in plan.class_names and not any(p.startswith(f"{base}{sub}/") for p in self.images):
+                raise ValueError(f"source {self.source!r}: class folder {base}{sub} is empty (no image files); "
+                                 "add its tiles or remove the folder")
+        return mapping
+
+    def entries_under(self, base: str, split: str | None, prefix: str, mapping: dict[str, str | None],
+                      plan: ClassPlan, report: BuildReport, used: set[str]) -> list[Entry]:
+        """Entries of the class folders in ``base``; adds each file it takes to ``used``."""
         entries = []
-        for rel in below:
-            name = mapping.get(rel.split("/")[0]) if "/" in rel else None
+        for path in self.images:
+            rel = path[len(base):]
+            if not path.startswith(base) or "/" not in rel:
+                continue
+            folder = rel.split("/")[0]
+            name = mapping.get(folder)
             if name is None:
                 continue
-            used.add(base + rel)
-            if name not in self.class_names:
-                self.report.drop_class_tile(name)
+            used.add(path)
+            if name not in plan.class_names:
+                report.drop_class_tile(name)
                 continue
-            entries.append(Entry(name=(base + rel)[len(prefix):], class_name=name, read=self.reader(base + rel),
-                                 split=split))
-        folder_of = {name: folder for folder, name in mapping.items()}
-        for name in self.class_names:
-            if not any(e.class_name == name for e in entries):
-                folder = folder_of.get(name, FOLDER_OF_CLASS[name])
-                raise ValueError(f"source {self.source!r}: class folder {base}{folder} is empty (no image files)")
+            entries.append(Entry(name=path[len(prefix):], class_name=name, read=self.reader(path), split=split))
         return entries
 
 
@@ -167,38 +158,69 @@ def _note_ignored(files: Sequence[str], used: set[str], report: BuildReport) -> 
             "ignored %d file(s) that are not tiles of a class folder (e.g. %s)", len(ignored), ", ".join(ignored[:5])
         )
     if report.dropped_classes:
-        logger.info("dropped classes not asked for (use --keep_all_classes to keep them): %s", report.dropped_classes)
+        logger.info("dropped classes not asked for (--classes, or --keep_all_classes for Kather): %s",
+                    report.dropped_classes)
 
 
 def tree_entries(
-    files: Sequence[str], reader: Reader, source: str, class_names: Sequence[str], report: BuildReport,
+    files: Sequence[str], reader: Reader, source: str, choice: ClassChoice, report: BuildReport,
     container: str, expected_kind: str = "auto", folders: Sequence[str] = (),
-) -> list[Entry]:
-    """Entries of a release or split layout given the file list (and the folders) of a folder or a zip."""
+) -> tuple[list[Entry], ClassPlan]:
+    """Entries of a class-folder or split layout given the file list (and the folders) of a folder or a zip,
+    and the classes they give (see :mod:`.classes`). Every check runs before any file is read."""
     images = [f for f in files if _is_image_name(f)]
     if not images:
         raise ValueError(
             f"source {source!r} holds no image files ({', '.join(e.upper() for e in IMAGE_EXTENSIONS)}); "
-            "pass the folder with the class folders 01_TUMOR ... or train/ val/ test/"
+            "pass the folder with one folder of tiles per class, or train/ val/ test/ folders"
         )
     kind, root = find_layout(images)
     if not kind:
         raise ValueError(
-            f"source {source!r}: no class folders (01_TUMOR ... 06_MUCOSA) and no train/ val/ test/ folders found"
+            f"source {source!r}: no class folders (one folder of tiles per class) and no train/ val/ test/ "
+            "folders found; or pass a CSV/Parquet manifest with path,label columns"
         )
     if expected_kind not in ("auto", kind):
         raise ValueError(f"--source_type {expected_kind} was given, but {source!r} looks like a {kind} layout")
     prefix = f"{root}/" if root else ""
     groups = _split_folders(images, prefix, source) if kind == "split" else [(None, prefix)]
-    tree = _Tree(images, reader, source, class_names, report, folders)
+    tree = _Tree(images, reader, source, folders)
+    raw = sorted({sub for _, base in groups for sub in tree.subfolders(base)})
+    plan = plan_classes(raw, choice, f"source {source!r}")
     used: set[str] = set()
-    entries = [e for split, base in groups for e in tree.entries_under(base, split, prefix, used)]
+    mappings = [tree.check_folders(base, split, plan, bool(choice.label_map)) for split, base in groups]
+    entries = [e for (split, base), mapping in zip(groups, mappings)
+               for e in tree.entries_under(base, split, prefix, mapping, plan, report, used)]
     _note_ignored(files, used, report)
     report.source_kind = f"{kind}_{container}"
-    return entries
+    return entries, plan
 
 
-def folder_entries(root: Path, class_names: Sequence[str], report: BuildReport, expected_kind: str) -> list[Entry]:
+def read_file(path: str) -> bytes:
+    """The bytes of a file (a module-level function, so readers can be sent to worker processes)."""
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+_OPEN_ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """Reads one member of a zip; each process opens the zip once (zip handles do not cross processes)."""
+
+    zip_path: str
+    member: str
+
+    def __call__(self) -> bytes:
+        key = (os.getpid(), self.zip_path)
+        if key not in _OPEN_ZIPS:
+            _OPEN_ZIPS[key] = zipfile.ZipFile(self.zip_path)
+        return _OPEN_ZIPS[key].read(self.member)
+
+
+def folder_entries(root: Path, choice: ClassChoice, report: BuildReport,
+                   expected_kind: str) -> tuple[list[Entry], ClassPlan]:
     """Entries of a folder on disk (symlinked folders followed)."""
     files: list[str] = []
     folders: list[str] = []
@@ -208,16 +230,20 @@ def folder_entries(root: Path, class_names: Sequence[str], report: BuildReport, 
         files.extend(f if rel == "." else f"{rel}/{f}" for f in filenames)
         folders.extend(d if rel == "." else f"{rel}/{d}" for d in dirnames)
     files.sort()
-    return tree_entries(files, lambda p: lambda: (root / p).read_bytes(), str(root), class_names, report, "folder",
+    return tree_entries(files, lambda p: partial(read_file, str(root / p)), str(root), choice, report, "folder",
                         expected_kind, folders)
 
 
-def zip_entries(zf: zipfile.ZipFile, source: str, class_names: Sequence[str], report: BuildReport,
-                expected_kind: str) -> list[Entry]:
-    """Entries of an open zip; they read from ``zf``, so decode them before it is closed."""
-    files = sorted(n for n in zf.namelist() if n and not n.endswith("/"))
-    folders = sorted({n.rstrip("/") for n in zf.namelist() if n.endswith("/")}
+def zip_entries(zip_path: str, choice: ClassChoice, report: BuildReport,
+                expected_kind: str) -> tuple[list[Entry], ClassPlan]:
+    """Entries of a zip archive."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"source {zip_path!r} is not a readable zip: {exc}") from exc
+    files = sorted(n for n in names if n and not n.endswith("/"))
+    folders = sorted({n.rstrip("/") for n in names if n.endswith("/")}
                      | {f.rsplit("/", 1)[0] for f in files if "/" in f})
-    # Zip readers are not thread-safe, but decoding here is sequential.
-    return tree_entries(files, lambda p: (lambda: zf.read(p)), source, class_names, report, "zip", expected_kind,
+    return tree_entries(files, lambda p: ZipMember(zip_path, p), zip_path, choice, report, "zip", expected_kind,
                         folders)

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .splits import stratified_split_labels
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "hf_tissue_vit_dataset.json"
-_TOP_LEVEL = ("source", "source_kind", "split_by", "seed", "class_names", "split_slides")
+_TOP_LEVEL = ("source", "source_kind", "split_by", "seed", "class_names", "split_slides", "preset", "citation")
 _NOT_CHECKS = ("split_class_counts", "build_seconds", "mpp")
 # Temporaries of a save, inside the output folder, named after the saving process (fileio.temp_name).
 _TMP_PREFIX = ".hf_tissue_vit-tmp-"
@@ -164,6 +165,24 @@ def save_dataset(
         raise
     logger.info("saved dataset to %s (%s)", out, metadata["split_sizes"])
     return out
+
+
+@contextmanager
+def build_workspace(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder inside ``output_dir`` for a build's Arrow shards (removed on exit; one left by a
+    killed build is removed by the next save). ``output_dir`` is created if needed, and removed again
+    when it was created here and is left empty."""
+    out = check_output_dir(output_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / temp_name(_TMP_PREFIX)
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def record_hub_dataset_id(dataset_dir: str | os.PathLike, hub_dataset_id: str) -> None:

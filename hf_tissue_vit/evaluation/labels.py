@@ -3,7 +3,9 @@
 A folder name or dataset class name is matched to the model's ``id2label`` in this order:
 
 1. ``--label_map`` (``{"FOLDER": "ModelClass"}``; ``null`` leaves the folder out);
-2. the same name, case-insensitively, a leading ``01_``-style number ignored (``tumor``, ``TUMOR``);
+2. the same name, case-insensitively, a leading ``01_``-style number ignored (``tumor``, ``TUMOR``), an
+   NCT-CRC-HE folder code read as the readable name a dataset built from it keeps (``TUM`` -> ``Tumor
+   epithelium``);
 3. the same tissue through the alias table below (``01_TUMOR`` -> Tumor, ``TUM`` -> Tumor), on both
    sides, so a model with NCT-style labels (``TUM`` ...) also reads Kather folders.
 
@@ -43,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..constants import IMAGE_EXTENSIONS
+from ..constants import IMAGE_EXTENSIONS, NCT_CLASSES
 from ..data.schema import class_name_for
 
 # NCT-CRC-HE-100K / CRC-VAL-HE-7K folder -> Kather 2016 class (see the module docstring).
@@ -56,6 +58,8 @@ AMBIGUOUS: dict[str, tuple[tuple[str, ...], str]] = {
     "MUS": (("Stroma",), "smooth muscle is in Kather 2016's simple stroma but apart from stroma in NCT-CRC-HE"),
     "MUC": (("Debris",), "mucus is in Kather 2016's Debris class, and is not mucosa (NORM)"),
 }
+# A dataset built from NCT-CRC-HE folders keeps readable names ("Tumor epithelium"): name -> folder code.
+_NCT_CODE_OF = {name.lower(): code for code, name in NCT_CLASSES.items()}
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "dev", "test", "testing"}
 _JUNK_DIRS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information"}
 _NUMBER_PREFIX = re.compile(r"^\d+[_\- ]*")
@@ -69,7 +73,7 @@ def _bare(name: str) -> str:
 def tissue_of(name: str) -> str | None:
     """The Kather 2016 class a folder or class name stands for (``01_TUMOR``, ``TUM``, ``tumour`` ->
     ``Tumor``); None when the name is unknown or ambiguous (:data:`AMBIGUOUS`)."""
-    bare = _bare(name)
+    bare = _NCT_CODE_OF.get(str(name).strip().lower(), _bare(name))
     if bare in NCT_ALIASES:
         return NCT_ALIASES[bare]
     if bare in AMBIGUOUS:
@@ -221,8 +225,8 @@ def _match_one(name: str, by_lower: Mapping[str, int], by_tissue: Mapping[str, i
     A tissue is left out on its own only when every model class is a known tissue: a model with other
     class names (``tumour_epithelium``) may well have a class for it.
     """
-    for key in (name.lower(), _bare(name).lower()):
-        if key in by_lower:
+    for key in (name.lower(), _bare(name).lower(), NCT_CLASSES.get(_bare(name), "").lower()):
+        if key and key in by_lower:
             return by_lower[key], "same name"
     tissue = tissue_of(name)
     if tissue is not None and tissue in by_tissue:

@@ -20,6 +20,7 @@ from .. import distributed
 from ..hardware import parse_bf16_flag, versions
 from ..metrics import BOOTSTRAP_SEED
 from ..modelfolder import check_model_folder, read_model_facts
+from ..units import check_mpp
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels
 from .outputs import (
@@ -58,6 +59,9 @@ class EvaluationArguments:
     label_map: str | None = field(default=None, metadata={"help": "JSON object or .json file: data class -> model "
                                                                   "class, null to leave a class out."})
     batch_size: int = field(default=128, metadata={"help": "Tiles per forward pass."})
+    mpp: float | None = field(default=None, metadata={
+        "help": "Micrometres per pixel of the tiles (default: the --dataset_dir's recorded mpp). Tiles of another "
+                "scale than the model's (config.mpp) are resized to it before its image processor."})
     update_card: bool = field(default=False, metadata={"help": "Add the result to the model's card (model-index "
                                                                "entry and an 'Evaluation on NAME' section)."})
     eval_name: str | None = field(default=None, metadata={"help": "Name of the evaluation on the card (default: "
@@ -87,6 +91,7 @@ class EvaluationArguments:
                              "folders (pass the split's folder itself)")
         if self.batch_size < 1 or self.n_bootstrap < 0 or self.num_workers < 0:
             raise ValueError("--batch_size must be >= 1, --n_bootstrap >= 0 and --num_workers >= 0")
+        check_mpp(self.mpp, "--mpp")
         if self.eval_name is not None and not self.eval_name.strip():
             raise ValueError("--eval_name must not be empty")
         if self.push and not self.update_card:
@@ -190,12 +195,25 @@ def precision_of(args: EvaluationArguments) -> Precision:
     return Precision(bf16_weights=False, autocast=bf16, attn_implementation=attn)
 
 
+def data_mpp(args: EvaluationArguments) -> float | None:
+    """µm/px of the evaluation tiles: --mpp, else what the --dataset_dir's metadata records, else None."""
+    if args.mpp is not None or not args.dataset_dir:
+        return args.mpp
+    from ..data.storage import read_dataset_metadata
+
+    try:
+        return check_mpp(read_dataset_metadata(args.dataset_dir).get("mpp"), "the dataset's mpp")
+    except (OSError, ValueError):
+        return None
+
+
 def _predictors(args: EvaluationArguments, precision: Precision, device: Any) -> list[Any]:
     from ..predict.predictor import TilePredictor
 
     predictor = TilePredictor.from_pretrained(args.model, device=device, batch_size=args.batch_size,
                                               num_workers=args.num_workers, bf16=precision.bf16_weights,
-                                              attn_implementation=precision.attn_implementation)
+                                              attn_implementation=precision.attn_implementation,
+                                              mpp=data_mpp(args))
     if not args.tta:
         return [predictor]
     with_tta = copy.copy(predictor)  # shares the model; only the TTA switch differs

@@ -28,10 +28,12 @@ from PIL import Image
 
 from .. import hardware
 from ..imaging import open_image, to_rgb8
-from ..modelfolder import training_tile_size
+from ..modelfolder import read_model_facts, training_tile_size
 from ..transforms.augmentation import dihedral_views
 from ..transforms.processor import ProcessorTransform
+from ..units import check_mpp
 from .input_checks import InputNotes
+from .scale import TileScale
 from .table import PredictionRow, csv_columns, write_predictions_csv
 
 if TYPE_CHECKING:  # annotations only; transformers is imported where a model is built
@@ -110,6 +112,10 @@ class TilePredictor:
         tile_size: (height, width) or side of the tiles the model was trained on, for the warning on
             files far from it (:mod:`.input_checks`); None = the model's input size
             (:meth:`from_pretrained` looks up the training tile size first).
+        mpp: micrometres per pixel of the tiles to classify; with the model's (``model_mpp``, default
+            ``config.mpp``; :meth:`from_pretrained` reads it with :func:`modelfolder.read_model_facts`) each tile
+            is first resized to the model's scale (:mod:`.scale`); when either
+            is unknown, tiles go in as they are, with one warning.
     """
 
     def __init__(
@@ -125,6 +131,8 @@ class TilePredictor:
         overlap: bool | None = None,
         tile_size: int | tuple[int, int] | None = None,
         tile_size_source: str = "the tile size given",
+        mpp: float | None = None,
+        model_mpp: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -147,6 +155,9 @@ class TilePredictor:
         else:
             self.tile_size = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
             self.tile_size_source = tile_size_source
+        if model_mpp is None:
+            model_mpp = getattr(getattr(self.model, "config", None), "mpp", None)
+        self.scale = TileScale(check_mpp(mpp, "mpp"), check_mpp(model_mpp, "the model's config.mpp"))
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> TilePredictor:
@@ -154,8 +165,10 @@ class TilePredictor:
         from ..modeling import load_for_inference
 
         model, processor = load_for_inference(model_name_or_path, device=device)
+        facts = read_model_facts(model_name_or_path, model.config)
         if "tile_size" not in kwargs:
-            kwargs["tile_size"], kwargs["tile_size_source"] = training_tile_size(model_name_or_path, model.config)
+            kwargs["tile_size"], kwargs["tile_size_source"] = facts.training_tile_size()
+        kwargs.setdefault("model_mpp", facts.mpp)
         return cls(model, processor, **kwargs)
 
     # --- tensors ----------------------------------------------------------------------------
@@ -186,8 +199,11 @@ class TilePredictor:
 
     def _prepare(self, tiles: Tiles) -> list[np.ndarray]:
         """Resize and crop each tile as the processor does (in threads when there are workers)."""
-        prepare = self.processor_transform.prepare
-        if self.num_workers > 1 and len(tiles) > 1 and self.processor_transform.changes(tiles[0]):
+        def prepare(tile: np.ndarray | Image.Image) -> np.ndarray:
+            return self.processor_transform.prepare(self.scale(tile))
+
+        if self.num_workers > 1 and len(tiles) > 1 and (
+                self.scale.factor is not None or self.processor_transform.changes(tiles[0])):
             with ThreadPoolExecutor(self.num_workers, thread_name_prefix="prepare") as pool:
                 return list(pool.map(prepare, tiles))
         return [prepare(tile) for tile in tiles]
@@ -205,7 +221,7 @@ class TilePredictor:
         try:
             with open_image(path) as image:
                 size, mode = image.size, image.mode
-                return Decoded(path, self.processor_transform.prepare(to_rgb8(image)), "", size, mode)
+                return Decoded(path, self.processor_transform.prepare(self.scale(to_rgb8(image))), "", size, mode)
         except Exception as err:  # any decode failure becomes an error row; the run goes on
             return Decoded(path, None, error_text(err, os.path.basename(path)), size, mode)
 

@@ -75,11 +75,17 @@ class SlideMap:
 
 
 def class_colours(n: int) -> np.ndarray:
-    """n distinct RGB colours in [0, 1] (tab10, then tab20): the colours of every map and legend."""
+    """n distinct RGB colours in [0, 1], the colours of every map and legend, for any number of classes: tab10
+    up to 10, tab20 up to 20, then hues spread by the golden angle (alternating lightness), all distinct."""
+    import colorsys
+
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return np.array([cmap(i)[:3] for i in range(n)])
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        return np.array([cmap(i)[:3] for i in range(n)]).reshape(n, 3)
+    return np.array([colorsys.hls_to_rgb((i * 0.618033988749895) % 1.0, 0.45 if i % 2 else 0.6, 0.75)
+                     for i in range(n)])
 
 
 def colours_255(n: int) -> list[list[int]]:

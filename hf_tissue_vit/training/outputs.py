@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("filename", "label", "prediction")  # then one probability column per class
 # copied from the dataset folder's metadata
-_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits")
+_METADATA_KEYS = ("source", "split_by", "seed", "hub_dataset_id", "made_splits", "preset", "citation")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -62,6 +62,9 @@ def dataset_info(
     info: dict[str, Any] = {"dataset_dir": dataset_dir, "dataset_name": dataset_name, "splits": dict(splits)}
     info.update({key: metadata[key] for key in _METADATA_KEYS if metadata.get(key) is not None})
     info["mpp"] = mpp
+    tile_size = (metadata.get("checks") or {}).get("tile_size")
+    if tile_size:
+        info["tile_size"] = tile_size
     return info
 
 

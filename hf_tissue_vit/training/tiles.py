@@ -1,5 +1,6 @@
-"""Tiles for training: every split decoded once into one uint8 tensor (with an on-disk cache), a
-torch dataset over it, and a collator that augments whole batches in the DataLoader workers.
+"""Tiles for training: every split decoded once into a memory-mapped uint8 file (the decode cache, one
+per machine, shared by the processes of a launch), a torch dataset over it, and a collator that
+augments whole batches in the DataLoader workers.
 
 Seeding rules (what makes a SIGKILLed and resumed run end bit-identical to an uninterrupted one, with
 DataLoader workers, persistent or not; finetune.py and pretrain.py alike):
@@ -17,12 +18,17 @@ DataLoader workers, persistent or not; finetune.py and pretrain.py alike):
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import random
+import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,26 +113,121 @@ def stack_at_common_size(tiles: list[np.ndarray]) -> np.ndarray:
     return np.stack(tiles)
 
 
-def decode_tiles(split: Any, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    """All tiles of a ``datasets.Dataset`` split as one uint8 tensor [N,H,W,3], decoded once
-    (:func:`hf_tissue_vit.imaging.decode_dataset_image`).
-
-    Tiles of another size than the most common one are resized to it (bilinear) with a warning.
-    With ``cache`` the array is kept as .npy in ``cache_dir`` (default
-    :func:`default_decode_cache_dir`), keyed by the split's fingerprint, and reused.
-    """
+def _encoded_images(split: Any, batch_size: int = 64) -> Iterator[list[dict[str, Any]]]:
+    """The split's encoded images (``{"bytes", "path"}``), a batch at a time (nothing decoded, nothing kept)."""
     from datasets import Image as ImageFeature
 
-    cache_path = _decode_cache_path(split, cache_dir) if cache else None
-    if cache_path is not None and cache_path.is_file():
-        cached = read_decode_cache(cache_path, len(split))
-        if cached is not None:
-            return torch.from_numpy(cached)
     raw = split.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
-    array = stack_at_common_size([decode_dataset_image(row["image"]) for row in raw])
-    if cache_path is not None:
-        write_decode_cache(cache_path, array)
+    for batch in raw.iter(batch_size=batch_size):
+        yield batch["image"]
+
+
+def _image_size(value: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) from an image's header, without decoding its pixels."""
+    from PIL import Image
+
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+    if source is None:
+        raise ValueError("dataset row has an empty image (no bytes, no path)")
+    with Image.open(source) as image:
+        return image.size
+
+
+def common_tile_size(split: Any) -> tuple[int, int]:
+    """(height, width) of most tiles of the split, read from the image headers."""
+    sizes = Counter(_image_size(value) for batch in _encoded_images(split) for value in batch)
+    if not sizes:
+        raise ValueError("dataset split has no tiles")
+    (width, height), _ = sizes.most_common(1)[0]
+    if len(sizes) > 1:
+        logger.warning("tiles have %d different sizes; resizing them to the most common %dx%d", len(sizes), width,
+                       height)
+    return height, width
+
+
+def _decode_at(value: dict[str, Any], height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    tile = decode_dataset_image(value)
+    if tile.shape[:2] != (height, width):
+        tile = np.asarray(Image.fromarray(tile).resize((width, height), Image.BILINEAR))
+    return tile
+
+
+def decode_workers() -> int:
+    """Threads that decode tiles (PIL releases the GIL while decoding): the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def write_decoded(split: Any, path: Path) -> None:
+    """Decode every tile of ``split`` into the .npy file ``path`` [N,H,W,3] uint8, a batch at a time:
+    written atomically, never held in memory (the written pages are the page cache's, not the process's)."""
+    height, width = common_tile_size(split)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(split), height, width, 3)}
+    start = time.perf_counter()
+    with atomic_write(path, "wb") as fh, ThreadPoolExecutor(decode_workers()) as pool:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for batch in _encoded_images(split):
+            for tile in pool.map(lambda value: _decode_at(value, height, width), batch):
+                fh.write(np.ascontiguousarray(tile, dtype=np.uint8).tobytes())
+    logger.info("decoded %d tiles into %s (%.1f s)", len(split), path, time.perf_counter() - start)
+
+
+def map_decoded(path: Path, length: int) -> np.ndarray | None:
+    """The [length,H,W,3] uint8 tiles of the .npy file ``path``, memory-mapped copy-on-write (pages are
+    shared through the page cache, nothing is read until used); None when unreadable or of another shape."""
+    try:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable decode cache %s: %s", path, err)
+        return None
+    return array if array.ndim == 4 and array.shape[0] == length and array.dtype == np.uint8 else None
+
+
+def decode_tiles(split: Any, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """All tiles of a ``datasets.Dataset`` split as one uint8 tensor [N,H,W,3] backed by a memory-mapped
+    file, decoded once (:func:`hf_tissue_vit.imaging.decode_dataset_image`) and written batch by batch.
+
+    Tiles of another size than the most common one are resized to it (bilinear) with a warning. With
+    ``cache`` the file is kept in ``cache_dir`` (default :func:`default_decode_cache_dir`), keyed by the
+    split's fingerprint, and reused: under a multi-process launch the first process to take the file's lock
+    decodes it, the others wait and map the same file, so the machine holds one copy (in the page cache). Without a
+    cache (or a split without a fingerprint) each process decodes into its own unlinked temporary file.
+    """
+    cache_path = _decode_cache_path(split, cache_dir) if cache else None
+    if cache_path is None:
+        folder = Path(cache_dir) if cache_dir else default_decode_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".decoding-") as tmp:
+            path = Path(tmp) / "tiles.npy"
+            write_decoded(split, path)
+            array = map_decoded(path, len(split))  # the mapping outlives the file's name
+        return torch.from_numpy(array)
+    with _decoding_lock(cache_path):
+        array = map_decoded(cache_path, len(split)) if cache_path.is_file() else None
+        if array is None:
+            write_decoded(split, cache_path)
+            array = map_decoded(cache_path, len(split))
+        else:
+            logger.info("decoded tiles from cache %s", cache_path)
+    if array is None:
+        raise ValueError(f"decode cache {cache_path} could not be read back after writing it")
     return torch.from_numpy(array)
+
+
+@contextmanager
+def _decoding_lock(path: Path) -> Iterator[None]:
+    """One process at a time on this machine for ``path``: the first decodes, the others (the other processes
+    of a launch, another run on the same data) wait for it and then map the file it wrote."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class TileDataset(torch.utils.data.Dataset):
