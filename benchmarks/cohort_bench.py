@@ -1,7 +1,8 @@
 """Cohort benchmark: ``scripts/tissue_map.py`` and ``scripts/predict.py`` with 1 process and under
 ``accelerate launch --num_processes N`` (CPU processes), whole commands timed.
 
-    PYTHONPATH=. python benchmarks/cohort_bench.py [--slides 4] [--size 3072] [--processes 1 2] [--repeats 1]
+    PYTHONPATH=. python benchmarks/cohort_bench.py [--slides 4] [--size 3072] [--processes 1 2] [--repeats 1] \
+        [--one_thread]
 
 Builds ``--slides`` synthetic 20x slides (0.5 µm/px, all tissue, tiles from slide_bench.tissue_image)
 and a model of the scratch_cpu recipe's shape (random weights, config.mpp 0.495, saved like a
@@ -9,7 +10,9 @@ training run), and the slides' windows as 150 px PNG tiles for predict.py. Each 
 the real command line (``python scripts/...`` for 1 process, ``accelerate launch --num_processes N
 ... --device cpu`` for N), runs taking turns ``--repeats`` times; the best wall time of each is kept.
 Reported: tissue windows/s and slides/hour over the whole command (start-up and model loading
-included, as a user waits for them), and predict.py's tiles/s. Prints one JSON object with the machine.
+included, as a user waits for them), and predict.py's tiles/s. Under a launch, Accelerate gives each
+CPU process cores / processes torch threads; ``--one_thread`` adds a one-process run with
+``--num_threads 1`` to tell the threads' effect from the processes'. Prints one JSON object with the machine.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--one_thread", action="store_true", help="Also 1 process with --num_threads 1.")
     args = parser.parse_args()
+    configs = [(n, None) for n in args.processes] + ([(1, 1)] if args.one_thread else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, processor = scratch_model()
@@ -92,27 +97,31 @@ def main() -> None:
         best: dict[str, float] = {}
         windows = 0
         for _ in range(args.repeats):
-            for n in args.processes:
-                out = tmp / f"maps_{n}"
+            for n, threads in configs:
+                key = f"{n}_process" + (f"_{threads}_thread" if threads else "")
+                extra = ["--num_threads", str(threads)] if threads else []
+                out = tmp / f"maps_{key}"
                 map_args = ["--model", str(model_dir), "--image", str(tmp / "slides"), "--output_dir", str(out),
-                            "--batch_size", str(args.batch_size), "--overwrite"]
+                            "--batch_size", str(args.batch_size), "--overwrite", *extra]
                 wall = timed_run(command("tissue_map", n, map_args))
-                best[f"tissue_map_{n}"] = min(wall, best.get(f"tissue_map_{n}", float("inf")))
+                best[f"tissue_map_{key}"] = min(wall, best.get(f"tissue_map_{key}", float("inf")))
                 with open(out / "summary.csv", newline="") as handle:
                     windows = sum(int(row["tissue_windows"]) for row in csv.DictReader(handle))
                 pred_args = ["--model", str(model_dir), "--inputs", str(tmp / "tiles"), "--output",
-                             str(tmp / f"pred_{n}.csv"), "--batch_size", str(args.batch_size), "--no_progress"]
+                             str(tmp / f"pred_{key}.csv"), "--batch_size", str(args.batch_size), "--no_progress",
+                             *extra]
                 wall = timed_run(command("predict", n, pred_args))
-                best[f"predict_{n}"] = min(wall, best.get(f"predict_{n}", float("inf")))
+                best[f"predict_{key}"] = min(wall, best.get(f"predict_{key}", float("inf")))
     result: dict[str, object] = {"slides": args.slides, "slide_px": args.size, "tissue_windows": windows,
                                  "tiles": n_tiles, "batch_size": args.batch_size, "repeats": args.repeats}
-    for n in args.processes:
-        wall = best[f"tissue_map_{n}"]
-        result[f"{n}_process"] = {
+    for n, threads in configs:
+        key = f"{n}_process" + (f"_{threads}_thread" if threads else "")
+        wall = best[f"tissue_map_{key}"]
+        result[key] = {
             "tissue_map_s": round(wall, 1), "tissue_map_windows_per_s": round(windows / wall, 1),
             "slides_per_hour": round(3600 * args.slides / wall, 1),
-            "predict_s": round(best[f"predict_{n}"], 1),
-            "predict_tiles_per_s": round(n_tiles / best[f"predict_{n}"], 1)}
+            "predict_s": round(best[f"predict_{key}"], 1),
+            "predict_tiles_per_s": round(n_tiles / best[f"predict_{key}"], 1)}
     result["machine"] = machine_info()
     print(json.dumps(result, indent=2))
 
