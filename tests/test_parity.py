@@ -143,12 +143,11 @@ def test_predict_script(mode_files, expected, model_dir, tmp_path, script, monke
 
 
 def test_tissue_map_script(mode_files, expected, model_dir, tmp_path, script, monkeypatch):
-    import torch
+    import hf_tissue_vit.slides.run as slide_run
 
-    import hf_tissue_vit.predict.maps as maps
-
-    # every window is classified, also the white ones that the background test would skip
-    monkeypatch.setattr(maps, "background_fraction", lambda windows: torch.zeros(len(windows)))
+    # every window is classified, also the white ones that tissue detection would leave out
+    monkeypatch.setattr(slide_run, "window_tissue_fraction",
+                        lambda mask, downsample, geometry: np.ones((geometry.rows, geometry.cols), np.float32))
     seen = _capture_prepared(monkeypatch)
     for mode, path in mode_files.items():
         seen.clear()

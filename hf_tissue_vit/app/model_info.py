@@ -53,6 +53,7 @@ class ModelInfo:
     num_parameters: int | None = None
     base_model: str | None = None
     license: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # of the packages it was trained with
     data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
     data_citation: str | None = None  # the training data's own citation
 
@@ -138,6 +139,7 @@ def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
         num_parameters=model_block.get("num_parameters"),
         base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
         license=card.data.license if card is not None else None,
+        versions={str(k): str(v) for k, v in (results.get("versions") or {}).items()},
         # runs from before presets were recorded trained on Kather 2016 tiles
         data_preset=facts.dataset.get("preset") or (None if "preset" in facts.dataset else "kather2016"),
         data_citation=facts.dataset.get("citation"),
