@@ -56,6 +56,7 @@ class ModelInfo:
     license: str | None = None
     architecture: str | None = None  # config.json's architectures[0]
     family: str | None = None  # hf_tissue_vit.backbones family name; None: not one the package trains
+    versions: dict[str, str] = field(default_factory=dict)  # of the packages it was trained with
     data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
     data_citation: str | None = None  # the training data's own citation
 
@@ -143,6 +144,7 @@ def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
         license=card.data.license if card is not None else None,
         architecture=(facts.config.get("architectures") or [None])[0],
         family=family.name if (family := backbones.family_of(facts.config)) else None,
+        versions={str(k): str(v) for k, v in (results.get("versions") or {}).items()},
         # runs from before presets were recorded trained on Kather 2016 tiles
         data_preset=facts.dataset.get("preset") or (None if "preset" in facts.dataset else "kather2016"),
         data_citation=facts.dataset.get("citation"),
