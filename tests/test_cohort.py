@@ -300,3 +300,11 @@ def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset
     everything = rows(plain)
     assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
     assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7
+
+
+def test_longest_first_deals_whole_items_to_the_process_with_least_work():
+    from hf_tissue_vit.distributed import longest_first
+
+    assert longest_first([6, 35, 16, 9], 2) == [[1], [2, 3, 0]]  # the cohort above: b alone, then c, d, a
+    assert longest_first([5, 5, 5], 4) == [[0], [1], [2], []]  # fewer items than processes
+    assert longest_first([], 3) == [[], [], []]
