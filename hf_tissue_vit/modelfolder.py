@@ -261,7 +261,8 @@ def lacks_label_names(model: str | os.PathLike) -> bool:
         config = json.loads((path / CONFIG_FILE if path.is_dir() else path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and not config.get("id2label")
+    # a timm model's config (TimmWrapperConfig) keeps its classes as timm's label_names instead of id2label
+    return isinstance(config, dict) and not config.get("id2label") and not config.get("label_names")
 
 
 def label_overrides(model: str | os.PathLike) -> dict[str, Any]:
@@ -369,7 +370,9 @@ class ModelFacts:
     def label_names(self) -> list[str]:
         """Class names in label-id order."""
         id2label = {int(k): str(v) for k, v in (self.config.get("id2label") or {}).items()}
-        names = [id2label[i] for i in sorted(id2label)] or list(self.results.get("label_names") or [])
+        timm_names = self.config.get("label_names")  # TimmWrapperConfig's form of id2label
+        names = ([id2label[i] for i in sorted(id2label)] or [str(n) for n in (timm_names or [])]
+                 or list(self.results.get("label_names") or []))  # fmt: skip
         if names or not self.source or self.config.get("id2label"):
             return names
         classes = head_size(self.source) if Path(self.source).is_dir() else None  # unnamed: the head's size
