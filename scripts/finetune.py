@@ -1,6 +1,10 @@
-"""Train a ViT on H&E tissue tiles (from scratch or fine-tuned) with Trainer + Accelerate.
+"""Train a tile classifier on H&E tissue tiles with Trainer + Accelerate: a ViT from scratch, or fine-tuned (fully,
+its last N blocks, or a linear probe) from a ViT, DINOv2 (with or without registers) or timm checkpoint.
 
 Examples::
+
+    # a linear probe of a timm pathology backbone (gated: HF_TOKEN), see README section 9
+    python scripts/finetune.py --config scripts/recipes/probe_uni.yaml --dataset_dir data/kather6 --output_dir OUT
 
     # the default recipe (scripts/recipes/scratch_cpu.yaml) on the default dataset source
     python scripts/finetune.py
