@@ -32,7 +32,7 @@ setup(
         "tensorboard>=2.15",
     ],
     extras_require={
-        "app": ["gradio>=6.31,<7"],
+        "app": ["gradio>=6.31,<7", "setuptools>=70.1"],  # setuptools: push_space.py builds the wheel
         "wsi": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1"],
         # timm backbones (TimmWrapper: UNI, Virchow, H-optimus, ...); timm needs torchvision, which needs PyPI's
         # torch of its own release (e.g. torch 2.14.1 + torchvision 0.29.1), not the CPU torch 2.13.0 wheel

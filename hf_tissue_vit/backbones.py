@@ -48,8 +48,9 @@ SUPPORTED = ", ".join(family.name for family in FAMILIES)
 
 
 def family_of(config: Any) -> Family | None:
-    """The family of a model config, or None when the package does not support it."""
-    model_type = getattr(config, "model_type", None)
+    """The family of a model config (a config object or a config.json dict), or None when the package does not
+    support it."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return next((family for family in FAMILIES if model_type in family.model_types), None)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from .distributed import is_main_rank
 
@@ -57,3 +58,17 @@ def run_main(
 def _report(line: str) -> None:
     if is_main_rank():  # the other processes of a launch stop with the same error, silently
         print(line, file=sys.stderr)
+
+
+def parse_folder_first(dataclass_type: type, argv: list[str] | None, rest: str) -> Any:
+    """Parse ``argv`` into ``dataclass_type``, whose ``output_dir`` may come first without its flag
+    (``push_to_hub.py OUTPUT_DIR --repo_id ...``, as README shows); ``--help`` shows both forms.
+    ``rest`` is the usage after OUTPUT_DIR."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--output_dir", *argv]
+    usage = f"%(prog)s OUTPUT_DIR {rest}\n       %(prog)s --output_dir OUTPUT_DIR {rest}"
+    (args,) = HfArgumentParser(dataclass_type, usage=usage).parse_args_into_dataclasses(args=argv)
+    return args

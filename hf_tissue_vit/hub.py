@@ -6,7 +6,11 @@ then the ``hf auth login`` cache) unless a caller passes one explicitly. It is n
 
 from __future__ import annotations
 
+import importlib
 import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +64,60 @@ def auth_error(err: HfHubHTTPError, repo_id: str, action: str) -> Exception:
     return err
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a client raises when the Hub does not answer (huggingface_hub's HTTP client, or requests')."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        try:
+            errors += [getattr(importlib.import_module(module), name) for name in names]
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+@contextmanager
+def reaching_hub(action: str) -> Iterator[None]:
+    """Within the block (or the decorated function), a Hub that does not answer (no network, a wrong
+    HF_ENDPOINT) is one ConnectionError naming the endpoint, not a client traceback; the Hub's own
+    answers (HfHubHTTPError) pass through."""
+    from huggingface_hub import constants
+
+    try:
+        yield
+    except (HfHubHTTPError, HubAuthError):
+        raise
+    except _transport_errors() as err:
+        raise ConnectionError(f"cannot reach the Hub at {constants.ENDPOINT} while {action} ({err}): check the "
+                              "network connection (and HF_ENDPOINT, if set), then run the command again") from err
+
+
+def check_hub_access(repo_id: str, flag: str = "--hub_model_id", token: str | None = None) -> str:
+    """Before long work that ends in a push: the repo id is USER/NAME, a token is there, the Hub answers and
+    accepts it (``whoami``), it may write, and its user (or one of their organisations) owns the namespace.
+    Returns the user name; HubAuthError, ConnectionError or ValueError (one line) otherwise."""
+    from huggingface_hub import get_token
+
+    check_repo_id(repo_id, flag)
+    token = token or get_token()
+    if not token:
+        raise HubAuthError(f"{flag} {repo_id}: no Hub token found, so nothing could be pushed. {AUTH_HELP}")
+    with reaching_hub(f"checking the token for {flag} {repo_id}"):
+        try:
+            me = HfApi(token=token).whoami()
+        except HfHubHTTPError as err:
+            raise auth_error(err, f"{flag} {repo_id}", "checking the token for") from err
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubAuthError(f"{flag} {repo_id}: the token is read-only; pushing needs a 'write' token. {AUTH_HELP}")
+    owners = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
+    namespace = repo_id.split("/", 1)[0]
+    if namespace not in owners:
+        raise HubAuthError(f"{flag} {repo_id}: the token is {me.get('name')!r}'s, who may not create repos under "
+                           f"{namespace!r} (theirs: {', '.join(sorted(str(o) for o in owners))}). {AUTH_HELP}")
+    return str(me.get("name"))
+
+
 def _create_repo(api: HfApi, repo_id: str, repo_type: str, private: bool, revision: str | None) -> None:
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
@@ -97,15 +155,16 @@ def push_output_dir(output_dir: str | Path, repo_id: str, private: bool = False,
                      base_model=base_model, dataset_id=dataset_id)
 
     api = HfApi(token=token)
-    _create_repo(api, repo_id, "model", private, revision)
-    try:
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=output_dir, repo_type="model", revision=revision,
-            allow_patterns=MODEL_FILES,
-            commit_message=commit_message or f"Upload {output_dir.name} with hf_tissue_vit",
-        )
-    except HfHubHTTPError as err:
-        raise auth_error(err, repo_id, "uploading to") from err
+    with reaching_hub(f"pushing to {repo_id}"):
+        _create_repo(api, repo_id, "model", private, revision)
+        try:
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=output_dir, repo_type="model", revision=revision,
+                allow_patterns=MODEL_FILES,
+                commit_message=commit_message or f"Upload {output_dir.name} with hf_tissue_vit",
+            )
+        except HfHubHTTPError as err:
+            raise auth_error(err, repo_id, "uploading to") from err
     logger.info("pushed %s to %s (%s)", output_dir, repo_id, info.commit_url)
     return info.commit_url
 
@@ -124,6 +183,12 @@ def push_dataset(dataset_dict: DatasetDict, repo_id: str, private: bool = False,
     if card is None and metadata is not None:
         card = dataset_card({**metadata, "hub_dataset_id": repo_id})
     api = HfApi(token=token)
+    with reaching_hub(f"pushing to {repo_id}"):
+        return _push_dataset(api, dataset_dict, repo_id, private, card, token, commit_message)
+
+
+def _push_dataset(api: HfApi, dataset_dict: DatasetDict, repo_id: str, private: bool,
+                  card: DatasetCard | str | None, token: str | None, commit_message: str | None) -> str:
     _create_repo(api, repo_id, "dataset", private, None)
     try:
         if card is not None:
@@ -148,9 +213,10 @@ def link_space(output_dir: str | Path, repo_id: str, space_id: str, token: str |
         return None
     api = HfApi(token=token)
     try:
-        info = api.upload_folder(repo_id=repo_id, folder_path=output_dir, repo_type="model",
-                                 allow_patterns=["README.md", SPACE_FILE],
-                                 commit_message=f"Link the demo Space {space_id}")
+        with reaching_hub(f"linking the Space on {repo_id}"):
+            info = api.upload_folder(repo_id=repo_id, folder_path=output_dir, repo_type="model",
+                                     allow_patterns=["README.md", SPACE_FILE],
+                                     commit_message=f"Link the demo Space {space_id}")
     except HfHubHTTPError as err:
         raise auth_error(err, repo_id, "linking the Space on") from err
     logger.info("the card of %s links the Space %s (%s)", repo_id, space_id, info.commit_url)

@@ -14,7 +14,9 @@ transparency key           becomes (255, 255, 255))
 ``I;16*``                 16-bit grey, scaled to 8 bits: ``value >> 8`` (65535 -> 255)
 ``I``                     32-bit grey read as 16-bit data (how PIL decodes 16-bit PNG/TIFF grey):
                           clipped to [0, 65535], then ``>> 8`` (1000 -> 3)
-``F``                     float grey in [0, 1]: ``round(value * 255)``, clipped (0.5 -> 128)
+``F``                     float grey in [0, 1]: ``round(value * 255)``, clipped (0.5 -> 128); an
+                          image with values above 2 (0-255 data stored as float, no [0, 1]
+                          overshoot) is refused with the reason, never read as white
 anything else (``L``,     PIL's own ``convert("RGB")`` (``CMYK`` and ``YCbCr`` by PIL's formulas)
 ``P``, ``CMYK``, ...)
 ========================  =====================================================================
@@ -51,6 +53,20 @@ def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), "RGB")
 
 
+# Overshoot of [0, 1] data (resampling, normalisation) stays near 1 and is clipped; a maximum above
+# this is 0-255 (or 16-bit) data stored as float.
+_FLOAT_MAX = 2.0
+
+
+def _check_unit_range(values: np.ndarray) -> None:
+    """Refuse float pixels far outside [0, 1]: the rule is per mode (a 0-255 float image would become
+    white), so such an image is refused with the reason rather than rescaled by a guess from its values."""
+    high = float(values.max()) if values.size else 0.0
+    if high > _FLOAT_MAX:
+        raise ValueError(f"float image holds values up to {high:g}, but float images are read as 0-1 "
+                         "intensities (it would read as white): save it as 8-bit, or divide the values by 255")
+
+
 def to_rgb8(image: Image.Image) -> Image.Image:
     """Return ``image`` as an 8-bit RGB PIL image by the module's rule per mode (RGB returned as is)."""
     if not isinstance(image, Image.Image):
@@ -66,6 +82,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
+        _check_unit_range(values)
         return _grey_to_rgb(np.clip(np.floor(values * 255.0 + 0.5), 0, 255).astype(np.uint8))
     if "A" in mode or "transparency" in image.info:
         rgba = image if mode == "RGBA" else image.convert("RGBA")

@@ -27,6 +27,7 @@ __all__ = [
     "load_classification_metric",
     "make_compute_metrics",
     "classification_report",
+    "BOOTSTRAP_SEED",
     "bootstrap_ci",
     "plot_confusion_matrix",
     "plot_training_curves",
@@ -35,6 +36,9 @@ __all__ = [
 # Folder holding tissue_classification.py; evaluate.load(<folder>) needs script name == folder name.
 METRIC_MODULE_PATH: Path = Path(__file__).resolve().parent / "evaluate_modules" / "tissue_classification"
 _BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+# One seed for every interval the package reports (finetune.py's test CIs, evaluate.py's), whatever the
+# training seed: the same predictions then get the same interval from both.
+BOOTSTRAP_SEED = 0
 # Bootstrap resamples are drawn in chunks so that index arrays stay below ~8M entries (64 MB).
 _BOOTSTRAP_CHUNK_ELEMENTS = 8_000_000
 
@@ -144,10 +148,13 @@ def bootstrap_ci(
     y_pred: Sequence[int],
     metric: str = "accuracy",
     n_boot: int = 1000,
-    seed: int = 0,
+    seed: int = BOOTSTRAP_SEED,
     alpha: float = 0.05,
 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) confidence interval of accuracy, balanced_accuracy or macro_f1."""
+    """Percentile bootstrap (1 - alpha) confidence interval of accuracy, balanced_accuracy or macro_f1.
+
+    The interval depends only on the (true, predicted) pairs, not on their order, and on ``seed``: the
+    test score of ``finetune.py`` and ``evaluate.py`` on the same split get the same interval."""
     if metric not in _BOOTSTRAP_METRICS:
         raise ValueError(f"metric must be one of {_BOOTSTRAP_METRICS}, got {metric!r}")
     if int(n_boot) < 1:
@@ -157,7 +164,7 @@ def bootstrap_ci(
     true, pred = _checked_pair(y_true, y_pred)
     num_classes = int(max(true.max(), pred.max())) + 1
     cells = num_classes * num_classes
-    codes = true * num_classes + pred  # one confusion-matrix cell per sample
+    codes = np.sort(true * num_classes + pred)  # one confusion-matrix cell per sample; sorted: order-free
     rng = np.random.default_rng(seed)
     n = len(codes)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)

@@ -55,6 +55,10 @@ DATASET_METADATA_FILE = "hf_tissue_vit_dataset.json"  # written by prepare_datas
 DATASET_FILES = ("dataset_dict.json", DATASET_METADATA_FILE, "dataset_info.json")
 
 ModelKind = Literal["run", "model", "hub"]
+HEAD_WEIGHT = "classifier.weight"  # the classification head of transformers' image classifiers
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+logger = logging.getLogger(__name__)
 
 
 def check_repo_id(repo_id: str, flag: str = "--repo_id", namespace: bool = True) -> str:
@@ -166,18 +170,115 @@ def check_model_folder(path: str | os.PathLike, flag: str = "--model") -> ModelK
     if folder.is_dir():
         if (folder / RUN_FILE).is_file():
             _check_run(folder, flag)
+            check_weight_files(folder, flag)
             return "run"
         if is_dataset_folder(folder) and not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{flag} {folder} is a dataset folder, not a model: pass a model (the --output_dir of "
                              "finetune.py, a save_pretrained folder or a Hub model id)")
         _check_plain(folder, flag)
+        check_weight_files(folder, flag)
         return "model"
     if folder.exists():
         raise ValueError(f"{flag} {folder} is a file, not a model folder")
-    if not _looks_like_hub_id(text):
-        raise FileNotFoundError(f"{flag} {folder}: no such folder (pass a model folder or a Hub model id USER/NAME)")
+    check_model_path(text, flag)
     check_repo_id(text, flag, namespace=False)
     return "hub"
+
+
+def check_model_path(path: str | os.PathLike, flag: str = "--model") -> None:
+    """Raise FileNotFoundError for a path that does not exist and cannot be a Hub id (an absolute or
+    relative path, a folder under a local folder): a missing folder is said at once, not after a Hub try."""
+    text = os.fspath(path)
+    if not Path(text).expanduser().exists() and not _looks_like_hub_id(text):
+        raise FileNotFoundError(f"{flag} {Path(text).expanduser()}: no such folder (pass a model folder or a Hub "
+                                "model id USER/NAME)")
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors weight files of ``folder``: model.safetensors, or the shards its index names."""
+    folder = Path(folder)
+    if (folder / WEIGHT_FILES[0]).is_file():
+        return [folder / WEIGHT_FILES[0]]
+    index = folder / WEIGHT_FILES[1]
+    if not index.is_file():
+        return []
+    try:
+        return [folder / name for name in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                                                     .values()))]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [index]  # an unreadable index: reported as the damaged file
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The tensor table of a safetensors file, or None when the file is damaged or incomplete: its header
+    cannot be read, or its data is not exactly as long as the header says (a truncated copy or save)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, _MAX_HEADER_BYTES):
+            return None
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if not isinstance(header, dict):
+        return None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    try:
+        end = max((int(info["data_offsets"][1]) for info in tensors.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return tensors if end == size - 8 - length else None
+
+
+def check_weight_files(folder: str | os.PathLike, flag: str = "--model") -> None:
+    """Raise ValueError (one line naming the file) when a safetensors weight file of ``folder`` is
+    damaged or incomplete, before anything loads it."""
+    for path in safetensors_files(folder):
+        if safetensors_header(path) is None:
+            raise ValueError(f"weights file is damaged or incomplete: {path} ({flag} {folder}; its size does not "
+                             "match its header, or a shard is missing: copy, download or save it again)")
+
+
+def head_size(folder: str | os.PathLike) -> int | None:
+    """Classes of the model's head, read from its weights' header (no tensor loaded); None when unknown."""
+    for path in safetensors_files(folder):
+        info = (safetensors_header(path) or {}).get(HEAD_WEIGHT)
+        if info and info.get("shape"):
+            return int(info["shape"][0])
+    return None
+
+
+def lacks_label_names(model: str | os.PathLike) -> bool:
+    """True for a local model folder (or config.json file) whose config has no id2label: transformers
+    would then give it two LABEL_i classes whatever its head holds."""
+    path = Path(os.fspath(model)).expanduser()
+    try:
+        config = json.loads((path / CONFIG_FILE if path.is_dir() else path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    # a timm model's config (TimmWrapperConfig) keeps its classes as timm's label_names instead of id2label
+    return isinstance(config, dict) and not config.get("id2label") and not config.get("label_names")
+
+
+def label_overrides(model: str | os.PathLike) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a local model folder whose config.json has no id2label:
+    ``num_labels`` read from the weights' head (with a warning saying what is missing), so the model
+    loads with generic LABEL_i names instead of failing on a 2-class head. {} otherwise."""
+    folder = Path(os.fspath(model)).expanduser()
+    if not lacks_label_names(folder):
+        return {}
+    classes = head_size(folder)
+    if classes is None:
+        return {}
+    logger.warning("%s has no id2label/label2id: its %d classes (the head's size in its weights) are unnamed, "
+                   "shown as LABEL_0..LABEL_%d; add id2label and label2id to config.json to name them",
+                   folder / CONFIG_FILE, classes, classes - 1)
+    return {"num_labels": classes}
 
 
 def read_run_file(folder: str | os.PathLike) -> dict | None:
@@ -269,7 +370,13 @@ class ModelFacts:
     def label_names(self) -> list[str]:
         """Class names in label-id order."""
         id2label = {int(k): str(v) for k, v in (self.config.get("id2label") or {}).items()}
-        return [id2label[i] for i in sorted(id2label)] or list(self.results.get("label_names") or [])
+        timm_names = self.config.get("label_names")  # TimmWrapperConfig's form of id2label
+        names = ([id2label[i] for i in sorted(id2label)] or [str(n) for n in (timm_names or [])]
+                 or list(self.results.get("label_names") or []))  # fmt: skip
+        if names or not self.source or self.config.get("id2label"):
+            return names
+        classes = head_size(self.source) if Path(self.source).is_dir() else None  # unnamed: the head's size
+        return [f"LABEL_{i}" for i in range(classes)] if classes else []
 
     @property
     def dataset(self) -> dict[str, Any]:

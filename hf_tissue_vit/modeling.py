@@ -346,13 +346,14 @@ def load_model(
 def load_for_inference(model: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a trained classifier (local output dir or Hub id; safetensors only) and its image
     processor, in eval mode on ``device`` (default: CUDA when available, else CPU)."""
-    from .modelfolder import check_model_folder
+    from .modelfolder import check_model_folder, label_overrides
 
-    check_model_folder(model, "--model")  # an unfinished run, a dataset folder, ... : one clear line
+    check_model_folder(model, "--model")  # an unfinished run, a dataset folder, damaged weights: one clear line
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        net = AutoModelForImageClassification.from_pretrained(model, use_safetensors=True)
+        # a config without id2label: the head's size from the weights, not transformers' default of 2
+        net = AutoModelForImageClassification.from_pretrained(model, use_safetensors=True, **label_overrides(model))
         processor = AutoImageProcessor.from_pretrained(model)
     except OSError as err:
         raise FileNotFoundError(

@@ -1,6 +1,6 @@
 """Attention rollout and last-layer per-head CLS attention, overlaid on tiles.
 
-    python scripts/attention_maps.py --model outputs/vit_scratch_cpu --dataset_dir data/kather_ds \
+    python scripts/attention_maps.py --model outputs/vit-scratch-cpu --dataset_dir data/kather_ds \
         --split test --output_dir attention [--n_per_class 4] [--head_fusion mean|max]
     python scripts/attention_maps.py --model USER/vit-kather --images a.tif b.tif tiles/ --output_dir attention
 

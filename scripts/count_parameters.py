@@ -1,7 +1,7 @@
 """Print a model's parameter count per component: for a ViT the closed-form formula next to the counted number,
 for the other supported backbones (DINOv2 with or without registers, timm) the counts by part.
 
-    python scripts/count_parameters.py --model outputs/vit_scratch_cpu
+    python scripts/count_parameters.py --model outputs/vit-scratch-cpu
     python scripts/count_parameters.py --model google/vit-base-patch16-224   # 86,567,656
 
 Only the config is read (local folder, config.json or Hub id); the model is built on the meta device,

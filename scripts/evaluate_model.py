@@ -1,10 +1,10 @@
 """Score a trained tile classifier on labelled tiles: accuracy, balanced accuracy, macro-F1 (95% bootstrap
 intervals), per class, a confusion matrix and per-image predictions; optionally added to the model's card.
 
-    python scripts/evaluate_model.py --model outputs/vit_scratch_cpu --inputs CRC-VAL-HE-7K/ --output_dir eval_7k \
+    python scripts/evaluate_model.py --model outputs/vit-scratch-cpu --inputs CRC-VAL-HE-7K/ --output_dir eval_7k \
         --label_map '{"STR": "Stroma", "MUC": null, "MUS": null}' [--tta] [--batch_size 128] \
         [--update_card --eval_name CRC-VAL-HE-7K]
-    python scripts/evaluate_model.py --model outputs/vit_scratch_cpu --dataset_dir data/kather2016 --split test \
+    python scripts/evaluate_model.py --model outputs/vit-scratch-cpu --dataset_dir data/kather2016 --split test \
         --output_dir eval_test
     HF_TOKEN=hf_xxx python scripts/evaluate_model.py --model USER/MODEL --dataset_name USER/DATASET --split test \
         --output_dir eval_hub --update_card --push

@@ -1,6 +1,6 @@
 """Classify tile images in batches and write one CSV row per file.
 
-    python scripts/predict.py --model outputs/vit_scratch_cpu --inputs tiles/ "more/**/*.tif" one.png \
+    python scripts/predict.py --model outputs/vit-scratch-cpu --inputs tiles/ "more/**/*.tif" one.png \
         --output predictions.csv [--tta] [--batch_size 128] [--top_k 3] [--bf16 auto|true|false]
 
 Folders are searched recursively for image files (any case of the extensions in

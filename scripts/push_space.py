@@ -6,7 +6,9 @@
         [--space_dir folder_to_keep] [--no_push]
 
 Push the model first (scripts/push_to_hub.py OUTPUT_DIR --repo_id USER/MODEL). The Space gets app.py
-(loads USER/MODEL from the Hub), requirements.txt (this package's [app] extra, pinned: --package),
+(loads USER/MODEL from the Hub), requirements.txt (this package's [app] extra from its wheel, built from
+this clone and uploaded in wheels/, or the --package line; torch and transformers pinned to the versions
+the model was trained with),
 README.md (sdk: gradio, sdk_version, app_file, models: [USER/MODEL], license) and examples/: a few
 test tiles per class from --examples DIR, else from the test split of --dataset_dir or of the dataset
 OUTPUT_DIR was trained on (Kather 2016, CC-BY 4.0, attributed in the Space's README). The model's
@@ -20,23 +22,23 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.cli import parse_folder_first, run_main
 from hf_tissue_vit.hub import HubAuthError, check_repo_id, link_space
 
 
 @dataclass
 class SpaceArguments:
-    output_dir: str = field(metadata={"help": "Training output dir of the model (for its dataset and licence)."})
+    output_dir: str = field(metadata={"help": "Training output dir of the model (for its dataset and licence); may "
+                                              "come first without the flag."})
     repo_id: str = field(metadata={"help": "The model repo on the Hub, USER/MODEL (pushed already)."})
     space: str = field(metadata={"help": "The Space repo, USER/SPACE (created when missing)."})
     examples: str | None = field(default=None, metadata={"help": "Folder of example tiles for the Space."})
     dataset_dir: str | None = field(default=None, metadata={"help": "Dataset whose test split gives the examples "
                                                                     "(default: the one OUTPUT_DIR was trained on)."})
     n_per_class: int = field(default=2, metadata={"help": "Example tiles per class from the test split."})
-    package: str | None = field(default=None, metadata={"help": "requirements.txt line installing hf_tissue_vit[app] "
-                                                                "(default: this release, pinned)."})
+    package: str | None = field(default=None, metadata={"help": "requirements.txt line installing hf_tissue_vit[app], "
+                                                                "e.g. its git URL (default: this package's wheel, "
+                                                                "built and uploaded with the Space)."})
     private: bool = field(default=False, metadata={"help": "Create the Space as private."})
     space_dir: str | None = field(default=None, metadata={"help": "Write the Space files here (kept); default a "
                                                                   "temporary folder."})
@@ -56,15 +58,13 @@ class SpaceArguments:
 
 
 def _run(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):  # OUTPUT_DIR given positionally, as documented
-        argv = ["--output_dir", *argv]
-    (args,) = HfArgumentParser(SpaceArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_folder_first(SpaceArguments, argv, "--repo_id USER/MODEL --space USER/SPACE [options]")
     from hf_tissue_vit.app.examples import MOSAIC_NAME, find_examples, make_mosaic
     from hf_tissue_vit.app.model_info import load_model_info
-    from hf_tissue_vit.app.space import DEFAULT_REQUIREMENT, check_model_on_hub, push_space, write_space
+    from hf_tissue_vit.app.space import check_model_on_hub, check_requirement, push_space, write_space
 
-    requirement = args.package or DEFAULT_REQUIREMENT
+    if args.package:
+        check_requirement(args.package)
     if not args.no_push:
         check_model_on_hub(args.repo_id)  # before any work: the Space would have nothing to load
     info = load_model_info(args.output_dir)
@@ -73,7 +73,7 @@ def _run(argv: list[str] | None) -> int:
     examples = find_examples(info.label_names, picked, args.examples, args.dataset_dir or info.dataset_dir,
                              args.n_per_class)
     mosaic = make_mosaic(examples, picked / MOSAIC_NAME) if examples else None
-    write_space(folder, args.repo_id, examples, mosaic, requirement, info.license)
+    write_space(folder, args.repo_id, examples, mosaic, args.package, info.license, versions=info.versions)
     print(f"wrote the Space files ({len(examples)} example tiles) to {folder}")
     if not args.no_push:
         url = push_space(folder, args.space, private=args.private)

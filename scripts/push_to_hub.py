@@ -1,6 +1,6 @@
 """Push a training output dir (model.safetensors, config, processor, model card, figures) to the Hub.
 
-    HF_TOKEN=hf_xxx python scripts/push_to_hub.py outputs/vit_scratch_cpu --repo_id USER/NAME \
+    HF_TOKEN=hf_xxx python scripts/push_to_hub.py outputs/vit-scratch-cpu --repo_id USER/NAME \
         [--private] [--revision BRANCH] [--commit_message TEXT] [--license cc-by-4.0] \
         [--base_model google/vit-base-patch16-224] [--dataset_id USER/DATASET] [--replace_card]
 
@@ -16,15 +16,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.cli import parse_folder_first, run_main
 from hf_tissue_vit.hub import HubAuthError, check_repo_id, push_output_dir
 
 
 @dataclass
 class PushArguments:
-    output_dir: str = field(metadata={"help": "Training output dir (holds model.safetensors, config.json, ...)."})
+    output_dir: str = field(metadata={"help": "Training output dir (holds model.safetensors, config.json, ...); "
+                                              "may come first without the flag."})
     repo_id: str = field(metadata={"help": "Model repo on the Hub, USER/NAME (created when missing)."})
     private: bool = field(default=False, metadata={"help": "Create the repo as private."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created from main)."})
@@ -49,11 +48,7 @@ class PushArguments:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = HfArgumentParser(PushArguments)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):  # OUTPUT_DIR given positionally, as documented
-        argv = ["--output_dir", *argv]
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parse_folder_first(PushArguments, argv, "--repo_id USER/NAME [options]")
     url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
                           commit_message=args.commit_message, license=args.license, base_model=args.base_model,
                           dataset_id=args.dataset_id, replace_user_card=args.replace_card)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import shutil
 import sys
 import zipfile
@@ -256,18 +257,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(tiny_vit(), tmp_path_factory.mktemp("tiny_model") / "model")
 
 
-def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False) -> None:
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False, whole_json: bool = False) -> None:
     """SIGKILL the process ``proc`` as soon as ``path`` exists (it must still run then), and reap it.
 
     ``group``: kill its whole process group (start it with ``start_new_session=True``), e.g. an
-    ``accelerate launch`` and the processes it started, as when the machine goes down."""
+    ``accelerate launch`` and the processes it started, as when the machine goes down. ``whole_json``:
+    wait until ``path`` is a whole JSON file (e.g. a checkpoint's trainer_state.json, written last)."""
     import os
     import signal
     import time
 
     try:
         deadline = time.monotonic() + timeout
-        while not path.exists():
+        while not (_whole_json(path) if whole_json else path.exists()):
             assert proc.poll() is None, f"the run ended before {path} was written"
             assert time.monotonic() < deadline, f"{path} not written within {timeout} s"
             time.sleep(0.02)
@@ -280,6 +290,20 @@ def kill_when_exists(proc, path: Path, timeout: float = 240, group: bool = False
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def kill_after_first_epoch(command: list[str], out: Path, env: dict[str, str]) -> None:
+    """Run a training ``command`` of a shipped recipe (it must run DataLoader workers here) into ``out`` and
+    SIGKILL it once its epoch-1 checkpoint (``checkpoint-3`` at 3 steps an epoch) is whole."""
+    import signal
+    import subprocess
+
+    from hf_tissue_vit.hardware import auto_num_workers
+
+    assert auto_num_workers() >= 1, "the recipe runs DataLoader workers: this machine gives it none"
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when_exists(proc, out / "checkpoint-3" / "trainer_state.json", whole_json=True)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture

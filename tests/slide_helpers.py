@@ -258,11 +258,11 @@ def candidate_tiles(per_class: int = 80) -> dict[int, np.ndarray]:
 
 
 def write_demo(folder: str | Path, model, processor, tiles: dict[int, np.ndarray]) -> Path:
-    """The README example: ``folder/outputs/vit-scratch-cpu`` (the colour model) and
+    """The README example: ``folder/outputs/scratch`` (the colour model) and
     ``folder/slides/synthetic_40x.tif`` (:data:`DEMO_LAYOUT_TEXT` at 0.25 µm/px)."""
     folder = Path(folder)
     (folder / "slides").mkdir(parents=True, exist_ok=True)
-    save_model(model, processor, folder / "outputs" / "vit-scratch-cpu")
+    save_model(model, processor, folder / "outputs" / "scratch")
     image = at_mpp(layout_image(parse_layout(DEMO_LAYOUT_TEXT), tiles), 0.25)
     write_pyramid(folder / "slides" / "synthetic_40x.tif", image, 0.25)
     return folder

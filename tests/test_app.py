@@ -210,7 +210,7 @@ def app_url(model_dir: Path, work: Path) -> Iterator[str]:
     """README.md's launch command on the tiny model, on a free port."""
     require("gradio", "the [app] extra")
     port = free_port()
-    cmd = docs_command("app", **{"outputs/vit-scratch-cpu": str(model_dir)}) + ["--port", str(port)]
+    cmd = docs_command("app", **{"outputs/scratch": str(model_dir)}) + ["--port", str(port)]
     with served(cmd, client_env(work / "hf_home", HF_HUB_OFFLINE="1"), work, port) as url:
         yield url
 
@@ -277,6 +277,23 @@ def test_last_layer_heads_on_demand(client, uploads):
     assert [h["caption"] for h in heads] == [f"last layer, head {i}" for i in range(1, 5)]  # TINY_VIT: 4 heads
     with Image.open(heads[0]["image"]["path"] if isinstance(heads[0]["image"], dict) else heads[0]["image"]) as im:
         assert im.size == (TRAIN_TILE, TRAIN_TILE)
+
+
+@pytest.mark.slow
+def test_tile_tab_on_an_image_over_1024_px(client, uploads, tmp_path):
+    """A 1200 x 1100 px upload: classified, its overlay and heads drawn at the explained size (at most
+    1024 px a side), as attention_maps.py does, instead of failing on the size mismatch."""
+    from gradio_client import handle_file
+
+    with Image.open(uploads["tumor"]) as tile:
+        big = tmp_path / "big_1200.png"
+        tile.convert("RGB").resize((1200, 1100)).save(big)
+    label, _, warnings, shown, overlay = client.predict(handle_file(str(big)), 0.0, api_name="/classify_tile")
+    assert label["label"] in CLASS_NAMES and warnings["visible"] is True  # far from the training size: warned
+    with Image.open(shown) as picture, Image.open(overlay) as heat:
+        assert picture.size == heat.size and max(picture.size) == 1024
+    heads = client.predict(handle_file(str(big)), api_name="/attention_heads")
+    assert len(heads) == 4
 
 
 @pytest.mark.slow
@@ -378,7 +395,7 @@ def test_readme_screenshot(tmp_path):
     require_browser()
     target = Path(os.environ.get("HF_TISSUE_VIT_APP_SCREENSHOT", SCREENSHOT))
     port = free_port()
-    cmd = docs_command("app", **{"outputs/vit-scratch-cpu": model}) + ["--port", str(port)]
+    cmd = docs_command("app", **{"outputs/scratch": model}) + ["--port", str(port)]
     raw = tmp_path / "screenshot.png"
     with served(cmd, client_env(tmp_path / "hf_home", HF_HUB_OFFLINE="1"), tmp_path, port) as url:
         seen = browse(url, None, None, raw, example=int(os.environ.get("HF_TISSUE_VIT_APP_SCREENSHOT_EXAMPLE", "0")))
@@ -404,7 +421,7 @@ def test_space_pushed_to_the_emulator_runs(model_dir, uploads, tmp_path):
     try:
         hub = {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"}
         model = shutil.copytree(model_dir, tmp_path / "model")  # the push writes the Space link into it
-        names = {"outputs/vit-scratch-cpu": str(model), "USER/": "alice/"}
+        names = {"outputs/scratch": str(model), "USER/": "alice/"}
         env = client_env(tmp_path / "push_home", HF_TOKEN=ALICE, **hub)
         run(docs_command("push_to_hub", **names), env, tmp_path)
         run(docs_command("push_space", **names), env, tmp_path)
@@ -417,9 +434,11 @@ def test_space_pushed_to_the_emulator_runs(model_dir, uploads, tmp_path):
         examples = sorted(p for p in files if p.startswith("examples/"))
         assert len(examples) == 2 * len(CLASS_NAMES) + 1 and "examples/mosaic.png" in examples  # test split: 2/class
         assert {"app.py", "requirements.txt", "README.md"} <= set(files)
-        requirement = Requirement(files["requirements.txt"].decode().strip().splitlines()[-1])
-        assert requirement.name == "hf_tissue_vit" and "app" in requirement.extras
-        assert str(requirement.specifier) == f"=={hf_tissue_vit.__version__}"
+        lines = [line for line in files["requirements.txt"].decode().splitlines()
+                 if line and not line.startswith(("#", "--"))]
+        wheel = f"wheels/hf_tissue_vit-{hf_tissue_vit.__version__}-py3-none-any.whl"
+        assert lines[0] == f"./{wheel}[app]" and wheel in files  # the package comes with the Space
+        assert {Requirement(line).name for line in lines[1:]} <= {"torch", "transformers"}  # the versions recorded
 
         # A visitor's machine: fresh HF_HOME, no token, only the emulator.
         fresh = client_env(tmp_path / "space_home", **hub)
@@ -540,6 +559,7 @@ def test_space_requirement_must_pin_the_app_extra():
     from hf_tissue_vit.app.space import check_requirement, requirements_txt
 
     assert requirements_txt("hf_tissue_vit[app]==0.1.0").endswith("hf_tissue_vit[app]==0.1.0\n")
+    assert requirements_txt("./wheels/x.whl[app]", pins=["torch==2.13.0"]).endswith("x.whl[app]\ntorch==2.13.0\n")
     check_requirement("hf_tissue_vit[app] @ git+https://github.com/o/hf_tissue_vit@v0.1.0")
     for bad in ("hf_tissue_vit==0.1.0", "hf_tissue_vit[app]", "other[app]==1", "not a requirement"):
         with pytest.raises(ValueError, match="--package"):

@@ -114,6 +114,9 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
     np.testing.assert_allclose(processor(tile, return_tensors="pt")["pixel_values"].numpy(),
                                trained_on(tile, return_tensors="pt")["pixel_values"].numpy(), atol=1e-5)
 
+    from hf_tissue_vit.modelfolder import lacks_label_names, read_model_facts
+
+    assert read_model_facts(out).label_names == list(CLASS_NAMES) and not lacks_label_names(out)
     classify = pipeline("image-classification", model=str(out), device="cpu")
     assert sorted(p["label"] for p in classify(tile, top_k=6)) == sorted(CLASS_NAMES)
 
@@ -148,6 +151,11 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
     assert sorted(shown.probabilities) == sorted(CLASS_NAMES)
     assert any("no attention map" in w for w in shown.warnings) == (family == "timm")
     assert app.map_image(tmp_path / "mosaic.png", window=32).fractions
+    from hf_tissue_vit.app.model_info import about_markdown
+
+    about = about_markdown(app.info)
+    assert ("a Vision Transformer (ViT)" in about) == (family == "vit")
+    assert family == "vit" or f"image model, `{type(model).__name__}`" in about
     capsys.readouterr()
     assert script("count_parameters").main(["--model", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(model.num_parameters())

@@ -141,7 +141,11 @@ def test_killed_cohort_resumes_without_redoing_finished_slides(cohort, tiny_mode
     # b_large and its copy are the longest: each process's first slide
     kill_when_exists(proc, out / "b_large" / DONE_FILE, timeout=TIMEOUT, group=True)
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob(f"*/{DONE_FILE}")}
-    assert 1 <= len(finished) < 6 and not (out / "summary.csv").exists()
+    assert 1 <= len(finished) < 6 and not (out / "summary.csv").exists() and "a_small_copy" not in finished
+    # what a kill in the middle of an atomic write leaves: removed by the next run
+    (out / ".summary.csv.k1ll3d.tmp.csv").write_text("slide,output_dir\n")
+    (out / "a_small_copy").mkdir(exist_ok=True)
+    (out / "a_small_copy" / ".labels.npy.k1ll3d.tmp.npy").write_bytes(b"\x93NUMPY")
     done = _run(command)
     assert done.returncode == 0, done.stderr[-4000:]
     assert all((out / name / DONE_FILE).stat().st_mtime_ns == t for name, t in finished.items())  # not redone
@@ -296,3 +300,11 @@ def test_dataset_rows_in_shards_and_decoded_ahead_are_the_same_rows(tiny_dataset
     everything = rows(plain)
     assert len(everything) == data.n_rows(mapping) == 12 and rows(ahead) == everything
     assert rows(ahead, range(3, 10)) == everything[3:10] and data.n_scored_in(mapping, range(3, 10)) == 7
+
+
+def test_longest_first_deals_whole_items_to_the_process_with_least_work():
+    from hf_tissue_vit.distributed import longest_first
+
+    assert longest_first([6, 35, 16, 9], 2) == [[1], [2, 3, 0]]  # the cohort above: b alone, then c, d, a
+    assert longest_first([5, 5, 5], 4) == [[0], [1], [2], []]  # fewer items than processes
+    assert longest_first([], 3) == [[], [], []]

@@ -294,11 +294,16 @@ def test_finetune_test_score_equals_evaluate_on_the_test_split(script, capsys, t
                                                                tmp_path):
     """The score finetune.py reports on its test split is evaluate_model.py's on the same split and model: same
     decoding, preprocessing and precision (fp32, or bf16 autocast where the run trained in bf16)."""
-    rc, results, output = evaluate(script, capsys, "--model", str(trained_run_dir), "--dataset_dir",
-                                   str(tiny_dataset_dir), "--split", "test", "--output_dir", str(tmp_path / "eval"))
-    assert rc == 0, output
     trained = json.loads((trained_run_dir / "all_results.json").read_text())
+    assert trained["seed"] != 0  # the training seed is not the bootstrap's
+    rc, results, output = evaluate(script, capsys, "--model", str(trained_run_dir), "--dataset_dir",
+                                   str(tiny_dataset_dir), "--split", "test", "--output_dir", str(tmp_path / "eval"),
+                                   "--n_bootstrap", "50")  # finetune_tiny_args' resamples
+    assert rc == 0, output
     assert results["accuracy"] == trained["test_accuracy"] and results["macro_f1"] == trained["test_macro_f1"]
+    # one bootstrap (seed, resampling) for the card's intervals and evaluate.py's
+    assert results["accuracy_ci95"] == trained["test_accuracy_ci95"]
+    assert results["macro_f1_ci95"] == trained["test_macro_f1_ci95"]
     assert results["per_class"] == trained["test_per_class"] and results["n_scored"] == trained["test_samples"]
     assert results["precision"].startswith("bf16 autocast" if trained["hyperparameters"]["bf16"] else "fp32")
     ours = read_csv(tmp_path / "eval" / "eval_predictions.csv")
@@ -329,7 +334,11 @@ def test_card_round_trip_keeps_training_results(script, capsys, trained_run_dir,
                                                                        "f1": trained["test_macro_f1"]}
     assert by_name["external"] == {"accuracy": results["accuracy"], "balanced_accuracy":
                                    results["balanced_accuracy"], "f1": results["macro_f1"]}
-    assert len([e for e in entries if e.dataset_name == "external"]) == 6  # two evaluations, three metrics
+    # two evaluations of one dataset: one model-index entry, each metric once, from the later evaluation
+    assert len([e for e in entries if e.dataset_name == "external"]) == 3
+    index = [r for r in card.data.to_dict()["model-index"][0]["results"] if r["dataset"]["name"] == "external"]
+    assert len(index) == 1 and sorted(m["type"] for m in index[0]["metrics"]) == ["accuracy", "balanced_accuracy",
+                                                                                   "f1"]
     assert card.text.count("## Evaluation on External tiles") == 1 and "## Evaluation on Second set" in card.text
     recorded = json.loads((model / EVALUATIONS_FILE).read_text())["evaluations"]
     assert [ev["name"] for ev in recorded] == ["External tiles", "Second set"]

@@ -31,7 +31,7 @@ def test_rgb_is_returned_unchanged():
         (Image.new("I", (3, 2), 200), [0, 0, 0]),
         (Image.new("I", (3, 2), 10**6), [255, 255, 255]),  # clipped to 16 bits
         (Image.new("F", (3, 2), 0.5), [128, 128, 128]),  # float grey in [0, 1]
-        (Image.new("F", (3, 2), 3.0), [255, 255, 255]),
+        (Image.new("F", (3, 2), 1.5), [255, 255, 255]),  # overshoot of [0, 1] data: clipped
         (Image.new("CMYK", (3, 2), (0, 0, 0, 0)), [255, 255, 255]),
     ],
     ids=lambda v: getattr(v, "mode", None) or str(v),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import kill_when_exists, readme_commands
+from conftest import kill_after_first_epoch, kill_when_exists, readme_commands
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 
@@ -207,6 +207,32 @@ def test_pretraining_resumes_after_sigkill_to_the_same_model(tiny_dataset_dir: P
     a, b = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "pretraining.json").read_text())["steps"] == 12
+
+
+def _recipe_command(dataset: Path, out: Path) -> list[str]:
+    """The shipped pretraining recipe (its augmentation, epoch checkpoints and dataloader workers: the default
+    count, persistent) at tiny sizes, for three epochs."""
+    return [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config",
+            str(REPO / "scripts" / "recipes" / "pretrain_mae_cpu.yaml"), *TINY_MAE, "--dataset_dir", str(dataset),
+            "--output_dir", str(out), "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
+            "--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true",
+            "--cache_decoded", "false"]  # fmt: skip
+
+
+def test_pretraining_with_the_recipes_dataloader_workers_resumes_to_the_same_model(tiny_dataset_dir: Path,
+                                                                                  tmp_path: Path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    kill_after_first_epoch(_recipe_command(tiny_dataset_dir, resumed), resumed, _env())
+    assert not (resumed / "pretraining.json").exists()
+    for out in (reference, resumed):
+        done = subprocess.run(_recipe_command(tiny_dataset_dir, out), cwd=REPO, env=_env(), capture_output=True,
+                              text=True, timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from the last checkpoint" in done.stderr  # checkpoint-3 was whole when killed
+    history = [json.loads((run / "trainer_state.json").read_text())["log_history"] for run in (reference, resumed)]
+    assert [e.get("loss") for e in history[0]] == [e.get("loss") for e in history[1]]
+    a, b = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_under_accelerate_launch_with_two_processes(tiny_dataset_dir: Path, tmp_path: Path):

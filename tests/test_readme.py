@@ -139,3 +139,40 @@ def test_ci_runs_the_readme_install_and_test_commands() -> None:
     install = re.search(r'^pip install -e "([^"]+)"', readme, re.M).group(1)
     assert f'python -m pip install --quiet -e "{install}"' in ci
     assert "python -m pytest tests -q" in readme and "python -m pytest tests -q" in ci
+
+
+def _readme_commands() -> list[str]:
+    """README's ``python scripts/...`` commands, continuation lines joined."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("python scripts/")]
+
+
+def test_readme_applies_the_model_its_training_command_writes() -> None:
+    """Every model folder README applies (--model, push_to_hub.py / push_space.py OUTPUT_DIR) is the
+    --output_dir of one of its training commands; section 6's sample output names the folders of its command."""
+    import re
+    import shlex
+
+    commands = [shlex.split(c) for c in _readme_commands()]
+    trained = {argv[argv.index("--output_dir") + 1] for argv in commands
+               if argv[1] in ("scripts/finetune.py", "scripts/pretrain.py") and "--output_dir" in argv}
+    used = set()
+    for argv in commands:
+        if "--model" in argv and argv[argv.index("--model") + 1].startswith("outputs/"):
+            used.add(argv[argv.index("--model") + 1])
+        if argv[1] in ("scripts/push_to_hub.py", "scripts/push_space.py"):
+            used.add(argv[2])
+    assert used and used <= trained, f"applied but never trained: {sorted(used - trained)}"
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## 6. ", 1)[1].split("\n## 7. ", 1)[0]
+    printed = set(re.findall(r"^(?:wrote|updated the model card) (.+)$", section, re.MULTILINE))
+    folders = {str(Path(p.strip()).parent) for line in printed for p in line.split(",")}
+    assert folders == {"outputs/eval_tif_sample", "outputs/scratch"}, folders
+
+
+def test_push_commands_document_the_folder_as_readme_shows_it() -> None:
+    """README shows ``push_to_hub.py OUTPUT_DIR --repo_id ...``; --help documents that form."""
+    for name in ("push_to_hub", "push_space"):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"usage: {name}.py OUTPUT_DIR --repo_id" in done.stdout, done.stdout[:500]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_when_exists, load_script, save_model_dir, tiny_vit
+from conftest import kill_after_first_epoch, kill_when_exists, load_script, save_model_dir, tiny_vit
 from safetensors.torch import load_file
 
 from hf_tissue_vit import hardware
@@ -390,6 +390,54 @@ def test_sigkill_and_resume_gives_the_same_result(tiny_dataset_dir: Path, tmp_pa
     assert first["from_step"] == 0 and first["to_step"] == second["from_step"] >= 4 and second["to_step"] == last
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
     assert b["train_runtime"] == pytest.approx(first["runtime"] + second["runtime"], abs=1e-3)
+
+
+def _recipe_args(dataset_dir: Path, out: Path) -> list[str]:
+    """The shipped CPU recipe (its augmentation, PatchDropout, epoch checkpoints and dataloader workers:
+    the default count, persistent) at tiny sizes, for three epochs."""
+    return [sys.executable, str(SCRIPT), "--config", str(REPO / "scripts" / "recipes" / "scratch_cpu.yaml"),
+            *TINY_MODEL[1:], "--dataset_dir", str(dataset_dir), "--output_dir", str(out), "--num_train_epochs", "3",
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--n_bootstrap", "50",
+            "--use_cpu", "true", "--report_to", "none", "--cache_decoded", "false", "--disable_tqdm", "true"]
+
+
+def test_sigkill_and_resume_with_the_recipes_dataloader_workers_gives_the_same_result(tiny_dataset_dir: Path,
+                                                                                     tmp_path: Path):
+    """Killed after the first epoch's checkpoint and resumed with the same command, a run of the shipped recipe
+    (one or more persistent DataLoader workers) ends bit-identical to an uninterrupted one."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    kill_after_first_epoch(_recipe_args(tiny_dataset_dir, resumed), resumed, _env())
+    assert not (resumed / "all_results.json").exists()
+    done = _run(_recipe_args(tiny_dataset_dir, reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = _run(_recipe_args(tiny_dataset_dir, resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from the last checkpoint" in again.stderr  # checkpoint-3 was whole when killed
+    a = json.loads((reference / "all_results.json").read_text())
+    b = json.loads((resumed / "all_results.json").read_text())
+    assert a["hyperparameters"]["augmentation"]["random_resized_crop"] and b["train_pieces"][0]["to_step"] == 3
+    for key in ("eval_loss", "eval_accuracy", "test_loss", "test_accuracy", "test_macro_f1", "test_accuracy_tta",
+                "test_confusion_matrix"):  # fmt: skip
+        assert a[key] == b[key], key
+    history = [json.loads((run / "trainer_state.json").read_text())["log_history"] for run in (reference, resumed)]
+    losses = [[(e["epoch"], e["eval_loss"]) for e in h if "eval_loss" in e] for h in history]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    wa, wb = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_persistent_workers_augment_with_the_current_epoch():
+    """A persistent DataLoader worker keeps the dataset copy it started with; the epoch still reaches it."""
+    from hf_tissue_vit.training.tiles import TileDataset
+
+    dataset = TileDataset(torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True,
+                                         collate_fn=lambda items: [item["epoch"] for item in items])
+    seen = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        seen += [epochs for epochs in loader]
+    assert seen == [[0] * 4, [1] * 4, [2] * 4]
 
 
 def test_ema_run_selects_and_saves_the_weight_average(tiny_dataset_dir: Path, tmp_path: Path):

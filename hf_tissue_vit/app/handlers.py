@@ -101,8 +101,10 @@ class AppModel:
     """
 
     def __init__(self, model: str, device: str | None = None, bf16: bool | None = None) -> None:
+        from ..modelfolder import check_model_folder
         from ..modeling import load_for_inference
 
+        check_model_folder(model, "--model")  # a missing folder or damaged weights: said before any Hub try
         self.source = model
         self.info: ModelInfo = load_model_info(model)
         self.predictor = TilePredictor.from_pretrained(model, device=device, bf16=bf16)
@@ -146,14 +148,17 @@ class AppModel:
             return TileResult(probs, label, probs[label], tile, tile, [*warnings, f"no attention map: {err}"])
         with self._lock:
             (item,) = explain_tiles(self._explainer, self._processor, [tile])
-        return TileResult(probs, label, probs[label], tile, overlay_heatmap(tile, item.rollout, ALPHA), warnings)
+        # item.tile: the image as drawn (a side over explain_tiles' max_side is downscaled), the maps' size
+        return TileResult(probs, label, probs[label], item.tile, overlay_heatmap(item.tile, item.rollout, ALPHA),
+                          warnings)
 
     def head_overlays(self, path: str | os.PathLike) -> list[tuple[np.ndarray, str]]:
         """(overlay, caption) per head of the last layer: where each head's CLS token looks."""
         tile = load_rgb8(path)
         with self._lock:
             (item,) = explain_tiles(self._explainer, self._processor, [tile])
-        return [(overlay_heatmap(tile, heat, ALPHA), f"last layer, head {h + 1}") for h, heat in enumerate(item.heads)]
+        return [(overlay_heatmap(item.tile, heat, ALPHA), f"last layer, head {h + 1}")
+                for h, heat in enumerate(item.heads)]
 
     # --- larger images ------------------------------------------------------------------------
     def _run_dir(self) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import backbones
 from ..constants import CLASS_DESCRIPTIONS, KATHER_CITATION
 from ..modelfolder import ModelFacts, is_far, read_model_facts
 
@@ -53,6 +54,9 @@ class ModelInfo:
     num_parameters: int | None = None
     base_model: str | None = None
     license: str | None = None
+    architecture: str | None = None  # config.json's architectures[0]
+    family: str | None = None  # hf_tissue_vit.backbones family name; None: not one the package trains
+    versions: dict[str, str] = field(default_factory=dict)  # of the packages it was trained with
     data_preset: str | None = None  # the known release the model was trained on (kather2016, nct-crc-he)
     data_citation: str | None = None  # the training data's own citation
 
@@ -138,6 +142,9 @@ def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
         num_parameters=model_block.get("num_parameters"),
         base_model=None if model_block.get("from_scratch") else model_block.get("base_model"),
         license=card.data.license if card is not None else None,
+        architecture=(facts.config.get("architectures") or [None])[0],
+        family=family.name if (family := backbones.family_of(facts.config)) else None,
+        versions={str(k): str(v) for k, v in (results.get("versions") or {}).items()},
         # runs from before presets were recorded trained on Kather 2016 tiles
         data_preset=facts.dataset.get("preset") or (None if "preset" in facts.dataset else "kather2016"),
         data_citation=facts.dataset.get("citation"),
@@ -202,13 +209,21 @@ def _metric_table(metrics: list[MetricRow]) -> str:
     return "\n".join(lines)
 
 
+def _kind_of_model(info: ModelInfo) -> str:
+    """"a Vision Transformer (ViT)" or, for the other backbone families, "a DINOv2 image model,
+    `Dinov2ForImageClassification`"."""
+    if info.family in (None, "ViT"):
+        return "a Vision Transformer (ViT)"
+    return f"a {info.family} image model" + (f", `{info.architecture}`" if info.architecture else "")
+
+
 def about_markdown(info: ModelInfo) -> str:
     """Markdown of the About tab: the model, its test results, the classes, the training data and the limits."""
     origin = f"fine-tuned from `{info.base_model}`" if info.base_model else "trained with `hf_tissue_vit`"
     size = f"{info.num_parameters:,} parameters, " if info.num_parameters else ""
     parts = [
         "## The model",
-        (f"`{info.display_name}`: a Vision Transformer (ViT, {size}{info.image_size} px input"
+        (f"`{info.display_name}`: {_kind_of_model(info)} ({size}{info.image_size} px input"
         f"{f', {info.patch_size} px patches' if info.patch_size else ''}) {origin}. It sorts a tile of "
         f"H&E-stained colorectal tissue into one of {len(info.label_names)} classes."),
         info.preprocessing_text(),

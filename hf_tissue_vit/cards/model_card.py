@@ -162,19 +162,22 @@ class ModelCardInfo:
 
     # ------------------------------------------------------------------ rendering
     def eval_results(self) -> list[EvalResult]:
-        """model-index entries: the test split's metrics, then every external evaluation."""
-        entries = []
+        """model-index entries: the test split's metrics, then every external evaluation; one entry per
+        dataset and split, each metric once (a later evaluation of the same data replaces the earlier's)."""
+        groups: dict[tuple[str, str], list[EvalResult]] = {}
         if self.test:
             known = _DATASETS.get(self.data_preset or "", (None, None))[0]
             name = self.dataset_id or (known if self.trained_with_package else None)
             if name:
-                entries += _metric_entries(self.test, name, self.dataset_id or (
-                    "kather2016-colorectal-histology" if self.data_preset == "kather2016" else self.data_preset),
-                    "test")
+                dataset_type = self.dataset_id or (
+                    "kather2016-colorectal-histology" if self.data_preset == "kather2016" else self.data_preset)
+                groups[dataset_type, "test"] = _metric_entries(self.test, name, dataset_type, "test")
         for ev in self.evaluations:
-            entries += _metric_entries(ev["metrics"], ev["dataset_name"], ev.get("dataset_type") or ev["dataset_name"],
-                                       ev.get("split") or "test")
-        return entries
+            # the Hub groups entries by dataset: two evaluations of one dataset would list each metric twice
+            key = (ev.get("dataset_type") or ev["dataset_name"], ev.get("split") or "test")
+            groups.pop(key, None)
+            groups[key] = _metric_entries(ev["metrics"], ev["dataset_name"], *key)
+        return [entry for entries in groups.values() for entry in entries]
 
     def card_data(self, existing: dict[str, Any] | None = None) -> ModelCardData:
         """Card metadata; keys this run does not know are taken from ``existing`` (a user's card)."""

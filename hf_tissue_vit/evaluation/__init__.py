@@ -12,7 +12,7 @@
 
 Example::
 
-    args = EvaluationArguments(model="outputs/vit_scratch_cpu", inputs="CRC-VAL-HE-7K/", output_dir="eval/",
+    args = EvaluationArguments(model="outputs/vit-scratch-cpu", inputs="CRC-VAL-HE-7K/", output_dir="eval/",
                                label_map='{"STR": "Stroma", "MUC": null, "MUS": null}')
     outcome = run_evaluation(args)
     print(markdown_summary(outcome.results))

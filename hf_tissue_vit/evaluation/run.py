@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..hardware import parse_bf16_flag, versions
+from ..metrics import BOOTSTRAP_SEED
 from ..modelfolder import check_model_folder, read_model_facts
 from ..units import check_mpp
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
@@ -67,8 +68,9 @@ class EvaluationArguments:
                                                                   "the data's name and split)."})
     push: bool = field(default=False, metadata={"help": "With --update_card on a Hub model: push the card as a "
                                                         "commit, or a pull request when you do not own the repo."})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95% intervals (0: none)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% intervals (0: none)."})
+    seed: int = field(default=BOOTSTRAP_SEED, metadata={"help": "Seed of the bootstrap (the default is finetune.py's, "
+                                                                "so the test split gets its card's intervals)."})
     bf16: str = field(default="training", metadata={
         "help": "Precision. training (default): as the model's own test evaluation in finetune.py (fp32, or "
                 "bf16 autocast with the training's attention kernel, read from the run's results; fp32 when "

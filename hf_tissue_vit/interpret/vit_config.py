@@ -21,8 +21,15 @@ def load_vit_config(model: str, what: str, num_labels: int | None = None,
     """
     from transformers import AutoConfig
 
+    from ..modelfolder import check_model_path, label_overrides, lacks_label_names
+
+    check_model_path(model, "--model")  # a missing folder is said at once, not after a Hub try
+    overrides = label_overrides(model) if num_labels is None else {}
+    if num_labels is None and not overrides and lacks_label_names(model):
+        raise ValueError(f"--model {model!r}: its config.json has no id2label/label2id and no safetensors weights "
+                         "beside it tell the head's size: pass --num_labels N (its number of classes)")
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **overrides)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"--model {model!r}: cannot read a model config ({err})") from err
     require(config, what, name=f"--model {model!r}")

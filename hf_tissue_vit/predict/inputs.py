@@ -51,8 +51,20 @@ def iter_input_files(
     case), glob patterns (``**`` allowed) sorted, keeping only image extensions for folders and globs.
 
     Whole-slide images are never yielded, even when named explicitly; they are appended to
-    ``whole_slides`` when a list is given (folders and globs included).
+    ``whole_slides`` when a list is given (folders and globs included). A file reached twice (a folder
+    and a glob that overlap, a file named twice) is yielded once, at its first place.
     """
+    seen: set[str] = set()
+    for path in _iter_candidates(inputs, extensions, whole_slides):
+        key = os.path.normcase(os.path.realpath(path))
+        if key not in seen:
+            seen.add(key)
+            yield path
+
+
+def _iter_candidates(
+    inputs: Iterable[str | os.PathLike], extensions: Sequence[str], whole_slides: list[str] | None
+) -> Iterator[str]:
     for item in inputs:
         text = os.fspath(item)
         if os.path.isdir(text):

@@ -61,14 +61,19 @@ def done_row(out: Path, slide: str, settings: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
+def _remove_temps(folder: Path, names: Sequence[str]) -> None:
+    """Remove the temp files that atomic writes of ``names`` left in ``folder`` (a killed run's)."""
+    if folder.is_dir():
+        prefixes = tuple(f".{name}." for name in names)
+        for path in folder.iterdir():
+            if path.is_file() and ".tmp" in path.name and path.name.startswith(prefixes):
+                path.unlink(missing_ok=True)
+
+
 def _prepare_folder(out: Path) -> None:
     """Before a slide is (re)mapped: no done-mark, no temp file of a killed run in its folder."""
     (out / DONE_FILE).unlink(missing_ok=True)
-    if out.is_dir():
-        names = {f".{name}." for name in (*SLIDE_FILES, DONE_FILE)}
-        for path in out.iterdir():
-            if path.is_file() and ".tmp" in path.name and any(path.name.startswith(n) for n in names):
-                path.unlink(missing_ok=True)
+    _remove_temps(out, (*SLIDE_FILES, DONE_FILE))
 
 
 def _map_one(predictor: Any, path: str, out: Path, options: SlideMapOptions, target: float | None,
@@ -131,6 +136,7 @@ def map_slides(predictor: Any, inputs: Sequence[str | os.PathLike], output_dir: 
     rows.update(distributed.gather(done))
     ordered = [rows[i] for i in range(len(paths))]
     if state.is_main_process:
+        _remove_temps(output_dir, ("summary.csv",))  # one a killed run was writing
         write_summary(ordered, list(predictor.label_names), output_dir / "summary.csv")
     state.wait_for_everyone()
     return ordered

@@ -49,7 +49,7 @@ def evaluate_test(
     *,
     tta: bool = False,
     n_bootstrap: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> tuple[dict[str, Any], TestPredictions]:
     """``test_*`` results of the ``datasets`` test ``split`` (decoded as ``tiles``) and its predictions."""
     from .. import metrics
@@ -65,7 +65,8 @@ def evaluate_test(
     }
     if n_bootstrap:
         for metric in ("accuracy", "macro_f1"):
-            low, high = metrics.bootstrap_ci(labels, predicted, metric=metric, n_boot=n_bootstrap, seed=seed)
+            low, high = metrics.bootstrap_ci(labels, predicted, metric=metric, n_boot=n_bootstrap,
+                                             seed=metrics.BOOTSTRAP_SEED if seed is None else seed)
             out[f"test_{metric}_ci95"] = [float(low), float(high)]
     out["test_per_class"] = report["per_class"]
     out["test_confusion_matrix"] = np.asarray(report["confusion_matrix"]).tolist()

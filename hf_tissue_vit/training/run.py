@@ -91,6 +91,10 @@ def validate_run(
     from ..modelfolder import check_model_folder
 
     _warn_single_cpu_process()
+    if training_args.push_after_training:  # the token, the repo id and the Hub: checked before any work
+        from ..hub import check_hub_access
+
+        check_hub_access(training_args.hub_model_id, "--hub_model_id")
     checkpoint = None if model_args.from_scratch else model_args.model_name_or_path
     if checkpoint and not Path(checkpoint, "config.json").is_file():
         check_model_folder(checkpoint, "--model_name_or_path")  # a dataset folder, a missing folder: said first
@@ -291,7 +295,7 @@ def evaluate_test_split(
         return {}, None
     return evaluate_test(
         trainer, data.dataset["test"], data.tiles["test"], data.label_names,
-        tta=training_args.tta, n_bootstrap=training_args.n_bootstrap, seed=training_args.seed,
+        tta=training_args.tta, n_bootstrap=training_args.n_bootstrap,  # evaluate.py's bootstrap seed, not --seed
     )
 
 

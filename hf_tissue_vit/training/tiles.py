@@ -1,6 +1,20 @@
 """Tiles for training: every split decoded once into a memory-mapped uint8 file (the decode cache, one
 per machine, shared by the processes of a launch), a torch dataset over it, and a collator that
-augments whole batches in the DataLoader workers."""
+augments whole batches in the DataLoader workers.
+
+Seeding rules (what makes a SIGKILLed and resumed run end bit-identical to an uninterrupted one, with
+DataLoader workers, persistent or not; finetune.py and pretrain.py alike):
+
+- a training batch's augmentation draws from its own generator, seeded by :func:`augmentation_seed`
+  (run seed, epoch, the batch's sample indices), on the CPU or on the device;
+- the epoch reaches the workers through shared memory (:class:`TileDataset`): a persistent worker keeps
+  the dataset copy it was started with, and still augments with the epoch the main process is in;
+- in a worker, the global RNGs (python, numpy, torch) are reseeded from that seed before each batch
+  (:func:`seed_worker_for_batch`), so nothing depends on which worker got the batch or since when it runs;
+- every DataLoader of the Trainer draws its workers' base seed from its own generator
+  (:func:`loader_generator`), not from the global torch RNG: a resumed run creates its iterators at other
+  times than an uninterrupted one, and must not shift the global stream (dropout, PatchDropout) by it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,7 @@ import io
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -225,11 +240,18 @@ class TileDataset(torch.utils.data.Dataset):
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, train: bool = False) -> None:
         if len(pixels) != len(labels):
             raise ValueError(f"{len(pixels)} tiles but {len(labels)} labels")
-        self.pixels, self.labels, self.train, self.epoch = pixels, labels, train, 0
+        self.pixels, self.labels, self.train = pixels, labels, train
+        # shared memory: DataLoader workers (persistent ones too) read the epoch the main process sets
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch that seeds the next augmentations."""
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch that seeds the next augmentations (set by :class:`EpochCallback`)."""
-        self.epoch = int(epoch)
+        """Set the epoch that seeds the next augmentations (by :class:`EpochCallback`), in every worker."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -257,6 +279,22 @@ def augmentation_seed(seed: int, epoch: int, indices: Sequence[int]) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch), *(int(i) for i in indices)]).generate_state(1)[0])
 
 
+def seed_worker_for_batch(batch_seed: int) -> None:
+    """In a DataLoader worker, reseed the global RNGs (python, numpy, torch) from the batch's seed: whatever
+    a transform draws from them then depends on the batch, not on the worker or its history. Nothing is
+    done in the main process, whose torch RNG (dropout, PatchDropout) the Trainer checkpoints."""
+    if torch.utils.data.get_worker_info() is None:
+        return
+    random.seed(batch_seed)
+    np.random.seed(batch_seed % 2**32)
+    torch.manual_seed(batch_seed)
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """The generator a Trainer DataLoader draws its workers' base seed from (instead of the global RNG)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0x10AD]).generate_state(1)[0]))
+
+
 class TileCollator:
     """Stack items and turn them into ``pixel_values``: the augmenting :class:`TileTransform` for training
     batches, the saved processor's exact preprocessing (``ProcessorTransform``) for the others.
@@ -277,6 +315,7 @@ class TileCollator:
         if not items[0].get("train"):
             return {"pixel_values": self.eval_transform(pixels), "labels": labels}
         seed = augmentation_seed(self.seed, items[0]["epoch"], [item["index"] for item in items])
+        seed_worker_for_batch(seed)
         if self.device_augmentation:
             return {"pixels": pixels, "augment_seed": seed, "labels": labels}
         return {"pixel_values": self.train_transform(pixels, generator=torch.Generator().manual_seed(seed)),

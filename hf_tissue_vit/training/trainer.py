@@ -19,6 +19,7 @@ from ..fileio import fix_permissions
 from ..transforms.augmentation import dihedral_views
 from .ema import EMA_FILE, EMACallback, WeightEMA
 from .progress import TrainingProgress
+from .tiles import loader_generator
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ class TissueTrainer(Trainer):
                                         self._total_loss_scalar)
         metrics = whole.whole_run_metrics(result.metrics, self._schedule_samples, self.state.max_steps)
         return TrainOutput(result.global_step, metrics["train_loss"], metrics)
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
+        loader = super()._get_dataloader(*args, **kwargs)
+        # worker base seeds from the loader's own generator: a resumed run must not draw them from the
+        # global RNG at other times than an uninterrupted one (see training.tiles' seeding rules)
+        getattr(loader, "base_dataloader", loader).generator = loader_generator(self.args.seed)  # accelerate wraps it
+        return loader
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         if 0 < self.state.max_steps <= self.state.global_step:
