@@ -250,14 +250,15 @@ def test_predict_warns_once_with_counts_on_far_sizes_and_greyscale(tmp_path, tin
 
 
 def test_the_reference_is_the_training_tile_size_when_recorded(tmp_path, trained_run_dir, script, caplog):
-    """trained_run_dir learnt from 48 px tiles (its dataset's metadata) at a 32 px input: a 20 px tile is
-    far from 48 (20 * 2 < 48) though not from 32; a recorded dataset.tile_size wins over both."""
+    """trained_run_dir learnt from 48 px tiles (its run records them) at a 32 px input: a 20 px tile is
+    far from 48 (20 * 2 < 48) though not from 32; the recorded dataset.tile_size wins over both, and
+    without it the training dataset's metadata is read."""
     tile = write_tile(tmp_path / "t20.png", (20, 20))
     caplog.set_level(logging.WARNING)
     assert script("predict").main(["--model", str(trained_run_dir), "--inputs", str(tile),
                                    "--output", str(tmp_path / "p.csv"), "--no_progress"]) == 0
     (far,) = [m for m in warnings_of(caplog) if "far from" in m]
-    assert "48x48 px" in far and "training dataset" in far
+    assert "48x48 px" in far and "its training run recorded" in far
     from hf_tissue_vit.modelfolder import is_far, training_tile_size
 
     assert training_tile_size(str(trained_run_dir))[0] == (48, 48)
@@ -268,6 +269,9 @@ def test_the_reference_is_the_training_tile_size_when_recorded(tmp_path, trained
     results["dataset"]["tile_size"] = [150, 150]
     (recorded / "all_results.json").write_text(json.dumps(results))
     assert training_tile_size(str(recorded)) == ((150, 150), "the tile size its training run recorded")
+    del results["dataset"]["tile_size"]
+    (recorded / "all_results.json").write_text(json.dumps(results))
+    assert training_tile_size(str(recorded)) == ((48, 48), "the tile size of its training dataset")
 
 
 def test_predict_skips_whole_slide_images_with_the_reason(tmp_path, tiny_model_dir, script, caplog, capsys):
