@@ -114,7 +114,8 @@ def test_family_end_to_end(family: str, tiny_dataset_dir: Path, tmp_path: Path, 
     np.testing.assert_allclose(processor(tile, return_tensors="pt")["pixel_values"].numpy(),
                                trained_on(tile, return_tensors="pt")["pixel_values"].numpy(), atol=1e-5)
 
-    from hf_tissue_vit.modelfolder import lacks_label_names, read_model_facts
+    from hf_tissue_vit.modelfacts import read_model_facts
+    from hf_tissue_vit.modelfolder import lacks_label_names
 
     assert read_model_facts(out).label_names == list(CLASS_NAMES) and not lacks_label_names(out)
     classify = pipeline("image-classification", model=str(out), device="cpu")

@@ -1,4 +1,4 @@
-"""One reader of what a model folder says about itself (``modelfolder.read_model_facts``), used by
+"""One reader of what a model folder says about itself (``modelfacts.read_model_facts``), used by
 predict, the app, evaluation and the model card, with one fallback rule per fact and one "far from
 the training tile size" rule; the results file named only by its constant."""
 
@@ -30,7 +30,7 @@ def _model(tmp_path: Path, tiny_model_dir: Path, name: str = "model", results: d
 
 def test_facts_of_a_model_folder(tmp_path, tiny_model_dir):
     from hf_tissue_vit.constants import CLASS_NAMES
-    from hf_tissue_vit.modelfolder import read_model_facts
+    from hf_tissue_vit.modelfacts import read_model_facts
 
     bare = read_model_facts(tiny_model_dir)
     assert bare.label_names == CLASS_NAMES and bare.input_size == 32 and bare.resample == "bilinear"
@@ -86,7 +86,7 @@ def test_app_uses_the_models_resolution(tmp_path, tiny_model_dir):
 def test_evaluation_and_card_read_the_same_facts(tmp_path, tiny_model_dir):
     from hf_tissue_vit.cards import ModelCardInfo
     from hf_tissue_vit.evaluation import model_label_names
-    from hf_tissue_vit.modelfolder import read_model_facts
+    from hf_tissue_vit.modelfacts import read_model_facts
 
     model = _model(tmp_path, tiny_model_dir, results={"dataset": {"mpp": 0.7}})
     facts = read_model_facts(model)

@@ -259,7 +259,7 @@ def test_the_reference_is_the_training_tile_size_when_recorded(tmp_path, trained
                                    "--output", str(tmp_path / "p.csv"), "--no_progress"]) == 0
     (far,) = [m for m in warnings_of(caplog) if "far from" in m]
     assert "48x48 px" in far and "its training run recorded" in far
-    from hf_tissue_vit.modelfolder import is_far, training_tile_size
+    from hf_tissue_vit.modelfacts import is_far, training_tile_size
 
     assert training_tile_size(str(trained_run_dir))[0] == (48, 48)
     assert is_far((20, 20), (48, 48)) and not is_far((20, 20), (32, 32))

@@ -1,7 +1,7 @@
 """What the app tells its user about the model: classes, input size and preprocessing, training
 resolution and test results, read from the model's own files (a local output dir or a Hub repo).
 
-The files are read by the package's one model-facts reader (:func:`hf_tissue_vit.modelfolder.read_model_facts`:
+The files are read by the package's one model-facts reader (:func:`hf_tissue_vit.modelfacts.read_model_facts`:
 class names, µm/px, training tile size, processor, the run's results), with its fallbacks; the model
 card's ``model-index`` gives the test metrics when the run's results are absent. Only config.json is
 required.
@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import backbones
 from ..constants import CLASS_DESCRIPTIONS, KATHER_CITATION
-from ..modelfolder import ModelFacts, is_far, read_model_facts
+from ..modelfacts import ModelFacts, is_far, read_model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _metrics_from_card(card: Any) -> list[MetricRow]:
 
 
 def model_info_from_facts(facts: ModelFacts) -> ModelInfo:
-    """:class:`ModelInfo` of what :func:`~hf_tissue_vit.modelfolder.read_model_facts` read."""
+    """:class:`ModelInfo` of what :func:`~hf_tissue_vit.modelfacts.read_model_facts` read."""
     card = None
     if facts.card_path is not None:
         from huggingface_hub import ModelCard
@@ -178,7 +178,7 @@ def resolution_warning(info: ModelInfo, mpp: float | None) -> str | None:
 def tile_warnings(info: ModelInfo, width: int, height: int, mpp: float | None = None) -> list[str]:
     """Plain-language warnings when a tile's size, shape or stated resolution (µm/px) differs from training.
 
-    "Far from the training size" is the package's one rule (:func:`hf_tissue_vit.modelfolder.is_far`),
+    "Far from the training size" is the package's one rule (:func:`hf_tissue_vit.modelfacts.is_far`),
     the one predict.py warns with."""
     warnings = []
     tile = info.train_tile_px

@@ -19,7 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..card_templates import render_card, render_text
 from ..constants import ALL_CLASS_NAMES, CLASS_DESCRIPTIONS, KATHER_BIBTEX, NCT_BIBTEX, VIT_BIBTEX
-from ..modelfolder import CONFIG_FILE, RUN_FILE, ModelFacts, read_model_facts  # RUN_FILE: in every finetune.py run
+from ..modelfacts import ModelFacts, read_model_facts
+from ..modelfolder import CONFIG_FILE, RUN_FILE  # RUN_FILE: in every finetune.py run
 
 MODEL_CARD_TEMPLATE = "model_card.md"
 EVALUATION_SECTION_TEMPLATE = "evaluation_section.md"  # one "Evaluation on NAME" section

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..hardware import parse_bf16_flag, versions
 from ..metrics import BOOTSTRAP_SEED
-from ..modelfolder import check_model_folder, read_model_facts
+from ..modelfacts import read_model_facts
+from ..modelfolder import check_model_folder
 from ..units import check_mpp
 from .card import card_files, download_card_folder, owns_repo, push_card_update, update_model_card
 from .labels import LabelMapping, parse_label_map, resolve_labels

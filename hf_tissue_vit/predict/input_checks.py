@@ -6,8 +6,8 @@ RGB (R = G = B), unlike the H&E colour tiles the model learnt from. Neither is a
 and logs one warning per kind, with counts and examples (:class:`InputNotes`).
 
 The rule for "far" and the training tile size are the model folder's
-(:func:`hf_tissue_vit.modelfolder.is_far`: a side more than :data:`~hf_tissue_vit.modelfolder.FAR_FACTOR`
-times smaller or larger than the tile's; :meth:`hf_tissue_vit.modelfolder.ModelFacts.training_tile_size`),
+(:func:`hf_tissue_vit.modelfacts.is_far`: a side more than :data:`~hf_tissue_vit.modelfacts.FAR_FACTOR`
+times smaller or larger than the tile's; :meth:`hf_tissue_vit.modelfacts.ModelFacts.training_tile_size`),
 the same the app warns with.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import ImageMode
 
-from ..modelfolder import FAR_FACTOR, is_far
+from ..modelfacts import FAR_FACTOR, is_far
 
 logger = logging.getLogger(__name__)
 

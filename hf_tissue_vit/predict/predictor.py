@@ -28,7 +28,7 @@ from PIL import Image
 
 from .. import hardware
 from ..imaging import open_image, to_rgb8
-from ..modelfolder import read_model_facts, training_tile_size
+from ..modelfacts import read_model_facts, training_tile_size
 from ..transforms.augmentation import dihedral_views
 from ..transforms.processor import ProcessorTransform
 from ..units import check_mpp
@@ -113,7 +113,7 @@ class TilePredictor:
             files far from it (:mod:`.input_checks`); None = the model's input size
             (:meth:`from_pretrained` looks up the training tile size first).
         mpp: micrometres per pixel of the tiles to classify; with the model's (``model_mpp``, default
-            ``config.mpp``; :meth:`from_pretrained` reads it with :func:`modelfolder.read_model_facts`) each tile
+            ``config.mpp``; :meth:`from_pretrained` reads it with :func:`modelfacts.read_model_facts`) each tile
             is first resized to the model's scale (:mod:`.scale`); when either
             is unknown, tiles go in as they are, with one warning.
     """
