@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 setup(
     name="hf_tissue_vit",
     version="0.1.0",
-    description="Vision Transformers for H&E colorectal tissue tiles (Kather 2016) on the Hugging Face stack",
+    description="Vision Transformers and pathology backbones for labelled H&E tiles on the Hugging Face stack",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
