@@ -18,12 +18,15 @@ What this module adds:
 
 from __future__ import annotations
 
+import atexit
 import csv
 import heapq
 import io
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:  # accelerate (and torch) are imported when a state is made
     from accelerate import PartialState
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+EXIT_BARRIER_SECONDS = 60  # how long a finished process waits at exit for the others (the main one joins the outputs)
 PART_PREFIX = ".part-"  # ShardedCSV part files: .part-<pid>-<hex>.<output name>
 
 
@@ -48,10 +53,29 @@ def is_main_rank() -> bool:
 
 
 def process_state(device: str | None = None) -> PartialState:
-    """This process's :class:`~accelerate.PartialState`; ``device`` ``"cpu"`` makes CPU processes (gloo)."""
+    """This process's :class:`~accelerate.PartialState`; ``device`` ``"cpu"`` makes CPU processes (gloo).
+    Under a launch the process group is destroyed at exit (see :func:`_end_process_group`)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=device is not None and device.strip().lower() == "cpu")
+    state = PartialState(cpu=device is not None and device.strip().lower() == "cpu")
+    if state.num_processes > 1:
+        atexit.unregister(_end_process_group)  # once, however many states a process makes
+        atexit.register(_end_process_group)
+    return state
+
+
+def _end_process_group() -> None:
+    """Destroy the default process group while the interpreter is still whole: a gloo group left to the
+    interpreter's own teardown aborts the process ("terminate called without an active exception",
+    SIGABRT), which fails a launch that has written all its outputs."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:  # no process tears its group down while another still talks to it (bounded: never a hang)
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=EXIT_BARRIER_SECONDS))
+        except RuntimeError as err:  # a process that stopped early: say so, and leave anyway
+            logger.warning("not every process reached the end of the job: %s", str(err).splitlines()[0])
+        torch.distributed.destroy_process_group()
 
 
 def process_device(state: PartialState, requested: str | None = None) -> torch.device:
