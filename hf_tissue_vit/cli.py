@@ -9,9 +9,12 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .distributed import is_main_rank
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 # Bad arguments, missing files and failed downloads (data.DownloadError is a ConnectionError):
 # the user can fix these, so they get one line, not a traceback.
@@ -60,15 +63,28 @@ def _report(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def argument_parser(dataclass_types: Any, **kwargs: Any) -> HfArgumentParser:
+    """``HfArgumentParser(dataclass_types, **kwargs)`` whose usage errors (an unknown flag, a bad value)
+    are printed by the main process only: under ``accelerate launch`` every process parses the same
+    command line, and the user should read the error once, as from a plain run."""
+    from transformers import HfArgumentParser
+
+    class _OnceParser(HfArgumentParser):
+        def error(self, message: str) -> NoReturn:  # argparse's documented hook; it must not return
+            if is_main_rank():
+                super().error(message)
+            self.exit(2)
+
+    return _OnceParser(dataclass_types, **kwargs)
+
+
 def parse_folder_first(dataclass_type: type, argv: list[str] | None, rest: str) -> Any:
     """Parse ``argv`` into ``dataclass_type``, whose ``output_dir`` may come first without its flag
     (``push_to_hub.py OUTPUT_DIR --repo_id ...``, as README shows); ``--help`` shows both forms.
     ``rest`` is the usage after OUTPUT_DIR."""
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--output_dir", *argv]
     usage = f"%(prog)s OUTPUT_DIR {rest}\n       %(prog)s --output_dir OUTPUT_DIR {rest}"
-    (args,) = HfArgumentParser(dataclass_type, usage=usage).parse_args_into_dataclasses(args=argv)
+    (args,) = argument_parser(dataclass_type, usage=usage).parse_args_into_dataclasses(args=argv)
     return args

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import sys
 
-from transformers import HfArgumentParser
-
-from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.cli import argument_parser, run_main
 from hf_tissue_vit.distributed import is_main_rank
 from hf_tissue_vit.evaluation import EvaluationArguments, markdown_summary, run_evaluation
 from hf_tissue_vit.hub import HubAuthError
 
 
 def _run(argv: list[str] | None) -> int:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = argument_parser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
     outcome = run_evaluation(args)
     if not is_main_rank():  # under accelerate launch the main process reports
         return 0

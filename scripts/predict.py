@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
-from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.cli import argument_parser, run_main
 from hf_tissue_vit.distributed import ShardedCSV, gather, process_device, process_state, progress_name, split
 from hf_tissue_vit.fileio import check_writable_file
 from hf_tissue_vit.hardware import parse_bf16_flag
@@ -73,7 +72,7 @@ class PredictArguments:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = HfArgumentParser(PredictArguments)
+    parser = argument_parser(PredictArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     state = process_state(args.device)
     # Paths only (not images): gives the progress bar a total and fails early on empty inputs.

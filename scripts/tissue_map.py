@@ -28,9 +28,8 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
 
-from hf_tissue_vit.cli import run_main
+from hf_tissue_vit.cli import argument_parser, run_main
 from hf_tissue_vit.distributed import process_device, process_state
 from hf_tissue_vit.fileio import check_writable_dir
 from hf_tissue_vit.hardware import parse_bf16_flag
@@ -80,7 +79,7 @@ class TissueMapArguments:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = HfArgumentParser(TissueMapArguments)
+    parser = argument_parser(TissueMapArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     state = process_state(args.device)
     if args.num_threads:

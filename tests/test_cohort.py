@@ -176,6 +176,14 @@ def test_bad_input_under_a_launch_is_one_line_printed_once(script, args, message
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("script", ["tissue_map", "predict", "evaluate_model"])
+def test_a_usage_error_under_a_launch_is_printed_once(script, tmp_path):
+    """argparse's own errors (a missing or unknown flag) too: the main process prints them, every process exits."""
+    done = _run(_launch(script, "--model", str(tmp_path / "m"), "--no_such_flag"))
+    errors = [line for line in done.stderr.splitlines() if f"{script}.py: error: " in line]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-4000:]
+
+
 # --- predict.py -------------------------------------------------------------------------------
 def _csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
