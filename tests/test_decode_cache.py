@@ -95,7 +95,11 @@ _LAUNCHED = textwrap.dedent("""
     total = int(pixels.sum())  # every page read
     maps = sorted({line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".npy")})
     state.wait_for_everyone()
-    print("RESULT " + json.dumps({"rank": state.process_index, "maps": maps, "total": total}), flush=True)
+    result = {"rank": state.process_index, "maps": maps, "total": total}
+    with open(os.path.join(sys.argv[3], f"result-{state.process_index}.json"), "w") as handle:
+        json.dump(result, handle)  # a file each: the processes' stdout lines may interleave
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a gloo group left to interpreter teardown can abort the process
 """)
 
 
@@ -106,11 +110,11 @@ def test_two_processes_of_a_launch_map_one_cache_file(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-         "--num_processes", "2", str(script), str(tmp_path / "ds"), str(tmp_path / "cache")],
+         "--num_processes", "2", str(script), str(tmp_path / "ds"), str(tmp_path / "cache"), str(tmp_path)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     (cached,) = (tmp_path / "cache").glob("*.npy")
     assert all(r["maps"] == [str(cached)] for r in results)  # both map the one file
