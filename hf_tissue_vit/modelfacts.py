@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 FAR_FACTOR = 2.0  # an image side more than 2x smaller or larger than the training tile's is "far" from it
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
+# Where the training tile size comes from when none is recorded: a guess, not a fact (no crop is made on it).
+INPUT_SIZE_FALLBACK = "its input size; no training tile size is recorded"
+
 
 def model_file(model: str | os.PathLike, name: str) -> Path | None:
     """``name`` of a local model folder, or of a Hub model repo (downloaded to the HF cache); None when absent."""
@@ -139,7 +142,7 @@ class ModelFacts:
                 return size, "the tile size of its training dataset"
         size = side_pair(self.config.get("image_size"), width_first=False)
         if size is not None:
-            return size, "its input size; no training tile size is recorded"
+            return size, INPUT_SIZE_FALLBACK
         return None, "unknown"
 
     @property

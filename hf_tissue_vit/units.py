@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+# Resolutions (or sizes) closer than this, relative, are taken as equal: no resize, no crop.
+SAME_SCALE = 0.02
+
 
 def check_mpp(mpp: float | None, argument: str = "mpp") -> float | None:
     """``mpp`` as a float if it is a positive, finite number of micrometres per pixel (None passes)."""

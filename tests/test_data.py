@@ -157,6 +157,20 @@ def test_hub_source_classlabel_with_splits(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(report.removed_cross_split_duplicates) == 32
 
 
+def test_hub_source_decodes_in_parallel_to_the_same_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [n.lower() for n in CLASS_NAMES]
+    images, labels = _hub_columns(4, names)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
+    fake = _fake_hub({"image": images, "label": labels}, features)
+    monkeypatch.setattr(data.hub_source, "load_dataset", lambda name: fake)
+    one = build_dataset("lab/tiles", num_proc=1)
+    two = build_dataset("lab/tiles", num_proc=2)
+    for split in one:
+        raw = [d[split].cast_column("image", ImageFeature(decode=False)) for d in (one, two)]
+        assert raw[0]["filename"] == raw[1]["filename"] and raw[0]["label"] == raw[1]["label"]
+        assert [im["bytes"] for im in raw[0]["image"]] == [im["bytes"] for im in raw[1]["image"]]
+
+
 @pytest.mark.parametrize(
     ("features", "labels", "match"),
     [

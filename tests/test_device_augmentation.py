@@ -30,6 +30,7 @@ AUGMENTATIONS = {
     "no_crop": AugmentationConfig(random_resized_crop=False),
     "geometry_only": AugmentationConfig(stain_jitter=0, brightness=0, contrast=0),
     "colour_only": AugmentationConfig(dihedral=False, random_resized_crop=False),
+    "stain_stats": AugmentationConfig(stain_stats=0.7),
     "strong": AugmentationConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.5, 2.0), stain_jitter=0.2, brightness=0.4,
                                  contrast=0.4),
 }

@@ -316,3 +316,31 @@ def test_readme_commands_run(tiny_dataset_dir: Path, tmp_path: Path, script):
         assert script(Path(command[1]).stem).main([*argv, *extra[command[1]]]) == 0, command
     results = json.loads((tmp_path / "outputs" / "vit-mae-finetuned" / "all_results.json").read_text())
     assert results["model"]["pretraining"]["mask_ratio"] == 0.75
+
+
+def test_the_probe_shows_the_backbone_tiles_at_its_scale(tiny_dataset_dir: Path, tmp_path: Path, script, caplog):
+    """A frozen backbone pretrained at 0.25 µm/px with a 32 px input sees 8 µm; the tiny dataset's 48 px tiles at
+    0.495 µm/px (--mpp) are 24 µm: the probe takes each tile's centre 16 px (32 x 0.25 / 0.495), records that as the
+    training tile size, and prediction then takes the same field of a tile."""
+    from hf_tissue_vit.predict import TilePredictor
+    from hf_tissue_vit.training.probe import probe_field
+
+    assert probe_field((48, 48), 0.495, 0.25, 32) == 16
+    assert probe_field((48, 48), 0.5, 0.5, 48) is None  # the same field: the whole tile
+    with caplog.at_level("WARNING"):
+        assert probe_field((48, 48), 0.5, 1.0, 32) is None  # 24 µm of tile, 32 µm of input: enlarged
+        assert probe_field((48, 48), None, 0.5, 32) is None
+    assert "enlarged" in caplog.text and "the tiles' µm/px (--mpp) unknown" in caplog.text
+
+    backbone = _headless_backbone(tmp_path / "backbone")
+    out = tmp_path / "probe"
+    results = _finetune_from(script, backbone, tiny_dataset_dir, out, "--freeze_backbone", "--backbone_mpp", "0.25",
+                             "--mpp", "0.495",
+                             "--max_steps", "2", "--save_strategy", "no", "--load_best_model_at_end", "false",
+                             "--cache_decoded", "false")  # fmt: skip
+    assert results["dataset"]["tile_size"] == [16, 16] and results["dataset"]["mpp"] == pytest.approx(0.495)
+    assert json.loads((out / "config.json").read_text())["mpp"] == pytest.approx(0.495)
+    predictor = TilePredictor.from_pretrained(str(out), device="cpu", bf16=False, num_workers=0, mpp=0.495)
+    tile = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    assert predictor.scale.field == (16, 16)
+    assert torch.equal(predictor.pixel_values([tile]), predictor.pixel_values([tile[16:32, 16:32]]))

@@ -217,7 +217,8 @@ def build_dataset_with_report(
     report.class_names = list(plan.class_names)
     report.preset = plan.preset.name if plan.preset else None
     report.citation = citation or (plan.preset.citation if plan.preset else None)
-    parallel = num_proc if num_proc is not None else (default_num_proc() if kind != "hub" else 1)
+    # Hub rows are read through picklable readers of the memory-mapped split: they decode in parallel too.
+    parallel = num_proc if num_proc is not None else default_num_proc()
     work = write_tiles(entries, plan.class_names, _work_dir(work_dir), parallel)
     del entries
     records = tile_records(work, plan.class_names, report, skip_bad_files)

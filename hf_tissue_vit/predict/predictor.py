@@ -28,7 +28,7 @@ from PIL import Image
 
 from .. import hardware
 from ..imaging import open_image, to_rgb8
-from ..modelfacts import read_model_facts, training_tile_size
+from ..modelfacts import INPUT_SIZE_FALLBACK, read_model_facts, training_tile_size
 from ..transforms.augmentation import dihedral_views
 from ..transforms.processor import ProcessorTransform
 from ..units import check_mpp
@@ -114,8 +114,8 @@ class TilePredictor:
             (:meth:`from_pretrained` looks up the training tile size first).
         mpp: micrometres per pixel of the tiles to classify; with the model's (``model_mpp``, default
             ``config.mpp``; :meth:`from_pretrained` reads it with :func:`modelfacts.read_model_facts`) each tile
-            is first resized to the model's scale (:mod:`.scale`); when either
-            is unknown, tiles go in as they are, with one warning.
+            is first resized to the model's scale and a larger tile centre-cropped to the recorded training
+            tile size (:mod:`.scale`); when either is unknown, tiles go in as they are, with one warning.
     """
 
     def __init__(
@@ -157,7 +157,8 @@ class TilePredictor:
             self.tile_size_source = tile_size_source
         if model_mpp is None:
             model_mpp = getattr(getattr(self.model, "config", None), "mpp", None)
-        self.scale = TileScale(check_mpp(mpp, "mpp"), check_mpp(model_mpp, "the model's config.mpp"))
+        field = None if self.tile_size_source == INPUT_SIZE_FALLBACK else self.tile_size  # a recorded size only
+        self.scale = TileScale(check_mpp(mpp, "mpp"), check_mpp(model_mpp, "the model's config.mpp"), field=field)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> TilePredictor:

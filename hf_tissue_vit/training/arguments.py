@@ -87,6 +87,14 @@ class ModelArguments:
             "augmented; epoch e trains on view e mod probe_views."
         },
     )
+    backbone_mpp: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --freeze_backbone: micrometres per pixel of the frozen backbone's pretraining tiles (e.g. "
+            "0.5 for a 20x pathology backbone); default its config.mpp. The probe shows it tiles at that scale: the "
+            "centre of each tile that fills its input at that µm/px (warned when either scale is unknown)."
+        },
+    )
     unfreeze_last_blocks: int | None = field(
         default=None,
         metadata={
@@ -107,6 +115,9 @@ class ModelArguments:
             raise ValueError(f"--probe_views must be >= 1, got {self.probe_views}")
         if self.freeze_backbone and self.from_scratch:
             raise ValueError("--freeze_backbone needs a pretrained --model_name_or_path, not --from_scratch")
+        if self.backbone_mpp is not None and not (math.isfinite(self.backbone_mpp) and self.backbone_mpp > 0):
+            raise ValueError(f"--backbone_mpp must be a positive number of micrometres per pixel, got "
+                             f"{self.backbone_mpp}")
         if self.unfreeze_last_blocks is not None:
             if self.from_scratch or self.freeze_backbone:
                 raise ValueError("--unfreeze_last_blocks fine-tunes part of a pretrained --model_name_or_path; it "
@@ -149,6 +160,14 @@ class DataArguments:
         default_factory=lambda: [3 / 4, 4 / 3], metadata={"help": "Random resized crop aspect ratio range."}
     )
     stain_jitter: float = field(default=0.05, metadata={"help": "H&E stain jitter strength in HED space (0 = off)."})
+    stain_stats: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stain-statistics augmentation (RandStainNA-style): each tile's optical-density mean and s.d. "
+            "per channel multiplied by exp(g + h), g ~ U(-s, s) shared, h ~ U(-s/2, s/2) per channel; s is this "
+            "value (0 = off). For tiles from other centres and scanners."
+        },
+    )
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
     device_augmentation: bool | None = field(
@@ -183,6 +202,7 @@ class DataArguments:
             crop_scale=tuple(self.crop_scale),
             crop_ratio=tuple(self.crop_ratio),
             stain_jitter=self.stain_jitter,
+            stain_stats=self.stain_stats,
             brightness=self.brightness,
             contrast=self.contrast,
         )

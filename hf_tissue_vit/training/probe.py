@@ -23,6 +23,7 @@ import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .. import backbones
+from ..units import SAME_SCALE
 from .tiles import EpochCallback, TileCollator, TileDataset, decode_cache_file, split_fingerprint, write_decode_cache
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,32 @@ def probe_features(
             logger.info("%s features: view %d of %d done", name, view + 1, count)
         out[name] = FeatureDataset(torch.stack(stacked), source.labels)
     return out
+
+
+def probe_field(tile_size: tuple[int, int], tile_mpp: float | None, backbone_mpp: float | None,
+                input_size: int) -> int | None:
+    """Side in tile pixels of the field a frozen backbone of ``input_size`` px at ``backbone_mpp`` µm/px sees, when
+    tiles of ``tile_size`` at ``tile_mpp`` are larger than it (the probe then takes each tile's centre at that size,
+    so that the processor's resize brings it to the backbone's µm/px); None = the whole tile, with one warning when
+    a scale is unknown or the tiles are smaller than the field (the backbone then sees them enlarged)."""
+    if tile_mpp is None or backbone_mpp is None:
+        missing = " and ".join(n for n, v in (("the tiles' µm/px (--mpp)", tile_mpp),
+                                               ("the backbone's (--backbone_mpp)", backbone_mpp)) if v is None)
+        logger.warning("%s unknown: the probe shows the backbone whole tiles resized to its %d px input, at whatever "
+                       "scale that gives", missing, input_size)
+        return None
+    field = round(input_size * backbone_mpp / tile_mpp)
+    side = min(tile_size)
+    if field > side * (1 + SAME_SCALE):
+        logger.warning("tiles of %d px at %s µm/px cover %.0f µm, less than the backbone's %d px input at %s µm/px "
+                       "(%.0f µm): they are enlarged to it, finer than it learnt", side, tile_mpp, side * tile_mpp,
+                       input_size, backbone_mpp, input_size * backbone_mpp)
+        return None
+    if field >= side * (1 - SAME_SCALE):
+        return None
+    logger.info("probe: the centre %d px of each %d px tile (at %s µm/px) fills the backbone's %d px input at its "
+                "%s µm/px", field, side, tile_mpp, input_size, backbone_mpp)
+    return field
 
 
 @contextlib.contextmanager

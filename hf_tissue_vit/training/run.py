@@ -25,7 +25,7 @@ from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
-from .probe import linear_probe
+from .probe import linear_probe, probe_field
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
 from .speed import SPEED_KEY, SpeedCallback
 from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
@@ -314,6 +314,17 @@ def finished_results(training_args: TissueTrainingArguments) -> dict[str, Any]:
     return json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
 
 
+def _show_tiles_at_backbone_scale(trainer: TissueTrainer, data: TrainingData, backbone_mpp: float | None,
+                                  input_size: int) -> None:
+    """The linear probe's field (:func:`probe_field`): the collator crops every tile to it, and the run records it
+    as the training tile size, so that prediction takes the same field of a larger tile."""
+    pixels = data.tiles["train"].pixels
+    field = probe_field((pixels.shape[1], pixels.shape[2]), data.mpp, backbone_mpp, input_size)
+    if field is not None:
+        trainer.data_collator.field = field
+        data.info["tile_size"] = [field, field]
+
+
 def run_finetune(
     model_args: ModelArguments, data_args: DataArguments, training_args: TissueTrainingArguments
 ) -> dict[str, Any]:
@@ -327,10 +338,14 @@ def run_finetune(
     if plan.finished:
         return finished_results(training_args)
     data = load_training_data(plan, data_args, training_args)
+    # read before the model records the tiles' mpp in its config
+    backbone_mpp = model_args.backbone_mpp or getattr(plan.model.config, "mpp", None)
     model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
     freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings,
                        model_args.unfreeze_last_blocks)
     trainer = build_trainer(model, processor, data, data_args, training_args)
+    if model_args.freeze_backbone:
+        _show_tiles_at_backbone_scale(trainer, data, backbone_mpp, model.config.image_size)
     with (linear_probe(trainer, data, model_args.probe_views, data_args.cache_decoded, data_args.decode_cache_dir)
           if model_args.freeze_backbone else contextlib.nullcontext()):  # fmt: skip
         results = train(trainer, plan)

@@ -305,12 +305,18 @@ class TileCollator:
     """
 
     def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
-                 seed: int = 0, device_augmentation: bool = False) -> None:
+                 seed: int = 0, device_augmentation: bool = False, field: int | None = None) -> None:
+        """``field``: take the centre ``field`` x ``field`` px of every tile first (the linear probe's tiles at its
+        backbone's scale, :func:`~hf_tissue_vit.training.probe.probe_field`); None = the whole tile."""
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
         self.device_augmentation = bool(device_augmentation)
+        self.field = field
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
+        if self.field is not None:  # [B,H,W,3]: a view, the transforms copy
+            top, left = (pixels.shape[1] - self.field) // 2, (pixels.shape[2] - self.field) // 2
+            pixels = pixels[:, top : top + self.field, left : left + self.field]
         labels = torch.tensor([item["labels"] for item in items], dtype=torch.long)
         if not items[0].get("train"):
             return {"pixel_values": self.eval_transform(pixels), "labels": labels}

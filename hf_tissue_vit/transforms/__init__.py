@@ -7,6 +7,8 @@ batched uint8 tile transform with its augmentations for training.
   without augmentation), the DataLoader collator's transform.
 * :mod:`.augmentation`: :class:`AugmentationConfig` and the batched augmentations (dihedral, random
   resized crop, HED stain jitter, brightness/contrast).
+* :mod:`.stain`: per-tile optical-density statistics and moving a tile to other statistics (the
+  ``stain_stats`` augmentation, and re-staining a test set to another centre's colour).
 
 Image modes are :mod:`hf_tissue_vit.imaging`'s concern; ``image_to_rgb8``/``image_to_uint8`` are its
 ``to_rgb8``/``to_uint8`` under their older names.

@@ -1,5 +1,6 @@
 """Training augmentations of uint8 tile batches: dihedral symmetries, random resized crop boxes,
-HED stain jitter (Tellez et al. 2018) and brightness/contrast, all batched torch ops.
+per-tile stain statistics (:mod:`.stain`), HED stain jitter (Tellez et al. 2018) and brightness/contrast,
+all batched torch ops.
 
 :class:`~hf_tissue_vit.transforms.TileTransform` applies them; the helpers here are the per-batch
 random draws and the colour algebra.
@@ -41,6 +42,9 @@ class AugmentationConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # crop area as a fraction of the tile area
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio (width / height)
     stain_jitter: float = 0.05  # HED colour space perturbation strength
+    # Each tile's optical-density mean and s.d. moved to random targets (log-factor range; 0 = off), before the
+    # HED jitter: stain amount and hue as they differ between centres (transforms.stain.random_od_statistics).
+    stain_stats: float = 0.0
     brightness: float = 0.1
     contrast: float = 0.1
 
@@ -56,12 +60,17 @@ class AugmentationConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"augmentation {name} must be in [0, 1) (0 = off), got {value}")
             setattr(self, name, value)
+        self.stain_stats = float(self.stain_stats)
+        if not 0 <= self.stain_stats <= 2:
+            raise ValueError(f"augmentation stain_stats must be in [0, 2] (a log-factor range; 0 = off), "
+                             f"got {self.stain_stats}")
 
     @property
     def any_enabled(self) -> bool:
         """True when at least one augmentation is on."""
         return bool(
-            self.dihedral or self.random_resized_crop or self.stain_jitter or self.brightness or self.contrast
+            self.dihedral or self.random_resized_crop or self.stain_jitter or self.stain_stats or self.brightness
+            or self.contrast
         )
 
 

@@ -37,6 +37,7 @@ from .augmentation import (
     stain_jitter,
 )
 from .processor import SlowPath, processor_geometry
+from .stain import random_od_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class TileTransform:
     ``augmentation=None`` is the deterministic eval path (bilinear antialiased resize, rescale,
     normalize), identical up to rounding to :func:`make_image_processor`. With an
     :class:`AugmentationConfig`: random resized crop (integer box, antialiased resize) and the
-    dihedral symmetry on the uint8 tiles, then stain jitter and brightness/contrast on the SxS floats.
+    dihedral symmetry on the uint8 tiles, then stain statistics, stain jitter and brightness/contrast on the
+    SxS floats.
 
     Tiles on a GPU are transformed there (the *device path*: batched ops only, see ``__call__``); the
     random numbers always come from one CPU generator, so both paths draw the same augmentations.
@@ -234,6 +236,8 @@ class TileTransform:
             # input was already copied by _as_batch).
             x = x.to(torch.float32)
         pedestal = 0.0
+        if aug.stain_stats:
+            x = random_od_statistics(x, aug.stain_stats, generator)
         if aug.stain_jitter:
             x = stain_jitter(x, aug.stain_jitter, generator, out=out)
             pedestal = 1.0  # _stain_jitter returns x + 1
