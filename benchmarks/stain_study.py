@@ -6,8 +6,8 @@ seed, scored on the test split and on its re-stained copies (:mod:`benchmarks.re
 
 The datasets are built from ``--source`` (the real Kather 2016 tiles by default) with
 ``prepare_dataset.py`` (``--split_by slide`` for ``slides``), the re-stained copies of each test split
-once. Runs go seed by seed with the arms interleaved, so a slower hour of a shared machine falls on every
-arm alike; a finished run (its ``all_results.json`` and scores present) is not run again. Every arm is
+once. Runs go seed by seed (every split and arm of a seed before the next seed) with the arms interleaved,
+so a slower hour of a shared machine falls on every arm alike; a finished run (its ``all_results.json`` and scores present) is not run again. Every arm is
 ``--recipe`` plus its flags (:data:`ARMS`) at the same ``--num_train_epochs``; the wall time of each
 run is recorded, so "equal wall time" is checked, not assumed. Writes ``--out`` (JSON, every run) and
 prints a Markdown table: mean, s.d. and range over seeds.
@@ -31,7 +31,9 @@ from .restain import TARGETS, write_restained
 
 ARMS: dict[str, list[str]] = {
     "baseline": [],
-    "stain_stats": ["--stain_stats", "0.7"],
+    "stain_stats": ["--stain_stats", "0.7"],  # every tile re-stained
+    "stain_half": ["--stain_stats", "0.7", "--stain_stats_p", "0.5"],  # half the tiles keep their colour
+    "stain_mild": ["--stain_stats", "0.35"],
 }
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
 
@@ -125,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--source {args.source} is not a folder of tiles")
     out = args.out or args.work / "results.json"
     records = []
-    for split in splits:
-        dataset, restained = prepare(args.work, args.source, split)
-        for seed in seeds:
+    prepared = {split: prepare(args.work, args.source, split) for split in splits}
+    for seed in seeds:  # seed by seed: a study cut short has every split and arm for the seeds it finished
+        for split in splits:
+            dataset, restained = prepared[split]
             for arm in arms:
                 run = args.work / "runs" / split / arm / f"seed{seed}"
                 record = train_and_score(dataset, restained, run, arm, seed, args.recipe, args.num_train_epochs, extra)

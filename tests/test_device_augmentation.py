@@ -31,6 +31,7 @@ AUGMENTATIONS = {
     "geometry_only": AugmentationConfig(stain_jitter=0, brightness=0, contrast=0),
     "colour_only": AugmentationConfig(dihedral=False, random_resized_crop=False),
     "stain_stats": AugmentationConfig(stain_stats=0.7),
+    "stain_stats_only": AugmentationConfig(stain_stats=0.7, stain_stats_p=0.5, stain_jitter=0),
     "strong": AugmentationConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.5, 2.0), stain_jitter=0.2, brightness=0.4,
                                  contrast=0.4),
 }

@@ -44,7 +44,7 @@ def test_match_od_statistics_gives_each_tile_the_target_statistics():
     mean, std = od_statistics(moved)
     torch.testing.assert_close(mean, target_mean.double().expand(4, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(std, target_std.double().expand(4, 3), atol=1e-6, rtol=0)
-    own_mean, own_std = od_statistics(x)
+    own_mean, own_std = od_statistics(x.double())
     same = match_od_statistics(x.double(), own_mean, own_std)  # its own statistics: the identity
     torch.testing.assert_close(same, x.double(), atol=1e-6, rtol=0)
 
@@ -52,17 +52,21 @@ def test_match_od_statistics_gives_each_tile_the_target_statistics():
 def test_random_od_statistics_moves_within_its_range_and_follows_the_generator():
     x = _he_tiles(batch=64, seed=1)
     own_mean, own_std = od_statistics(x)
-    out = random_od_statistics(x.clone(), 0.4, torch.Generator().manual_seed(3))
-    again = random_od_statistics(x.clone(), 0.4, torch.Generator().manual_seed(3))
-    other = random_od_statistics(x.clone(), 0.4, torch.Generator().manual_seed(4))
+    def restained(seed: int, p: float = 1.0) -> torch.Tensor:  # the step returns log(1 + x')
+        return random_od_statistics(x.clone(), 0.4, torch.Generator().manual_seed(seed), p).exp() - 1
+
+    out, again, other = restained(3), restained(3), restained(4)
     assert torch.equal(out, again) and not torch.allclose(out, other)
+    torch.testing.assert_close(restained(3, p=0.0), x, atol=1e-3, rtol=0)  # p = 0: every tile keeps its colour
+    half = restained(3, p=0.5)
+    kept = [torch.allclose(half[i], x[i], atol=1e-3) for i in range(len(x))]
+    assert 16 < sum(kept) < 48  # about half of the 64 tiles re-stained
     mean, std = od_statistics(out)
     # log t = (1 - w) log own + w log centre + g + h: within the batch's spread plus 0.4 + 0.2
     log_mean = own_mean.log()
     low, high = log_mean.min(dim=0).values - 0.6 - 1e-6, log_mean.max(dim=0).values + 0.6 + 1e-6
     assert ((mean.log() >= low) & (mean.log() <= high)).all()
     assert not torch.allclose(mean, own_mean, atol=1e-3) and not torch.allclose(std, own_std, atol=1e-3)
-    assert out.min() >= 0 and out.max() <= 255
 
 
 def test_stain_stats_off_draws_nothing_and_on_changes_colour_only():
@@ -76,6 +80,8 @@ def test_stain_stats_off_draws_nothing_and_on_changes_colour_only():
     assert not torch.allclose(out, tiles.permute(0, 3, 1, 2).float() / 255, atol=0.02)
     with pytest.raises(ValueError, match="stain_stats"):
         AugmentationConfig(stain_stats=3.0)
+    with pytest.raises(ValueError, match="stain_stats_p"):
+        AugmentationConfig(stain_stats=0.5, stain_stats_p=1.5)
 
 
 def test_finetune_refuses_a_bad_stain_stats_in_one_line(tiny_dataset_dir, tmp_path, capsys):

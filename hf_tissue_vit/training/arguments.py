@@ -168,6 +168,9 @@ class DataArguments:
             "value (0 = off). For tiles from other centres and scanners."
         },
     )
+    stain_stats_p: float = field(
+        default=1.0, metadata={"help": "Probability that --stain_stats re-stains a tile (the others keep their colour)."}
+    )
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
     device_augmentation: bool | None = field(
@@ -203,6 +206,7 @@ class DataArguments:
             crop_ratio=tuple(self.crop_ratio),
             stain_jitter=self.stain_jitter,
             stain_stats=self.stain_stats,
+            stain_stats_p=self.stain_stats_p,
             brightness=self.brightness,
             contrast=self.contrast,
         )

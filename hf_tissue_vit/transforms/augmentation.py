@@ -45,6 +45,7 @@ class AugmentationConfig:
     # Each tile's optical-density mean and s.d. moved to random targets (log-factor range; 0 = off), before the
     # HED jitter: stain amount and hue as they differ between centres (transforms.stain.random_od_statistics).
     stain_stats: float = 0.0
+    stain_stats_p: float = 1.0  # probability that a tile's statistics are moved (the others keep their colour)
     brightness: float = 0.1
     contrast: float = 0.1
 
@@ -60,7 +61,9 @@ class AugmentationConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"augmentation {name} must be in [0, 1) (0 = off), got {value}")
             setattr(self, name, value)
-        self.stain_stats = float(self.stain_stats)
+        self.stain_stats, self.stain_stats_p = float(self.stain_stats), float(self.stain_stats_p)
+        if not 0 <= self.stain_stats_p <= 1:
+            raise ValueError(f"augmentation stain_stats_p must be a probability in [0, 1], got {self.stain_stats_p}")
         if not 0 <= self.stain_stats <= 2:
             raise ValueError(f"augmentation stain_stats must be in [0, 2] (a log-factor range; 0 = off), "
                              f"got {self.stain_stats}")
@@ -209,7 +212,8 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch
 
 
 def stain_jitter(
-    x: torch.Tensor, strength: float, generator: torch.Generator | None, out: torch.Tensor | None = None
+    x: torch.Tensor, strength: float, generator: torch.Generator | None, out: torch.Tensor | None = None,
+    log1p_input: bool = False,
 ) -> torch.Tensor:
     """HED jitter (Tellez et al. 2018) of contiguous 0..255 float images [B,3,H,W]; returns x' + 1.
 
@@ -219,7 +223,8 @@ def stain_jitter(
     c = log(256) (1 - 1 @ T) - beta @ R. Writing L' = (L + d) @ T with d = c @ T^-1 moves the bias
     into the log's argument, log(e^d (1 + x)), so the batch costs one multiply-add, one log, one
     bmm and one exp, all in place except the bmm (written to ``out`` when given, to
-    save a large allocation). T^-1 = H diag(1/alpha) R as H = R^-1.
+    save a large allocation). T^-1 = H diag(1/alpha) R as H = R^-1. With ``log1p_input`` ``x`` holds
+    L = log(1 + x) already (the stain-statistics step's output), which saves a log and an exp.
     """
     batch, channels, height, width = x.shape
     alpha = uniform(1 - strength, 1 + strength, (batch, 3), generator)
@@ -231,8 +236,11 @@ def stain_jitter(
     inverse = (hed_from_rgb / alpha64.unsqueeze(1)) @ rgb_from_hed
     bias = _LOG_256 * (1 - matrix.sum(dim=1)) - beta64 @ rgb_from_hed  # [B,3]
     d = (bias.unsqueeze(1) @ inverse).squeeze(1)  # [B,3]
-    k = torch.exp(d).to(x.device, x.dtype).view(batch, channels, 1, 1)
-    log_x = x.mul_(k).add_(k).log_()  # log(e^d (1 + x)) = L + d
+    if log1p_input:
+        log_x = x.add_(d.to(x.device, x.dtype).view(batch, channels, 1, 1))
+    else:
+        k = torch.exp(d).to(x.device, x.dtype).view(batch, channels, 1, 1)
+        log_x = x.mul_(k).add_(k).log_()  # log(e^d (1 + x)) = L + d
     cols = torch.empty_like(x) if out is None else out
     torch.bmm(
         matrix.transpose(1, 2).to(x.device, x.dtype),

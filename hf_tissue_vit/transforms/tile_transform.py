@@ -235,12 +235,14 @@ class TileTransform:
             # A fresh float copy: later steps work in place (x may still be the caller's tensor; float
             # input was already copied by _as_batch).
             x = x.to(torch.float32)
-        pedestal = 0.0
-        if aug.stain_stats:
-            x = random_od_statistics(x, aug.stain_stats, generator)
+        pedestal, log1p_input = 0.0, False
+        if aug.stain_stats:  # gives log(1 + x): the HED jitter's first step, or an exp away from x
+            x, log1p_input = random_od_statistics(x, aug.stain_stats, generator, aug.stain_stats_p), True
         if aug.stain_jitter:
-            x = stain_jitter(x, aug.stain_jitter, generator, out=out)
+            x = stain_jitter(x, aug.stain_jitter, generator, out=out, log1p_input=log1p_input)
             pedestal = 1.0  # _stain_jitter returns x + 1
+        elif log1p_input:
+            x = x.exp_().sub_(1)
         gain, offset = brightness_contrast(x, aug.brightness, aug.contrast, pedestal, generator)
         return x, gain, offset
 
