@@ -169,7 +169,8 @@ class DataArguments:
         },
     )
     stain_stats_p: float = field(
-        default=1.0, metadata={"help": "Probability that --stain_stats re-stains a tile (the others keep their colour)."}
+        default=1.0,
+        metadata={"help": "Probability that --stain_stats re-stains a tile (the others keep their colour)."},
     )
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
