@@ -9,8 +9,8 @@ The datasets are built from ``--source`` (the real Kather 2016 tiles by default)
 once. Runs go seed by seed (every split and arm of a seed before the next seed) with the arms interleaved,
 so a slower hour of a shared machine falls on every arm alike; a finished run (its ``all_results.json`` and
 scores present) is not run again. Every arm is ``--recipe`` plus its flags (:data:`ARMS`) at the same
-``--num_train_epochs``; the wall time of each run is recorded, so "equal wall time" is checked, not assumed. Writes ``--out`` (JSON, every run) and
-prints a Markdown table: mean, s.d. and range over seeds.
+``--num_train_epochs``; the wall time of each run is recorded, so "equal wall time" is checked, not
+assumed. Writes ``--out`` (JSON, every run) and prints a Markdown table: mean, s.d. and range over seeds.
 """
 
 from __future__ import annotations
