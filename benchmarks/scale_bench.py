@@ -9,7 +9,8 @@ through prepare_dataset.py, finetune.py start-up (1 and 2 processes), predict.py
 (symlinks in ``--work``). Every command runs as a user runs it, in a subprocess; a sampler reads
 ``/proc/<pid>/status`` of the command's process tree every 0.2 s and keeps, per process, the peak
 anonymous RSS (``RssAnon``: the process's private memory; memory-mapped Arrow and decode-cache pages are
-page cache, shared between processes) and the peak total RSS (``VmHWM``). Times are wall-clock seconds.
+page cache, shared between processes) and the peak total RSS (``VmHWM``). Times are wall-clock seconds;
+``cores_busy`` is the command's CPU seconds (user + system, all its processes) over its wall time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -111,19 +113,25 @@ class TreeSampler:
         return sorted(self.peaks.values(), key=lambda p: -p["anon_mb"])
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(name: str, command: list[str], log: Path, record: dict[str, Any] | None = None,
         out: Path | None = None) -> dict[str, Any]:
     """Run ``command``; its wall time, exit code and the peak memory of its python processes."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_s()
     with open(log, "w") as fh:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         sampler = TreeSampler(proc.pid)
         code = proc.wait()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
     peaks = [p for p in sampler.stop() if (p["name"] or "").startswith(("python", "pt_"))] or sampler.stop()
     result = {"name": name, "command": " ".join(command), "rc": code, "wall_s": round(wall, 1),
-              "processes": peaks, "log": str(log)}
+              "cpu_s": round(cpu, 1), "cores_busy": round(cpu / wall, 2), "processes": peaks, "log": str(log)}
     print(json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
     if record is not None and out is not None:  # what is measured so far, if a later step cannot finish
         out.write_text(json.dumps({**record, "runs": [*record["runs"], result]}, indent=2) + "\n")

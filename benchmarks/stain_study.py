@@ -36,6 +36,7 @@ ARMS: dict[str, list[str]] = {
     "stain_mild": ["--stain_stats", "0.35"],
 }
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
+DEFAULT_EPOCHS = 40  # each arm's budget: about 4 minutes of training on the project's 2-core CPU
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="stratified,slides", help=f"of {', '.join(SPLITS)}")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
     parser.add_argument("--recipe", type=Path, default=SCRATCH_RECIPE)
-    parser.add_argument("--num_train_epochs", type=float, default=40)
+    parser.add_argument("--num_train_epochs", type=float, default=DEFAULT_EPOCHS)
     parser.add_argument("--out", type=Path, help="JSON of every run (default WORK/results.json)")
     args, extra = parser.parse_known_args(argv)  # anything else goes to finetune.py (tests: a tiny model)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -36,6 +36,7 @@ def test_nct_tiles_then_scale_bench_at_toy_size(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert [r["name"] for r in results["runs"]] == ["build", "finetune_1proc", "predict"]
     assert all(r["rc"] == 0 and r["processes"] and r["processes"][0]["anon_mb"] > 0 for r in results["runs"])
+    assert all(r["cpu_s"] > 0 and r["cores_busy"] > 0 for r in results["runs"])
     train = results["runs"][1]
     assert train["cache_mb"] > 0 and not (tmp_path / "work" / "cache_36_1").exists()  # measured, then removed
     assert results["runs"][2]["tiles_per_s"] > 0

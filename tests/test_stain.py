@@ -159,3 +159,19 @@ def test_stain_study_trains_scores_every_copy_and_saves_a_plain_vit(tmp_path, ca
     before = (model / "model.safetensors").stat().st_mtime_ns
     assert stain_study.main(argv) == 0
     assert (model / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_the_stain_recipe_is_the_measured_arm():
+    """scripts/recipes/scratch_cpu_stain.yaml is scratch_cpu.yaml plus the flags of the study's stain_half arm, at the
+    study's epochs: the numbers of RESULTS.md section 11 are this recipe's."""
+    import yaml
+
+    recipes = ROOT / "scripts" / "recipes"
+    base, stain = (yaml.safe_load((recipes / f"{name}.yaml").read_text())
+                   for name in ("scratch_cpu", "scratch_cpu_stain"))
+    flags = stain_study.ARMS["stain_half"]
+    added = {flags[i].removeprefix("--"): float(flags[i + 1]) for i in range(0, len(flags), 2)}
+    assert {k: stain["augmentation"].pop(k) for k in added} == added
+    assert stain.pop("num_train_epochs") == stain_study.DEFAULT_EPOCHS and base.pop("num_train_epochs") == 120
+    stain.pop("output_dir"), base.pop("output_dir")
+    assert stain == base  # nothing else differs

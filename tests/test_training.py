@@ -141,6 +141,24 @@ def test_rerun_same_output_dir_refuses_a_different_run(scratch_run, tiny_dataset
     assert "holds a different run" in capsys.readouterr().err
 
 
+def test_a_run_signed_before_a_new_option_existed_is_the_same_run_at_its_default(tmp_path: Path):
+    """An upgrade that adds an option must not orphan a run in progress: a signature without the option matches
+    while the option is at its default, and not once it is set."""
+    from hf_tissue_vit.modelfolder import RUN_FILE
+    from hf_tissue_vit.training.rundir import _check_owner
+
+    args = [*TINY_MODEL, "--dataset_dir", str(tmp_path / "d"), "--output_dir", str(tmp_path / "out")]
+    signature = run_signature(*parse_args(args))
+    older = json.loads(json.dumps(signature))
+    del older["data"]["stain_stats_p"], older["model"]["backbone_mpp"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / RUN_FILE).write_text(json.dumps(older))
+    _check_owner(tmp_path / "out", signature)  # the same run
+    with pytest.raises(ValueError, match="stain_stats_p: None -> 0.5"):
+        _check_owner(tmp_path / "out", run_signature(*parse_args([*args, "--stain_stats", "0.5",
+                                                                   "--stain_stats_p", "0.5"])))
+
+
 def test_finetune_pretrained_checkpoint(tiny_dataset_dir: Path, tmp_path: Path):
     """A 1000-class 224 px checkpoint, fine-tuned at 48 px: new head, our labels, resized positions."""
     from transformers import pipeline
@@ -176,7 +194,7 @@ def test_recipe_values_are_defaults_that_flags_override(tmp_path: Path):
     # no arguments at all: the default recipe
     model_args, _, training_args = parse_args([], default_config=str(REPO / "scripts/recipes/scratch_cpu.yaml"))
     assert model_args.from_scratch and training_args.learning_rate == 1e-3
-    for recipe_name in ("scratch_cpu.yaml", "finetune_vit_base.yaml"):
+    for recipe_name in ("scratch_cpu.yaml", "scratch_cpu_stain.yaml", "finetune_vit_base.yaml"):
         parse_args(["--config", str(REPO / "scripts/recipes" / recipe_name)])
     # the recipe's persistent DataLoader workers do not stop a run without workers
     _, _, training_args = parse_args(["--config", str(REPO / "scripts/recipes/scratch_cpu.yaml"),

@@ -35,6 +35,7 @@ from ..modelfolder import (
     is_complete_run,
     read_run_file,
 )
+from .arguments import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,29 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _field_defaults() -> dict[str, dict[str, Any]]:
+    """The default of every model and data argument, as signed (a run signed before an option existed has
+    that option at its default)."""
+    def defaults(cls: type) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return json.loads(json.dumps(out))
+
+    return {"model": defaults(ModelArguments), "data": defaults(DataArguments)}
+
+
+def _diff(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+            if key not in old and key in defaults and new.get(key) == defaults[key]:
+                continue  # an option newer than the run, left at its default: the same run
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.", defaults.get(key))
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
@@ -126,7 +145,7 @@ def _check_owner(out: Path, signature: dict) -> None:
             f"--output_dir {out} is not empty and holds no {RUN_FILE} (not a finetune.py run); "
             "choose another folder or pass --overwrite_output_dir"
         )
-    differences = _diff(json.loads(run_file.read_text(encoding="utf-8")), signature)
+    differences = _diff(json.loads(run_file.read_text(encoding="utf-8")), signature, defaults=_field_defaults())
     if differences:
         raise ValueError(
             f"--output_dir {out} holds a different run ({'; '.join(differences[:8])}); use another "
@@ -140,7 +159,7 @@ def finished_run(signature: dict, training_args: TrainingArguments) -> bool:
     out = Path(training_args.output_dir)
     if training_args.overwrite_output_dir or not out.is_dir() or not is_complete_run(out):
         return False
-    return read_run_file(out) is not None and not _diff(read_run_file(out), signature)
+    return read_run_file(out) is not None and not _diff(read_run_file(out), signature, defaults=_field_defaults())
 
 
 def check_output_dir(signature: dict, training_args: TrainingArguments) -> str | None:
