@@ -31,13 +31,12 @@ def match_od_statistics(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
     OD' = (OD - m) * std / s + mean with the tile's own (m, s); returned on the 0..255 scale, clamped,
     in ``x``'s dtype (statistics are exact before the clamp; saturated pixels move them a little).
     """
-    log1p_x = torch.log1p(x)
-    own_mean, own_std = _log_statistics(log1p_x)
+    own_mean, own_std = od_statistics(x)
     batch = x.shape[0]
     mean = torch.as_tensor(mean, dtype=torch.float64, device=x.device).expand(batch, 3)
     std = torch.as_tensor(std, dtype=torch.float64, device=x.device).expand(batch, 3)
     gain, bias = _affine(own_mean, own_std, mean, std)
-    return _apply(log1p_x, gain, bias).exp_().sub_(1).clamp_(0, 255)
+    return _apply(torch.log1p(x), gain, bias).exp_().sub_(1).clamp_(0, 255)
 
 
 def random_od_statistics(x: torch.Tensor, strength: float, generator: torch.Generator | None,
