@@ -122,7 +122,9 @@ def probe_features(
     (default: the decoded-tile cache) unless ``cache`` is False."""
     if views > 1 and not collator.train_transform.is_training:
         logger.warning("--probe_views > 1 without augmentation: every view is the plain tile")
-    backbone = f"{FEATURE_CACHE_VERSION}|{backbone_fingerprint(model)}|{collator.seed}|{bool(args.bf16)}"
+    # the centre crop (probe_field) changes the features as much as the transform does
+    backbone = (f"{FEATURE_CACHE_VERSION}|{backbone_fingerprint(model)}|{collator.seed}|{bool(args.bf16)}"
+                f"|{collator.field}")
     out = {}
     for name, count in (("train", views), ("validation", 1)):
         source, fingerprint = data.tiles[name], split_fingerprint(data.dataset[name]) if cache else None
