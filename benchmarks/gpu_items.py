@@ -210,7 +210,7 @@ def cached_batch_run(argv: list[str]) -> dict[str, Any]:
                                                        "--dataloader_pin_memory", "false"])  # fmt: skip
     plan = validate_run(model_args, data_args, training_args)
     data = load_training_data(plan, data_args, training_args)
-    model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
+    model, processor = build_model_and_processor(plan, data, model_args, training_args.seed)
     trainer = build_trainer(model, processor, data, data_args, training_args)
     first = [data.tiles["train"][i] for i in range(training_args.per_device_train_batch_size)]  # uint8 by index
     pixels = torch.stack([torch.as_tensor(item["pixels"]) for item in first])

@@ -34,6 +34,9 @@ ARMS: dict[str, list[str]] = {
     "stain_stats": ["--stain_stats", "0.7"],  # every tile re-stained
     "stain_half": ["--stain_stats", "0.7", "--stain_stats_p", "0.5"],  # half the tiles keep their colour
     "stain_mild": ["--stain_stats", "0.35"],
+    # the other levers, on top of stain_mild
+    "mild_impulse": ["--stain_stats", "0.35", "--attention_init", "impulse"],
+    "mild_sincos": ["--stain_stats", "0.35", "--position_init", "sincos"],
 }
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
 DEFAULT_EPOCHS = 40  # each arm's budget: about 4 minutes of training on the project's 2-core CPU

@@ -25,6 +25,7 @@ from .. import hardware
 from ..modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, PatchDropout
 from ..transforms.augmentation import AugmentationConfig
 from .ema import WeightEMA
+from .initialisation import ATTENTION_INITS, POSITION_INITS, check_init
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,22 @@ class ModelArguments:
         default=False,
         metadata={"help": "Keep the position embeddings fixed (e.g. the sin-cos ones of an MAE checkpoint)."},
     )
+    position_init: str = field(
+        default="random",
+        metadata={"help": "From scratch: initial position embeddings, random or sincos (MAE's 2-D sine-cosine).",
+                  "choices": list(POSITION_INITS)},
+    )
+    attention_init: str = field(
+        default="random",
+        metadata={"help": "From scratch: random, or impulse (every head starts attending to one neighbour in a 3x3 "
+                  "window, as a convolution; orthogonal position embeddings).", "choices": list(ATTENTION_INITS)},
+    )
 
     def __post_init__(self) -> None:
         # The preset, geometry and checkpoint are checked once, by modeling.check_model in the validate phase.
         hardware.check_attn_implementation(self.attn_implementation)
         PatchDropout(self.patch_keep)  # checks the fraction
+        check_init(self.position_init, self.attention_init, self.from_scratch)
         if self.probe_views < 1:
             raise ValueError(f"--probe_views must be >= 1, got {self.probe_views}")
         if self.freeze_backbone and self.from_scratch:

@@ -24,6 +24,7 @@ from ..transforms.tile_transform import TileTransform
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
+from .initialisation import apply_structured_init
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe, probe_field
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
@@ -232,13 +233,14 @@ def _record_mpp(config: Any, mpp: float | None) -> None:
 
 
 def build_model_and_processor(
-    plan: RunPlan, data: TrainingData, patch_keep: float, seed: int
+    plan: RunPlan, data: TrainingData, model_args: ModelArguments, seed: int
 ) -> tuple[Any, Any]:
     """The model for the dataset's labels (seeded: the same init for the same seed) and its image processor."""
     set_seed(seed)
     model = build_model(plan.model, data.label_names, plan.attn_implementation)
+    apply_structured_init(model, model_args.position_init, model_args.attention_init, seed)
     _record_mpp(model.config, data.mpp)
-    add_patch_dropout(model, patch_keep)
+    add_patch_dropout(model, model_args.patch_keep)
     mean, std = processor_stats(plan.model)
     return model, make_image_processor(model.config.image_size, mean, std)
 
@@ -340,7 +342,7 @@ def run_finetune(
     data = load_training_data(plan, data_args, training_args)
     # read before the model records the tiles' mpp in its config
     backbone_mpp = model_args.backbone_mpp or getattr(plan.model.config, "mpp", None)
-    model, processor = build_model_and_processor(plan, data, model_args.patch_keep, training_args.seed)
+    model, processor = build_model_and_processor(plan, data, model_args, training_args.seed)
     freeze_model_parts(model, model_args.freeze_backbone, model_args.freeze_position_embeddings,
                        model_args.unfreeze_last_blocks)
     trainer = build_trainer(model, processor, data, data_args, training_args)
