@@ -37,6 +37,8 @@ ARMS: dict[str, list[str]] = {
     # the other levers, on top of stain_mild
     "mild_impulse": ["--stain_stats", "0.35", "--attention_init", "impulse"],
     "mild_sincos": ["--stain_stats", "0.35", "--position_init", "sincos"],
+    # a CNN teacher (20 epochs, in the run's wall time) guiding the ViT: soft labels and patch features
+    "mild_guided": ["--stain_stats", "0.35", "--teacher_epochs", "20"],
 }
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
 DEFAULT_EPOCHS = 40  # each arm's budget: about 4 minutes of training on the project's 2-core CPU

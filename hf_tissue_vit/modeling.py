@@ -381,6 +381,7 @@ class PatchDropout:
             raise ValueError(f"--patch_keep must be in (0, 1], got {keep}")
         self.keep = float(keep)
         self.prefix = int(prefix)
+        self.kept: torch.Tensor | None = None  # the patches (0-based) the last training forward kept, [B, kept]
 
     def num_kept(self, num_patches: int) -> int:
         """Patch tokens kept out of ``num_patches`` (at least one)."""
@@ -391,10 +392,22 @@ class PatchDropout:
         patches = tokens - self.prefix
         kept = self.num_kept(patches)
         if not module.training or kept >= patches:
+            self.kept = None
             return output
-        index = torch.rand(batch, patches, device=output.device).argsort(dim=1)[:, :kept] + self.prefix
+        index = torch.rand(batch, patches, device=output.device).argsort(dim=1)[:, :kept]
+        self.kept = index
+        index = index + self.prefix
         chosen = output.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
         return torch.cat([output[:, : self.prefix], chosen], dim=1)
+
+
+def patch_dropout_of(model: Any) -> PatchDropout | None:
+    """The :class:`PatchDropout` hooked into ``model`` by :func:`add_patch_dropout`, or None."""
+    family = backbones.family_of(model.config)
+    if family is None or not family.token_sequence:
+        return None
+    hooks = backbones.token_embeddings(model)._forward_hooks.values()
+    return next((hook for hook in hooks if isinstance(hook, PatchDropout)), None)
 
 
 def add_patch_dropout(model: Any, keep: float) -> torch.utils.hooks.RemovableHandle | None:

@@ -25,6 +25,7 @@ from .. import hardware
 from ..modeling import DEFAULT_BASE_MODEL, MODEL_PRESETS, PatchDropout
 from ..transforms.augmentation import AugmentationConfig
 from .ema import WeightEMA
+from .guidance import check_guidance
 from .initialisation import ATTENTION_INITS, POSITION_INITS, check_init
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,25 @@ class TissueTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (None = off)."}
     )
+    teacher_epochs: float = field(
+        default=0.0,
+        metadata={"help": "Train a small CNN teacher on the training tiles for this many epochs first, and guide the "
+                  "ViT by its stored maps: soft labels of each crop and its patch features at a few depths "
+                  "(training only: the saved model is the plain ViT). 0 = off."},
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "With a teacher: the share of the soft labels in the classification loss."}
+    )
+    distill_temperature: float = field(default=2.0, metadata={"help": "With a teacher: the soft labels' temperature."})
+    guidance_weight: float = field(
+        default=1.0,
+        metadata={"help": "With a teacher: weight of the patch-feature matching loss (0 = soft labels only)."},
+    )
+    guidance_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "With a teacher: the ViT layers (1-based) matched to its two feature maps (strides 8 "
+                  "and 16); default the middle and the last layer."},
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test 95%% CIs (0 = no CIs)."})
     # Trainer's own `label_names` (names of label tensors) is always ["labels"] here, so the flag
     # is reused for what users mean by it: the class names the dataset must have.
@@ -295,6 +315,7 @@ class TissueTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._check_package_options()
+        check_guidance(self.teacher_epochs, self.distill_alpha, self.distill_temperature, self.guidance_weight)
         if self.label_names == ["labels"]:  # re-created from an already processed instance
             self.label_names = None
         self.expected_label_names = list(self.label_names) if self.label_names else None

@@ -18,18 +18,21 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 
 from .. import hardware
+from ..backbones import num_prefix_tokens
 from ..modeling import ModelSpec, add_patch_dropout, build_model, check_model, checkpoint_preprocessing
 from ..transforms.processor import ProcessorTransform, make_image_processor
 from ..transforms.tile_transform import TileTransform
 from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 from .backbone import backbone_description, freeze_model_parts
 from .evaluation import TestPredictions, evaluate_test
+from .guidance import GuidanceLoss, GuidanceTargets, default_layers
 from .initialisation import apply_structured_init
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe, probe_field
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
 from .speed import SPEED_KEY, SpeedCallback
-from .tiles import EpochCallback, TileCollator, TileDataset, tile_dataset
+from .teacher import TEACHER_DIR, TeacherSettings, map_size, teacher_for_run
+from .tiles import EpochCallback, TileCollator, TileDataset, split_fingerprint, tile_dataset
 from .trainer import TissueTrainer, make_compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -276,10 +279,36 @@ def build_trainer(
     return trainer
 
 
+def add_teacher(trainer: TissueTrainer, data: TrainingData, training_args: TissueTrainingArguments) -> dict[str, Any]:
+    """Train the CNN teacher of ``--teacher_epochs`` (or reuse the one stored in the output dir, made with the same
+    settings: the main process first, the others read it), give the collator its targets and the trainer its loss.
+    Returns the teacher's record (all_results.json's ``teacher``)."""
+    tiles, config = data.tiles["train"], trainer.model.config
+    transform = trainer.data_collator.train_transform
+    settings = TeacherSettings(
+        epochs=float(training_args.teacher_epochs), seed=training_args.seed, num_labels=len(data.label_names),
+        train_tiles=len(tiles), data=split_fingerprint(data.dataset["train"]) or "", augmentation=repr(transform),
+        map_size=map_size(tiles.pixels.shape[1]),
+    )
+    validation = data.tiles.get("validation")
+    with training_args.main_process_first(desc="teacher"):
+        maps, record = teacher_for_run(
+            Path(training_args.output_dir) / TEACHER_DIR, settings, tiles.pixels, tiles.labels, transform,
+            (validation.pixels, validation.labels) if validation is not None else None, bool(training_args.bf16),
+        )
+    trainer.data_collator.targets = GuidanceTargets(maps, config.image_size // config.patch_size)
+    dims = [features.shape[1] for features in maps.features]
+    layers = training_args.guidance_layers or default_layers(config.num_hidden_layers, len(dims))
+    trainer.enable_guidance(GuidanceLoss(
+        config.hidden_size, dims, layers, num_prefix_tokens(config), training_args.distill_alpha,
+        training_args.distill_temperature, training_args.guidance_weight,
+    ))  # fmt: skip
+    return record
+
+
 def train(trainer: TissueTrainer, plan: RunPlan) -> dict[str, Any]:
-    """Claim the output dir, train (resuming the plan's checkpoint), save the selected model; train and
+    """Train (resuming the plan's checkpoint) in the claimed output dir, save the selected model; train and
     validation metrics."""
-    claim_output_dir(plan.signature, trainer.args, plan.resume)
     train_result = trainer.train(resume_from_checkpoint=plan.resume)
     timers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpeedCallback)]
     speed = {SPEED_KEY: timers[0].summary()} if timers else {}
@@ -348,6 +377,8 @@ def run_finetune(
     trainer = build_trainer(model, processor, data, data_args, training_args)
     if model_args.freeze_backbone:
         _show_tiles_at_backbone_scale(trainer, data, backbone_mpp, model.config.image_size)
+    claim_output_dir(plan.signature, training_args, plan.resume)
+    teacher = add_teacher(trainer, data, training_args) if training_args.teacher_epochs else None
     with (linear_probe(trainer, data, model_args.probe_views, data_args.cache_decoded, data_args.decode_cache_dir)
           if model_args.freeze_backbone else contextlib.nullcontext()):  # fmt: skip
         results = train(trainer, plan)
@@ -358,6 +389,8 @@ def run_finetune(
         label_names=data.label_names, dataset=data.info,
     ))  # fmt: skip
     results["model"].update(backbone_description(model_args, plan.model))
+    if teacher is not None:
+        results["teacher"] = teacher
     if trainer.is_world_process_zero():
         write_outputs(trainer, results, predictions, training_args.push_after_training)
     return results

@@ -35,7 +35,7 @@ from ..modelfolder import (
     is_complete_run,
     read_run_file,
 )
-from .arguments import DataArguments, ModelArguments
+from .arguments import DataArguments, ModelArguments, TissueTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ _SHARDS = "model-*-of-*.safetensors"
 SIGNATURE_TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor",
-    "max_grad_norm", "optim", "metric_for_best_model", "ema_decay",
+    "max_grad_norm", "optim", "metric_for_best_model", "ema_decay", "teacher_epochs", "distill_alpha",
+    "distill_temperature", "guidance_weight", "guidance_layers",
 )  # fmt: skip
 # Data arguments that change where or how fast tiles are read, not what is learnt.
 # Where the augmentation runs changes speed, not the pixels (the device path draws and computes the same).
@@ -103,8 +104,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def _field_defaults() -> dict[str, dict[str, Any]]:
-    """The default of every model and data argument, as signed (a run signed before an option existed has
-    that option at its default)."""
+    """The default of every model and data argument and signed training argument, as signed (a run signed
+    before an option existed has that option at its default)."""
     def defaults(cls: type) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(cls):
@@ -114,7 +115,8 @@ def _field_defaults() -> dict[str, dict[str, Any]]:
                 out[f.name] = f.default_factory()
         return json.loads(json.dumps(out))
 
-    return {"model": defaults(ModelArguments), "data": defaults(DataArguments)}
+    training = {k: v for k, v in defaults(TissueTrainingArguments).items() if k in SIGNATURE_TRAINING_FIELDS}
+    return {"model": defaults(ModelArguments), "data": defaults(DataArguments), "training": training}
 
 
 def _diff(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:

@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 
 from ..fileio import atomic_write
 from ..imaging import decode_dataset_image
+from ..transforms.augmentation import TileGeometry
 from ..transforms.tile_transform import TileTransform
 
 logger = logging.getLogger(__name__)
@@ -305,12 +306,16 @@ class TileCollator:
     """
 
     def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
-                 seed: int = 0, device_augmentation: bool = False, field: int | None = None) -> None:
+                 seed: int = 0, device_augmentation: bool = False, field: int | None = None,
+                 targets: Callable[[torch.Tensor, TileGeometry], dict[str, torch.Tensor]] | None = None) -> None:
         """``field``: take the centre ``field`` x ``field`` px of every tile first (the linear probe's tiles at its
-        backbone's scale, :func:`~hf_tissue_vit.training.probe.probe_field`); None = the whole tile."""
+        backbone's scale, :func:`~hf_tissue_vit.training.probe.probe_field`); None = the whole tile. ``targets``:
+        training-only targets of a training batch from its tile indices and geometry (a teacher's,
+        :class:`~hf_tissue_vit.training.guidance.GuidanceTargets`), added to the batch."""
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
         self.device_augmentation = bool(device_augmentation)
         self.field = field
+        self.targets = targets
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
@@ -320,22 +325,30 @@ class TileCollator:
         labels = torch.tensor([item["labels"] for item in items], dtype=torch.long)
         if not items[0].get("train"):
             return {"pixel_values": self.eval_transform(pixels), "labels": labels}
-        seed = augmentation_seed(self.seed, items[0]["epoch"], [item["index"] for item in items])
+        indices = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        seed = augmentation_seed(self.seed, items[0]["epoch"], indices.tolist())
         seed_worker_for_batch(seed)
         if self.device_augmentation:
-            return {"pixels": pixels, "augment_seed": seed, "labels": labels}
-        return {"pixel_values": self.train_transform(pixels, generator=torch.Generator().manual_seed(seed)),
-                "labels": labels}
+            return {"pixels": pixels, "augment_seed": seed, "labels": labels,
+                    **({"tile_index": indices} if self.targets is not None else {})}
+        pixel_values, geometry = self.train_transform(pixels, generator=torch.Generator().manual_seed(seed),
+                                                      return_geometry=True)
+        batch = {"pixel_values": pixel_values, "labels": labels}
+        if self.targets is not None:
+            batch.update(self.targets(indices, geometry))
+        return batch
 
     def augment_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A batch of :meth:`__call__`'s uint8 ``pixels`` (on any device) with ``pixel_values`` in their place,
         made on the pixels' device (the transform's device path, in float32 outside any autocast)."""
         batch = dict(batch)
-        pixels, seed = batch.pop("pixels"), batch.pop("augment_seed")
+        pixels, seed, indices = batch.pop("pixels"), batch.pop("augment_seed"), batch.pop("tile_index", None)
         with torch.autocast(pixels.device.type, enabled=False):
-            batch["pixel_values"] = self.train_transform(
-                pixels, generator=torch.Generator().manual_seed(int(seed)), device_path=True
+            batch["pixel_values"], geometry = self.train_transform(
+                pixels, generator=torch.Generator().manual_seed(int(seed)), device_path=True, return_geometry=True
             )
+        if self.targets is not None and indices is not None:
+            batch.update({k: v.to(pixels.device) for k, v in self.targets(indices.cpu(), geometry).items()})
         return batch
 
 

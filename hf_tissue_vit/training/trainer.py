@@ -16,8 +16,10 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..fileio import fix_permissions
+from ..modeling import PatchDropout, patch_dropout_of
 from ..transforms.augmentation import dihedral_views
 from .ema import EMA_FILE, EMACallback, WeightEMA
+from .guidance import HEADS_FILE, GuidanceCallback, GuidanceLoss, load_module, pop_targets, save_module
 from .progress import TrainingProgress
 from .tiles import loader_generator
 
@@ -59,6 +61,11 @@ class TissueTrainer(Trainer):
     ema: WeightEMA | None = None
     # Makes ``pixel_values`` of a uint8 training batch on the device (TileCollator.augment_on_device).
     device_augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Teacher guidance (:mod:`.guidance`): its training-only heads and loss, and the model's PatchDropout (whose
+    # kept patches the targets follow).
+    guidance: GuidanceLoss | None = None
+    patch_dropout: PatchDropout | None = None
+    _guidance_log: dict[str, float] = {}
     _progress: TrainingProgress | None = None  # the run up to the checkpoint this train() call resumed
     _clock: _PieceClock | None = None
     _schedule_samples: float | None = None
@@ -69,6 +76,21 @@ class TissueTrainer(Trainer):
         continues it, and after training the model holds the (best) average."""
         self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), decay)
         self.add_callback(EMACallback(self))
+
+    def enable_guidance(self, loss: GuidanceLoss) -> None:
+        """Add the teacher's losses to training batches that carry its targets (:mod:`.guidance`): the heads are
+        optimised with the model, averaged over the processes of a launch and stored in every checkpoint."""
+        self.guidance = loss.to(self.args.device)
+        self._guidance_log = {}
+        self.patch_dropout = patch_dropout_of(self.model)
+        self.add_callback(GuidanceCallback(self.guidance))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        heads = list(self.guidance.parameters()) if self.guidance is not None else []
+        if heads and not any(p is heads[0] for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group({"params": heads, "weight_decay": self.args.weight_decay})
+        return optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
         """Trainer's ``train``; its metrics describe the whole run, also when resumed (see :mod:`.progress`)."""
@@ -126,7 +148,26 @@ class TissueTrainer(Trainer):
             if self.device_augment is None:
                 raise ValueError("a training batch of uint8 'pixels' needs TissueTrainer.device_augment")
             inputs = self.device_augment(inputs)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        targets = pop_targets(inputs)
+        if self.guidance is None or not targets:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        return_outputs = kwargs.pop("return_outputs", args[0] if args else False)
+        kwargs.update(zip(("num_items_in_batch",), args[1:]))
+        classification, outputs = super().compute_loss(model, {**inputs, "output_hidden_states": True},
+                                                       return_outputs=True, **kwargs)
+        kept = self.patch_dropout.kept if self.patch_dropout is not None else None
+        loss, parts = self.guidance.combine(classification, outputs, targets, kept)
+        for name, value in parts.items():  # logged with the loss (averaged since the last log)
+            self._guidance_log[name] = self._guidance_log.get(name, 0.0) + value
+        self._guidance_log["steps"] = self._guidance_log.get("steps", 0) + 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._guidance_log.get("steps"):
+            steps = self._guidance_log.pop("steps")
+            logs.update({f"{name}_loss": round(total / steps, 4) for name, total in self._guidance_log.items()})
+            self._guidance_log = {}
+        super().log(logs, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if self.ema is None:
@@ -143,6 +184,9 @@ class TissueTrainer(Trainer):
         if self.ema is not None and self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             self.ema.save(folder / EMA_FILE)
+        if self.guidance is not None and self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_module(self.guidance, folder / HEADS_FILE)
         self._save_progress(folder)
         super()._save_checkpoint(model, trial)
 
@@ -162,6 +206,12 @@ class TissueTrainer(Trainer):
                 raise FileNotFoundError(f"{resume_from_checkpoint} has no {EMA_FILE}: it was not saved by an "
                                         "--ema_decay run; resume it without --ema_decay")
             self.ema.load(path)
+        if self.guidance is not None:
+            path = Path(resume_from_checkpoint) / HEADS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{resume_from_checkpoint} has no {HEADS_FILE}: it was not saved by a "
+                                        "--teacher_epochs run; resume it with the run's own settings")
+            load_module(self.guidance, path)
 
     def _load_best_model(self):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

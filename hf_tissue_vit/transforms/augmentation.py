@@ -194,13 +194,18 @@ def crop_resize(x: torch.Tensor, boxes: tuple[torch.Tensor, ...], size: int) -> 
     return x.to(torch.float32)
 
 
-def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One random symmetry per sample of square [B,C,S,S] images.
+def draw_dihedral(batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One symmetry per sample, long [B] on the CPU: k = 0..7, a rotation by k % 4 quarter turns, after a
+    horizontal flip when k >= 4 (:func:`apply_dihedral`)."""
+    return torch.randint(0, 8, (batch,), generator=generator)
+
+
+def apply_dihedral(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Each sample of square [B,C,S,S] images (any dtype: tiles, or maps over them) turned by its ``choice``.
 
     Samples are grouped by the drawn symmetry (8 groups, not a loop over samples): one gather and
     one scatter per group, cheap on uint8.
     """
-    choice = torch.randint(0, 8, (x.shape[0],), generator=generator)  # drawn on the CPU, whatever x's device
     out = torch.empty_like(x)
     for k in choice.unique().tolist():
         index = (choice == k).nonzero().squeeze(1).to(x.device)
@@ -209,6 +214,28 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch
             view = view.flip(-1)
         out.index_copy_(0, index, torch.rot90(view, k % 4, (-2, -1)))
     return out
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One random symmetry per sample of square [B,C,S,S] images (drawn on the CPU, whatever x's device)."""
+    return apply_dihedral(x, draw_dihedral(x.shape[0], generator))
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a training batch's pixels came from: each sample's crop box in tile pixels (left, top, width, height;
+    long [B]) of tiles of ``tile_size`` (height, width), and the dihedral symmetry applied after the resize (long
+    [B], 0 = none). Training-only targets over the tile (a teacher's maps) follow the pixels with it."""
+
+    boxes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    dihedral: torch.Tensor
+    tile_size: tuple[int, int]
+
+    @classmethod
+    def whole(cls, batch: int, height: int, width: int) -> TileGeometry:
+        """Every sample the whole tile, unturned."""
+        zero = torch.zeros(batch, dtype=torch.long)
+        return cls((zero, zero, torch.full((batch,), width), torch.full((batch,), height)), zero, (height, width))
 
 
 def stain_jitter(

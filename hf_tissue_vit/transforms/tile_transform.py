@@ -30,10 +30,12 @@ from PIL import Image
 from ..imaging import to_uint8
 from .augmentation import (
     AugmentationConfig,
+    TileGeometry,
+    apply_dihedral,
     brightness_contrast,
     crop_box_pixels,
     crop_resize,
-    random_dihedral,
+    draw_dihedral,
     stain_jitter,
 )
 from .processor import SlowPath, processor_geometry
@@ -163,8 +165,8 @@ class TileTransform:
 
     def __call__(
         self, images: torch.Tensor | np.ndarray, generator: torch.Generator | None = None,
-        *, device_path: bool | None = None,
-    ) -> torch.Tensor:
+        *, device_path: bool | None = None, return_geometry: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, TileGeometry]:
         """uint8 [B,H,W,3] or [B,3,H,W] (a single [H,W,3] image gives B=1) -> float32 [B,3,S,S] on the
         images' device.
 
@@ -173,13 +175,23 @@ class TileTransform:
         tile, and the dihedral symmetry runs on the resized floats. It draws the same random numbers from
         ``generator`` (a CPU generator; None = torch's default one) as the CPU path, and its pixels equal
         the CPU path's up to the rounding of the CPU's fixed-point uint8 resize (one grey level, rarely).
+
+        ``return_geometry``: also return the batch's :class:`TileGeometry` (crop boxes, symmetries; the whole tile
+        and no symmetry on the eval path).
         """
         x = _as_batch(images)
+        result, geometry = self._transform(x, generator, device_path)
+        return (result, geometry) if return_geometry else result
+
+    def _transform(
+        self, x: torch.Tensor, generator: torch.Generator | None, device_path: bool | None
+    ) -> tuple[torch.Tensor, TileGeometry]:
         size, device = self.image_size, x.device
+        geometry = TileGeometry.whole(x.shape[0], x.shape[-2], x.shape[-1])
         if device_path is None:
             device_path = device.type != "cpu"
         if x.shape[0] == 0:
-            return torch.empty(0, 3, size, size, device=device)
+            return torch.empty(0, 3, size, size, device=device), geometry
         aug = self.augmentation
         out = torch.empty(x.shape[0], 3, size, size, device=device)
         scale, shift = self._scale.to(device), self._shift.to(device)
@@ -187,14 +199,14 @@ class TileTransform:
             # uint8 resize output is rounded like the PIL processor's, so eval matches it.
             x = self._resize(x, size, size).float()
             # mul + add_ rather than addcmul: a broadcast addcmul is slower on CPU
-            return torch.mul(x, scale, out=out).add_(shift)
-        x, gain, offset = self._augment(x, aug, generator, out, device_path)
+            return torch.mul(x, scale, out=out).add_(shift), geometry
+        x, gain, offset, geometry = self._augment(x, aug, generator, out, device_path)
         # The last pixel-wise step clamp(gain * x + offset, 0, 255) is fused with rescale and
         # normalisation (scale > 0, so clamping after the affine map is the same), written straight
         # into a contiguous NCHW tensor (mul + add_: a broadcast addcmul is slower on CPU).
         torch.mul(x, gain * scale, out=out).add_(offset * scale + shift)
         bounds = self._bounds if isinstance(self._bounds[0], float) else tuple(b.to(device) for b in self._bounds)
-        return out.clamp_(*bounds)
+        return out.clamp_(*bounds), geometry
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -219,19 +231,25 @@ class TileTransform:
     def _augment(
         self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None, out: torch.Tensor,
         device_path: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augment; returns float32 y [B,3,S,S] (possibly ``out`` itself) and per-sample gain/offset
-        [B,1,1,1] such that the augmented 0..255 image is clamp(gain * y + offset, 0, 255)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TileGeometry]:
+        """Augment; returns float32 y [B,3,S,S] (possibly ``out`` itself), per-sample gain/offset
+        [B,1,1,1] such that the augmented 0..255 image is clamp(gain * y + offset, 0, 255), and the geometry."""
+        batch, _, height, width = x.shape
+        # crop boxes first, then the symmetries: the order of the draws of both paths
+        boxes = (crop_box_pixels(batch, height, width, aug, generator) if aug.random_resized_crop
+                 else TileGeometry.whole(batch, height, width).boxes)
+        choice = draw_dihedral(batch, generator) if aug.dihedral else torch.zeros(batch, dtype=torch.long)
+        geometry = TileGeometry(boxes, choice, (height, width))
         if device_path:
-            x = self._geometry_batched(x, aug, generator)
+            x = self._geometry_batched(x, geometry)
         else:
             if aug.random_resized_crop:
-                x = self._random_resized_crop(x, aug, generator)  # fresh contiguous NCHW
+                x = self._random_resized_crop(x, boxes)  # fresh contiguous NCHW
             else:
                 x = self._resize(x, self.image_size, self.image_size).contiguous()
             if aug.dihedral:
                 # on uint8 NCHW the dihedral copies are cheaper than on channels-last or float data
-                x = random_dihedral(x, generator)
+                x = apply_dihedral(x, choice)
             # A fresh float copy: later steps work in place (x may still be the caller's tensor; float
             # input was already copied by _as_batch).
             x = x.to(torch.float32)
@@ -244,37 +262,25 @@ class TileTransform:
         elif log1p_input:
             x = x.exp_().sub_(1)
         gain, offset = brightness_contrast(x, aug.brightness, aug.contrast, pedestal, generator)
-        return x, gain, offset
+        return x, gain, offset, geometry
 
-    def _geometry_batched(
-        self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """The device path's crop (or resize) and dihedral symmetry: float32 contiguous [B,3,S,S] on x's device,
-        with the random draws of the CPU path in its order."""
-        batch, _, height, width = x.shape
-        if aug.random_resized_crop:
-            boxes = crop_box_pixels(batch, height, width, aug, generator)
-        else:  # the whole tile
-            zero = torch.zeros(batch, dtype=torch.long)
-            boxes = (zero, zero, torch.full((batch,), width), torch.full((batch,), height))
-        x = crop_resize(x, boxes, self.image_size)
-        if aug.dihedral:
-            x = random_dihedral(x, generator)
+    def _geometry_batched(self, x: torch.Tensor, geometry: TileGeometry) -> torch.Tensor:
+        """The device path's crop (or resize) and dihedral symmetry: float32 contiguous [B,3,S,S] on x's device."""
+        x = crop_resize(x, geometry.boxes, self.image_size)
+        if self.augmentation.dihedral:
+            x = apply_dihedral(x, geometry.dihedral)
         return x.contiguous()
 
-    def _random_resized_crop(
-        self, x: torch.Tensor, aug: AugmentationConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def _random_resized_crop(self, x: torch.Tensor, boxes: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Random resized crop of each sample to SxS, as torchvision's RandomResizedCrop does: an
         integer box per sample, resized with the antialiased bilinear filter (same dtype as ``x``).
 
         One small resize call per sample: on uint8 tiles this is faster than a single batched float
         ``grid_sample``, which cannot antialias either.
         """
-        batch, _, height, width = x.shape
         size = self.image_size
-        left, top, box_w, box_h = crop_box_pixels(batch, height, width, aug, generator)
-        out = torch.empty(batch, 3, size, size, dtype=x.dtype)
+        left, top, box_w, box_h = boxes
+        out = torch.empty(x.shape[0], 3, size, size, dtype=x.dtype)
         for i, (x0, y0, bw, bh) in enumerate(zip(left.tolist(), top.tolist(), box_w.tolist(), box_h.tolist())):
             out[i] = self._resize(x[i : i + 1, :, y0 : y0 + bh, x0 : x0 + bw], size, size)[0]
         return out
