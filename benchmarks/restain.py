@@ -88,20 +88,22 @@ def write_restained(dataset_dir: str | os.PathLike, out: str | os.PathLike, spli
                     targets: tuple[str, ...] = TARGETS) -> dict[str, int]:
     """Write ``out/<target>/<class>/<split>-<index>.png`` for every tile of the split; tiles per target.
 
-    Existing files are kept (a rerun finishes a killed one; each file is written under a temporary name
-    and renamed)."""
+    Existing files are kept, and a tile whose copies all exist is not decoded (a rerun finishes a killed one;
+    each file is written under a temporary name and renamed)."""
     split_ds = load_tissue_dataset(dataset_dir, require_validation=False)[split]
     names = split_ds.features["label"].names
     written = dict.fromkeys(targets, 0)
-    for index, row in enumerate(split_ds):
-        tile = decode_dataset_image(row["image"])
+    for index, label in enumerate(split_ds["label"]):
+        paths = {t: Path(out) / t / names[label] / f"{split}-{index:06d}.png" for t in targets}
+        missing = [t for t, path in paths.items() if not path.exists()]
+        tile = decode_dataset_image(split_ds[index]["image"]) if missing else None
+        for target in missing:
+            path = paths[target]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(RESTAIN[target](tile)).save(tmp, format="PNG")
+            os.replace(tmp, path)
         for target in targets:
-            path = Path(out) / target / names[row["label"]] / f"{split}-{index:06d}.png"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                Image.fromarray(RESTAIN[target](tile)).save(tmp, format="PNG")
-                os.replace(tmp, path)
             written[target] += 1
     return written
 

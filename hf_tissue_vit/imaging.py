@@ -148,3 +148,10 @@ def load_rgb8(path: str | os.PathLike, max_image_pixels: int | None = None) -> n
     """Decode an image file to HxWx3 uint8 RGB (PIL's pixel limit raised to ``max_image_pixels``)."""
     with pixel_limit(max_image_pixels), open_image(path) as image:
         return to_uint8(image)
+
+
+def centre_box(height: int, width: int, field_height: int, field_width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the centre ``field_height`` x ``field_width`` of an image of ``height`` x
+    ``width`` px (no larger than the image): the one centre crop of prediction and training."""
+    h, w = min(height, field_height), min(width, field_width)
+    return (height - h) // 2, (width - w) // 2, h, w

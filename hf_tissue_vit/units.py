@@ -8,6 +8,11 @@ import math
 SAME_SCALE = 0.02
 
 
+def same_scale(ratio: float) -> bool:
+    """True when a ratio of two resolutions (or sizes) is within :data:`SAME_SCALE` of 1: taken as equal."""
+    return abs(ratio - 1) <= SAME_SCALE
+
+
 def check_mpp(mpp: float | None, argument: str = "mpp") -> float | None:
     """``mpp`` as a float if it is a positive, finite number of micrometres per pixel (None passes)."""
     if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp)

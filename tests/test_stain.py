@@ -20,7 +20,7 @@ from hf_tissue_vit.transforms.stain import match_od_statistics, od_statistics, r
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import restain, stain_study  # noqa: E402
+from benchmarks import fixres, restain, stain_study  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
         "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
@@ -107,9 +107,12 @@ def test_macenko_recolours_to_the_reference_stains():
     assert np.array_equal(restain.macenko(blank), blank)  # no tissue: unchanged
 
 
-def test_restain_writes_class_folders_with_the_other_centres_statistics(tiny_dataset_dir, tmp_path):
+def test_restain_writes_class_folders_with_the_other_centres_statistics(tiny_dataset_dir, tmp_path, monkeypatch):
     counts = restain.write_restained(tiny_dataset_dir, tmp_path / "copies")
     assert counts == {"original": 12, "other_centre": 12, "macenko": 12}  # 2 test tiles per class
+    monkeypatch.setattr(restain, "decode_dataset_image", lambda value: pytest.fail("a finished copy was decoded"))
+    assert restain.write_restained(tiny_dataset_dir, tmp_path / "copies") == counts  # a rerun: nothing to do
+    monkeypatch.undo()
     files = sorted((tmp_path / "copies" / "other_centre").glob("*/*.png"))
     assert len(files) == 12 and {f.parent.name for f in files} == {"Tumor", "Stroma", "Complex", "Lympho", "Debris",
                                                                    "Mucosa"}
@@ -159,6 +162,15 @@ def test_stain_study_trains_scores_every_copy_and_saves_a_plain_vit(tmp_path, ca
     before = (model / "model.safetensors").stat().st_mtime_ns
     assert stain_study.main(argv) == 0
     assert (model / "model.safetensors").stat().st_mtime_ns == before
+    # FixRes: the run's model at a larger test size, scored on every copy; a plain ViT at that size
+    assert fixres.main(["--work", str(work), "--sizes", "48"]) == 0
+    row = json.loads((work / "fixres.json").read_text())[0]
+    assert set(row["scores"]) == {"trained size", "48 px"} and set(row["scores"]["48 px"]) == set(restain.TARGETS)
+    larger = model.parent / "fixres_48" / "model"
+    assert json.loads((larger / "config.json").read_text())["image_size"] == 48
+    assert json.loads((larger / "preprocessor_config.json").read_text())["size"] == {"height": 48, "width": 48}
+    assert len(pipeline("image-classification", model=str(larger), device="cpu")(str(tiles[0]), top_k=6)) == 6
+    assert "| stratified | stain_stats | 1 | 48 px |" in capsys.readouterr().out
 
 
 def test_the_stain_recipe_is_the_measured_arm():

@@ -17,7 +17,8 @@ import logging
 import numpy as np
 from PIL import Image
 
-from ..units import SAME_SCALE
+from ..imaging import centre_box
+from ..units import SAME_SCALE, same_scale
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class TileScale:
         self.tile_mpp, self.model_mpp, self.tiles = tile_mpp, model_mpp, tiles
         known = tile_mpp is not None and model_mpp is not None
         factor = tile_mpp / model_mpp if known else None
-        self.factor = None if factor is None or abs(factor - 1) <= SAME_SCALE else factor
+        self.factor = None if factor is None or same_scale(factor) else factor
         self.field = tuple(field) if known and field is not None else None
         self._told = False
 
@@ -74,8 +75,7 @@ class TileScale:
         field_h, field_w = self.field
         if width <= field_w * (1 + SAME_SCALE) and height <= field_h * (1 + SAME_SCALE):
             return tile
-        w, h = min(width, field_w), min(height, field_h)
-        left, top = (width - w) // 2, (height - h) // 2
+        top, left, h, w = centre_box(height, width, field_h, field_w)
         if isinstance(tile, Image.Image):
             return tile.crop((left, top, left + w, top + h))
         return tile[top:top + h, left:left + w]

@@ -23,7 +23,7 @@ import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .. import backbones
-from ..units import SAME_SCALE
+from ..units import SAME_SCALE, same_scale
 from .tiles import EpochCallback, TileCollator, TileDataset, decode_cache_file, split_fingerprint, write_decode_cache
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def probe_field(tile_size: tuple[int, int], tile_mpp: float | None, backbone_mpp
                        "(%.0f µm): they are enlarged to it, finer than it learnt", side, tile_mpp, side * tile_mpp,
                        input_size, backbone_mpp, input_size * backbone_mpp)
         return None
-    if field >= side * (1 - SAME_SCALE):
+    if same_scale(field / side):
         return None
     logger.info("probe: the centre %d px of each %d px tile (at %s µm/px) fills the backbone's %d px input at its "
                 "%s µm/px", field, side, tile_mpp, input_size, backbone_mpp)

@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..fileio import atomic_write
-from ..imaging import decode_dataset_image
+from ..imaging import centre_box, decode_dataset_image
 from ..transforms.augmentation import TileGeometry
 from ..transforms.tile_transform import TileTransform
 
@@ -320,8 +320,8 @@ class TileCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
         if self.field is not None:  # [B,H,W,3]: a view, the transforms copy
-            top, left = (pixels.shape[1] - self.field) // 2, (pixels.shape[2] - self.field) // 2
-            pixels = pixels[:, top : top + self.field, left : left + self.field]
+            top, left, height, width = centre_box(pixels.shape[1], pixels.shape[2], self.field, self.field)
+            pixels = pixels[:, top : top + height, left : left + width]
         labels = torch.tensor([item["labels"] for item in items], dtype=torch.long)
         if not items[0].get("train"):
             return {"pixel_values": self.eval_transform(pixels), "labels": labels}

@@ -35,7 +35,7 @@ def match_od_statistics(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
     batch = x.shape[0]
     mean = torch.as_tensor(mean, dtype=torch.float64, device=x.device).expand(batch, 3)
     std = torch.as_tensor(std, dtype=torch.float64, device=x.device).expand(batch, 3)
-    gain, bias = _affine(own_mean, own_std, mean, std)
+    gain, bias = _affine(own_mean, own_std.clamp(min=_MIN_STD), mean, std)
     return _apply(torch.log1p(x), gain, bias).exp_().sub_(1).clamp_(0, 255)
 
 
@@ -59,7 +59,8 @@ def random_od_statistics(x: torch.Tensor, strength: float, generator: torch.Gene
     shift = strength * (2 * params[:, :, 1:2] - 1) + strength / 2 * (2 * params[:, :, 2:] - 1)
     log1p_x = torch.log1p(x)
     own_mean, own_std = _log_statistics(log1p_x)
-    own = torch.stack((own_mean, own_std.clamp(min=_MIN_STD)), dim=1).log()  # [B, (mean, std), 3]
+    own_std = own_std.clamp(min=_MIN_STD)  # a log, and the divisor of the gain
+    own = torch.stack((own_mean, own_std), dim=1).log()  # [B, (mean, std), 3]
     target = (1 - weight) * own + weight * own.mean(dim=0, keepdim=True) + shift
     target = torch.where(chosen, target, own).exp()
     gain, bias = _affine(own_mean, own_std, target[:, 0], target[:, 1])
@@ -76,8 +77,9 @@ def _log_statistics(log1p_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _affine(own_mean: torch.Tensor, own_std: torch.Tensor, mean: torch.Tensor,
             std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gain, bias) [B,3] of L' = gain L + bias that moves OD statistics (own_mean, own_std) to (mean, std)."""
-    gain = std / own_std.clamp(min=_MIN_STD)
+    """(gain, bias) [B,3] of L' = gain L + bias that moves OD statistics (own_mean, own_std) to (mean, std);
+    ``own_std`` at least ``_MIN_STD`` (the callers clamp it)."""
+    gain = std / own_std
     # ln(1 + I') = ln 256 - OD' = gain * ln(1 + I) + (1 - gain) * ln 256 + gain * m - mean
     return gain, (1 - gain) * LOG_256 + gain * own_mean - mean
 
