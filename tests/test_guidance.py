@@ -248,3 +248,24 @@ def test_guidance_flags_are_checked_before_any_work(tmp_path: Path):
                            (["--distill_temperature", "0"], "temperature"), (["--guidance_weight", "-1"], "weight")]:
         with pytest.raises(ValueError, match=message):
             parse_args(["--output_dir", str(tmp_path / "x"), *flags])
+
+
+def test_teacher_targets_are_the_same_on_the_device_path():
+    """With --device_augmentation the collator passes the tile indices and the training step makes the targets
+    from the geometry it draws: the same as the CPU collator's."""
+    from hf_tissue_vit.training.tiles import TileCollator, TileDataset
+
+    tiles = _ramp_tiles(6, 48)
+    dataset = TileDataset(tiles, torch.arange(6) % 3, train=True)
+    items = [dataset[i] for i in (5, 2, 0, 3)]
+    maps = TeacherMaps(torch.randn(6, 3, 6, 6), [torch.randn(6, 4, 6, 6).half()])
+    transform = TileTransform(32, [0.5] * 3, [0.5] * 3, AugmentationConfig())
+    eval_transform = TileTransform(32, [0.5] * 3, [0.5] * 3)
+    on_cpu = TileCollator(transform, eval_transform, seed=1, targets=GuidanceTargets(maps, 4))(items)
+    lazy = TileCollator(transform, eval_transform, seed=1, device_augmentation=True, targets=GuidanceTargets(maps, 4))
+    batch = lazy(items)
+    assert torch.equal(batch["tile_index"], torch.tensor([5, 2, 0, 3]))
+    done = lazy.augment_on_device(batch)
+    assert set(done) == set(on_cpu) == {"pixel_values", "labels", "teacher_logits", "teacher_features_0"}
+    for key in ("teacher_logits", "teacher_features_0"):
+        assert torch.equal(done[key], on_cpu[key]), key

@@ -216,11 +216,6 @@ def apply_dihedral(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One random symmetry per sample of square [B,C,S,S] images (drawn on the CPU, whatever x's device)."""
-    return apply_dihedral(x, draw_dihedral(x.shape[0], generator))
-
-
 @dataclass(frozen=True)
 class TileGeometry:
     """Where a training batch's pixels came from: each sample's crop box in tile pixels (left, top, width, height;
