@@ -335,3 +335,25 @@ def trained_run_dir(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFac
                                        *FINETUNE_TINY])
     assert rc in (0, None), f"finetune.py exited {rc}"
     return out
+
+
+def assert_pipeline_matches_predict(model: Path, files: Sequence[Path], tmp_path: Path) -> None:
+    """``pipeline("image-classification")`` on the saved ``model`` gives predict.py's probabilities for ``files``:
+    the model needs nothing but transformers."""
+    import csv
+    import json
+
+    import pytest
+    from transformers import pipeline
+
+    output = tmp_path / "pipeline_vs_predict.csv"
+    assert load_script("predict").main(["--model", str(model), "--inputs", *map(str, files), "--output", str(output),
+                                        "--no_progress", "--bf16", "false"]) == 0
+    with open(output, newline="") as handle:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
+    classifier = pipeline("image-classification", model=str(model), device="cpu")
+    classes = len(json.loads((Path(model) / "config.json").read_text())["id2label"])
+    for file in files:
+        scores = {s["label"]: s["score"] for s in classifier(str(file), top_k=classes)}
+        assert len(scores) == classes
+        assert scores == pytest.approx({k: float(rows[Path(file).name][k]) for k in scores}, abs=1e-4)

@@ -5,7 +5,6 @@ same result."""
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_when_exists, load_script, tiny_vit
+from conftest import assert_pipeline_matches_predict, kill_when_exists, tiny_vit
 from safetensors.torch import load_file
 
 from hf_tissue_vit.modeling import add_patch_dropout, patch_dropout_of
@@ -185,7 +184,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_guided_run_resumes_to_the_same_result_and_saves_a_plain_vit(tiny_dataset_dir: Path, tmp_path: Path):
-    from transformers import ViTForImageClassification, pipeline
+    from transformers import ViTForImageClassification
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     done = _run(_guided_args(tiny_dataset_dir, reference))
@@ -217,14 +216,7 @@ def test_guided_run_resumes_to_the_same_result_and_saves_a_plain_vit(tiny_datase
     for i, image in enumerate(images):
         files.append(tmp_path / f"tile{i}.png")
         image.save(files[-1])
-    assert load_script("predict").main(["--model", str(reference), "--inputs", *map(str, files), "--output",
-                                        str(tmp_path / "pred.csv"), "--no_progress", "--bf16", "false"]) == 0
-    with open(tmp_path / "pred.csv", newline="") as handle:
-        rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
-    classifier = pipeline("image-classification", model=str(reference), device="cpu")
-    for file in files:
-        scores = {s["label"]: s["score"] for s in classifier(str(file), top_k=6)}
-        assert scores == pytest.approx({k: float(rows[file.name][k]) for k in scores}, abs=1e-4)
+    assert_pipeline_matches_predict(reference, files, tmp_path)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ the re-stained test copies of benchmarks/restain.py and the study harness of ben
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, make_tiles
+from conftest import assert_pipeline_matches_predict, load_script, make_tiles
 
 from hf_tissue_vit.transforms import AugmentationConfig, TileTransform
 from hf_tissue_vit.transforms.augmentation import RGB_FROM_HED
@@ -150,14 +149,7 @@ def test_stain_study_trains_scores_every_copy_and_saves_a_plain_vit(tmp_path, ca
     from transformers import pipeline
 
     tiles = sorted((work / "restain" / "stratified" / "macenko").glob("*/*.png"))[:4]
-    assert load_script("predict").main(["--model", str(model), "--inputs", *map(str, tiles), "--output",
-                                        str(tmp_path / "pred.csv"), "--no_progress", "--bf16", "false"]) == 0
-    with open(tmp_path / "pred.csv", newline="") as handle:
-        rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
-    classifier = pipeline("image-classification", model=str(model), device="cpu")
-    for tile in tiles:
-        scores = {s["label"]: s["score"] for s in classifier(str(tile), top_k=6)}
-        assert scores == pytest.approx({k: float(rows[tile.name][k]) for k in scores}, abs=1e-4)
+    assert_pipeline_matches_predict(model, tiles, tmp_path)
     # a rerun finds every run finished and trains nothing
     before = (model / "model.safetensors").stat().st_mtime_ns
     assert stain_study.main(argv) == 0
