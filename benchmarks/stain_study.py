@@ -42,6 +42,7 @@ ARMS: dict[str, list[str]] = {
     # stain_mild given mild_guided's wall time (teacher included): 80 epochs instead of the study's 40
     "mild_long": ["--stain_stats", "0.35", "--num_train_epochs", "80"],
 }
+RECIPE_ARM = "stain_mild"  # the arm scripts/recipes/scratch_cpu_stain.yaml is (tests/test_stain.py checks it)
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
 DEFAULT_EPOCHS = 40  # each arm's budget: about 4 minutes of training on the project's 2-core CPU
 
