@@ -13,6 +13,9 @@ Modules, in the order a run uses them:
 - :mod:`.evaluation`: the test split, evaluated once (bootstrap CIs, optional dihedral TTA).
 - :mod:`.outputs`: all_results.json, predictions CSV, figures, card, push.
 - :mod:`.run`: :func:`run_finetune`, the phases of a run.
+- :mod:`.recipe`: YAML recipes (``--config``) as flag defaults.
+- :mod:`.teacher`, :mod:`.guidance`, :mod:`.initialisation`: a CNN teacher's stored maps guiding the ViT, and the
+  structured initialisations of a from-scratch ViT (training only).
 - :mod:`.backbone`, :mod:`.probe`: freezing the backbone or its position embeddings, the pretraining record of a
   ``scripts/pretrain.py`` checkpoint, and the ``--freeze_backbone`` linear probe on cached features.
 """
@@ -22,7 +25,6 @@ from .arguments import (
     DataArguments,
     ModelArguments,
     TissueTrainingArguments,
-    load_recipe,
     parse_args,
 )
 from .ema import EMA_FILE, EMACallback, WeightEMA
@@ -34,6 +36,7 @@ from .outputs import (
     write_predictions_csv,
 )
 from .progress import PROGRESS_FILE, TrainingProgress
+from .recipe import load_recipe
 from .run import (
     NO_DOWNLOAD_HINT,
     RunPlan,
