@@ -41,6 +41,10 @@ ARMS: dict[str, list[str]] = {
     "mild_guided": ["--stain_stats", "0.35", "--teacher_epochs", "20"],
     # stain_mild given mild_guided's wall time (teacher included): 80 epochs instead of the study's 40
     "mild_long": ["--stain_stats", "0.35", "--num_train_epochs", "80"],
+    # a fifth of the tiles in grey: no colour to learn from them, only shape and texture
+    "mild_grey": ["--stain_stats", "0.35", "--grey_p", "0.2"],
+    # a clean ending: augmentation and PatchDropout ramped down to none over the last 15% of the epochs
+    "mild_clean": ["--stain_stats", "0.35", "--clean_end", "0.15"],
 }
 RECIPE_ARM = "stain_mild"  # the arm scripts/recipes/scratch_cpu_stain.yaml is (tests/test_stain.py checks it)
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}

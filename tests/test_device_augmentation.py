@@ -32,6 +32,9 @@ AUGMENTATIONS = {
     "colour_only": AugmentationConfig(dihedral=False, random_resized_crop=False),
     "stain_stats": AugmentationConfig(stain_stats=0.7),
     "stain_stats_only": AugmentationConfig(stain_stats=0.7, stain_stats_p=0.5, stain_jitter=0),
+    "grey": AugmentationConfig(stain_stats=0.35, grey_p=0.5),
+    "grey_only": AugmentationConfig(dihedral=False, random_resized_crop=False, stain_jitter=0, grey_p=0.5),
+    "weakened": AugmentationConfig(stain_stats=0.35, grey_p=0.5).scaled(0.25),
     "strong": AugmentationConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.5, 2.0), stain_jitter=0.2, brightness=0.4,
                                  contrast=0.4),
 }
@@ -87,7 +90,7 @@ def test_collator_stacks_uint8_and_the_device_step_augments_like_the_cpu_collato
     on_cpu = TileCollator(transform, eval_transform, seed=5)(items)
     lazy = TileCollator(transform, eval_transform, seed=5, device_augmentation=True)
     batch = lazy(items)
-    assert set(batch) == {"pixels", "augment_seed", "labels"} and batch["pixels"].dtype == torch.uint8
+    assert set(batch) == {"pixels", "augment_seed", "augment_epoch", "labels"} and batch["pixels"].dtype == torch.uint8
     assert torch.equal(batch["pixels"], tiles[[4, 1, 7, 0]])  # stacked, nothing else
     assert batch["augment_seed"] == augmentation_seed(5, 2, [4, 1, 7, 0])
     done = lazy.augment_on_device(batch)

@@ -24,6 +24,7 @@ from .ema import WeightEMA
 from .guidance import check_guidance
 from .initialisation import ATTENTION_INITS, POSITION_INITS, check_init
 from .recipe import config_flag, load_recipe
+from .schedule import check_clean_end
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,10 @@ class DataArguments:
     )
     brightness: float = field(default=0.1, metadata={"help": "Brightness jitter (0 = off)."})
     contrast: float = field(default=0.1, metadata={"help": "Contrast jitter (0 = off)."})
+    grey_p: float = field(
+        default=0.0,
+        metadata={"help": "Probability that a training tile is shown in grey (no colour, only shape and texture)."},
+    )
     device_augmentation: bool | None = field(
         default=None,
         metadata={
@@ -220,6 +225,7 @@ class DataArguments:
             stain_stats_p=self.stain_stats_p,
             brightness=self.brightness,
             contrast=self.contrast,
+            grey_p=self.grey_p,
         )
 
 
@@ -267,6 +273,12 @@ class TissueTrainingArguments(TrainingArguments):
         metadata={"help": "With a teacher: the ViT layers (1-based) matched to its two feature maps (strides 8 "
                   "and 16); default the middle and the last layer."},
     )
+    clean_end: float = field(
+        default=0.0,
+        metadata={"help": "Ramp the augmentation (crop, stain, brightness, contrast, grey) and PatchDropout down to "
+                  "none over this last fraction of the epochs, reached in the last epoch (the symmetries stay). "
+                  "0 = off."},
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test 95%% CIs (0 = no CIs)."})
     # Trainer's own `label_names` (names of label tensors) is always ["labels"] here, so the flag
     # is reused for what users mean by it: the class names the dataset must have.
@@ -313,6 +325,7 @@ class TissueTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._check_package_options()
         check_guidance(self.teacher_epochs, self.distill_alpha, self.distill_temperature, self.guidance_weight)
+        check_clean_end(self.clean_end, self.max_steps)
         if self.label_names == ["labels"]:  # re-created from an already processed instance
             self.label_names = None
         self.expected_label_names = list(self.label_names) if self.label_names else None

@@ -30,6 +30,7 @@ from .initialisation import apply_structured_init
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe, probe_field
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
+from .schedule import clean_ending
 from .speed import SPEED_KEY, SpeedCallback
 from .teacher import TEACHER_DIR, TeacherSettings, map_size, teacher_for_run
 from .tiles import EpochCallback, TileCollator, TileDataset, split_fingerprint, tile_dataset
@@ -257,9 +258,10 @@ def build_trainer(
     eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
+    strength, schedule_callbacks = clean_ending(training_args.clean_end, training_args.num_train_epochs, model)
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
-                            device_augmentation=on_device)
-    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback()]
+                            device_augmentation=on_device, strength=strength)
+    callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback(), *schedule_callbacks]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = TissueTrainer(

@@ -52,7 +52,7 @@ SIGNATURE_TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor",
     "max_grad_norm", "optim", "metric_for_best_model", "ema_decay", "teacher_epochs", "distill_alpha",
-    "distill_temperature", "guidance_weight", "guidance_layers",
+    "distill_temperature", "guidance_weight", "guidance_layers", "clean_end",
 )  # fmt: skip
 # Data arguments that change where or how fast tiles are read, not what is learnt.
 # Where the augmentation runs changes speed, not the pixels (the device path draws and computes the same).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import random
 import tempfile
@@ -40,6 +39,7 @@ from ..fileio import atomic_write
 from ..imaging import centre_box, decode_dataset_image
 from ..transforms.augmentation import TileGeometry
 from ..transforms.tile_transform import TileTransform
+from .schedule import epoch_index
 
 logger = logging.getLogger(__name__)
 
@@ -307,15 +307,31 @@ class TileCollator:
 
     def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
                  seed: int = 0, device_augmentation: bool = False, field: int | None = None,
-                 targets: Callable[[torch.Tensor, TileGeometry], dict[str, torch.Tensor]] | None = None) -> None:
+                 targets: Callable[[torch.Tensor, TileGeometry], dict[str, torch.Tensor]] | None = None,
+                 strength: Callable[[int], float] | None = None) -> None:
         """``field``: take the centre ``field`` x ``field`` px of every tile first (the linear probe's tiles at its
         backbone's scale, :func:`~hf_tissue_vit.training.probe.probe_field`); None = the whole tile. ``targets``:
         training-only targets of a training batch from its tile indices and geometry (a teacher's,
-        :class:`~hf_tissue_vit.training.guidance.GuidanceTargets`), added to the batch."""
+        :class:`~hf_tissue_vit.training.guidance.GuidanceTargets`), added to the batch. ``strength``: the
+        augmentation's strength in each epoch (a clean ending, :class:`~hf_tissue_vit.training.schedule.CleanEnd`);
+        None = full strength throughout."""
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
         self.device_augmentation = bool(device_augmentation)
         self.field = field
         self.targets = targets
+        self.strength = strength
+        self._weakened: dict[float, TileTransform] = {}
+
+    def transform_at(self, epoch: int) -> TileTransform:
+        """The training transform of ``epoch``: ``train_transform`` at the epoch's strength."""
+        strength = 1.0 if self.strength is None else float(self.strength(epoch))
+        base = self.train_transform
+        if strength == 1 or base.augmentation is None:
+            return base
+        if strength not in self._weakened:
+            self._weakened[strength] = TileTransform(base.image_size, base.image_mean, base.image_std,
+                                                     base.augmentation.scaled(strength))
+        return self._weakened[strength]
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
@@ -329,10 +345,11 @@ class TileCollator:
         seed = augmentation_seed(self.seed, items[0]["epoch"], indices.tolist())
         seed_worker_for_batch(seed)
         if self.device_augmentation:
-            return {"pixels": pixels, "augment_seed": seed, "labels": labels,
+            return {"pixels": pixels, "augment_seed": seed, "augment_epoch": items[0]["epoch"], "labels": labels,
                     **({"tile_index": indices} if self.targets is not None else {})}
-        pixel_values, geometry = self.train_transform(pixels, generator=torch.Generator().manual_seed(seed),
-                                                      return_geometry=True)
+        pixel_values, geometry = self.transform_at(items[0]["epoch"])(
+            pixels, generator=torch.Generator().manual_seed(seed), return_geometry=True
+        )
         batch = {"pixel_values": pixel_values, "labels": labels}
         if self.targets is not None:
             batch.update(self.targets(indices, geometry))
@@ -343,8 +360,9 @@ class TileCollator:
         made on the pixels' device (the transform's device path, in float32 outside any autocast)."""
         batch = dict(batch)
         pixels, seed, indices = batch.pop("pixels"), batch.pop("augment_seed"), batch.pop("tile_index", None)
+        transform = self.transform_at(int(batch.pop("augment_epoch", 0)))
         with torch.autocast(pixels.device.type, enabled=False):
-            batch["pixel_values"], geometry = self.train_transform(
+            batch["pixel_values"], geometry = transform(
                 pixels, generator=torch.Generator().manual_seed(int(seed)), device_path=True, return_geometry=True
             )
         if self.targets is not None and indices is not None:
@@ -359,4 +377,4 @@ class EpochCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
+        self.dataset.set_epoch(epoch_index(state.epoch))

@@ -9,7 +9,7 @@ random draws and the colour algebra.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,9 @@ class AugmentationConfig:
     stain_stats_p: float = 1.0  # probability that a tile's statistics are moved (the others keep their colour)
     brightness: float = 0.1
     contrast: float = 0.1
+    # Probability that a tile is shown in grey (its luma in every channel), after the stain steps: a tile with no
+    # colour to learn, only shape and texture (for other centres' colours; :func:`greyscale`). 0 = off.
+    grey_p: float = 0.0
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # YAML gives lists
@@ -62,8 +65,10 @@ class AugmentationConfig:
                 raise ValueError(f"augmentation {name} must be in [0, 1) (0 = off), got {value}")
             setattr(self, name, value)
         self.stain_stats, self.stain_stats_p = float(self.stain_stats), float(self.stain_stats_p)
-        if not 0 <= self.stain_stats_p <= 1:
-            raise ValueError(f"augmentation stain_stats_p must be a probability in [0, 1], got {self.stain_stats_p}")
+        self.grey_p = float(self.grey_p)
+        for name in ("stain_stats_p", "grey_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augmentation {name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.stain_stats <= 2:
             raise ValueError(f"augmentation stain_stats must be in [0, 2] (a log-factor range; 0 = off), "
                              f"got {self.stain_stats}")
@@ -73,7 +78,28 @@ class AugmentationConfig:
         """True when at least one augmentation is on."""
         return bool(
             self.dihedral or self.random_resized_crop or self.stain_jitter or self.stain_stats or self.brightness
-            or self.contrast
+            or self.contrast or self.grey_p
+        )
+
+    def scaled(self, strength: float) -> AugmentationConfig:
+        """This augmentation at ``strength`` in [0, 1] (a clean ending's ramp): every strength and probability times
+        ``strength``, the crop's area and aspect ranges shrunk towards the whole tile (at 0, the crop is the whole
+        tile, resized as the eval path does). The symmetries stay: tissue has no orientation, so they are no
+        departure from the test tiles."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+        if strength == 1:
+            return self
+        low, high = self.crop_ratio
+        return replace(
+            self,
+            crop_scale=tuple(1 - (1 - v) * strength for v in self.crop_scale),
+            crop_ratio=(math.exp(math.log(low) * strength), math.exp(math.log(high) * strength)),
+            stain_jitter=self.stain_jitter * strength,
+            stain_stats=self.stain_stats * strength,
+            brightness=self.brightness * strength,
+            contrast=self.contrast * strength,
+            grey_p=self.grey_p * strength,
         )
 
 
@@ -271,6 +297,18 @@ def stain_jitter(
     )
     # No clamp here: the caller's single final clamp bounds the result to [0, 255] (+ pedestal).
     return cols.exp_()
+
+
+def greyscale(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Each of float images [B,3,H,W] turned grey with probability ``p``: its luma (ITU-R 601 weights, as
+    torchvision's Grayscale) in all three channels; in place. The weights sum to 1, so a constant added to every
+    channel (the HED jitter's pedestal) stays added."""
+    chosen = (torch.rand((x.shape[0],), generator=generator) < p).nonzero().squeeze(1).to(x.device)
+    if len(chosen):
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        view = x.index_select(0, chosen)
+        x.index_copy_(0, chosen, (view * weights).sum(dim=1, keepdim=True).expand_as(view))
+    return x
 
 
 def brightness_contrast(

@@ -36,6 +36,7 @@ from .augmentation import (
     crop_box_pixels,
     crop_resize,
     draw_dihedral,
+    greyscale,
     stain_jitter,
 )
 from .processor import SlowPath, processor_geometry
@@ -80,8 +81,8 @@ class TileTransform:
     ``augmentation=None`` is the deterministic eval path (bilinear antialiased resize, rescale,
     normalize), identical up to rounding to :func:`make_image_processor`. With an
     :class:`AugmentationConfig`: random resized crop (integer box, antialiased resize) and the
-    dihedral symmetry on the uint8 tiles, then stain statistics, stain jitter and brightness/contrast on the
-    SxS floats.
+    dihedral symmetry on the uint8 tiles, then stain statistics, stain jitter, grey and brightness/contrast on
+    the SxS floats.
 
     Tiles on a GPU are transformed there (the *device path*: batched ops only, see ``__call__``); the
     random numbers always come from one CPU generator, so both paths draw the same augmentations.
@@ -261,6 +262,8 @@ class TileTransform:
             pedestal = 1.0  # _stain_jitter returns x + 1
         elif log1p_input:
             x = x.exp_().sub_(1)
+        if aug.grey_p:
+            x = greyscale(x, aug.grey_p, generator)
         gain, offset = brightness_contrast(x, aug.brightness, aug.contrast, pedestal, generator)
         return x, gain, offset, geometry
 

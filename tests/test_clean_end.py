@@ -1,0 +1,131 @@
+"""Issue 26's schedule and colour levers, training only: grey tiles (``--grey_p``) and a clean ending
+(``--clean_end``: augmentation and PatchDropout ramped down to none over the last epochs, by epoch, so a
+resumed run trains what an uninterrupted one trains). The saved model stays a plain ViT."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import load_script
+
+from hf_tissue_vit.modeling import PatchDropout
+from hf_tissue_vit.training.schedule import CleanEnd, CleanEndCallback
+from hf_tissue_vit.training.tiles import TileCollator
+from hf_tissue_vit.transforms import AugmentationConfig, TileTransform
+
+TINY = ["--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+        "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
+        "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--use_cpu", "true",
+        "--n_bootstrap", "0", "--cache_decoded", "false", "--tta", "false", "--bf16", "false"]
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def _tiles(batch: int = 8, size: int = 40, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def _unnormalised(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def test_grey_p_turns_that_share_of_tiles_grey_and_off_draws_nothing():
+    tiles = _tiles(64)
+    every = TileTransform(24, MEAN, STD, AugmentationConfig(grey_p=1.0, stain_stats=0.35))(
+        tiles, torch.Generator().manual_seed(1))
+    channels = _unnormalised(every)
+    assert torch.allclose(channels[:, 0], channels[:, 1], atol=1e-5)
+    assert torch.allclose(channels[:, 1], channels[:, 2], atol=1e-5)
+    half = _unnormalised(TileTransform(24, MEAN, STD, AugmentationConfig(grey_p=0.5))(
+        tiles, torch.Generator().manual_seed(1)))
+    grey = [torch.allclose(half[i, 0], half[i, 2], atol=1e-5) for i in range(len(tiles))]
+    assert 16 < sum(grey) < 48
+    off = TileTransform(24, MEAN, STD, AugmentationConfig(grey_p=0.0))
+    default = TileTransform(24, MEAN, STD, AugmentationConfig())
+    assert torch.equal(off(tiles, torch.Generator().manual_seed(2)), default(tiles, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="grey_p"):
+        AugmentationConfig(grey_p=1.5)
+
+
+def test_scaled_augmentation_shrinks_every_strength_and_at_zero_is_the_eval_resize():
+    aug = AugmentationConfig(crop_scale=(0.6, 1.0), stain_jitter=0.05, stain_stats=0.35, grey_p=0.2)
+    assert aug.scaled(1.0) == aug
+    half = aug.scaled(0.5)
+    assert half.crop_scale == pytest.approx((0.8, 1.0)) and half.stain_stats == pytest.approx(0.175)
+    assert half.crop_ratio[0] == pytest.approx((3 / 4) ** 0.5) and half.grey_p == pytest.approx(0.1)
+    assert half.dihedral and half.stain_stats_p == aug.stain_stats_p
+    clean = AugmentationConfig(**{**vars(aug), "dihedral": False}).scaled(0.0)
+    tiles = _tiles()
+    trained = TileTransform(24, MEAN, STD, clean)(tiles, torch.Generator().manual_seed(3))
+    assert torch.equal(trained, TileTransform(24, MEAN, STD)(tiles))
+    with pytest.raises(ValueError, match="strength"):
+        aug.scaled(1.5)
+
+
+def test_clean_end_ramps_linearly_to_none_in_the_last_epoch():
+    schedule = CleanEnd(0.15, 40)
+    assert schedule.ramp_epochs == 6
+    strengths = [schedule.strength(e) for e in range(40)]
+    assert strengths[:34] == [1.0] * 34
+    assert strengths[34:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
+    assert [schedule.patch_keep(0.5, e) for e in (0, 36, 39)] == pytest.approx([0.5, 0.75, 1.0])
+    assert CleanEnd(0.01, 10).strength(9) == 0.0 and CleanEnd(0.01, 10).strength(8) == 1.0  # at least one epoch
+
+    dropout = PatchDropout(0.5)
+    callback = CleanEndCallback(schedule, dropout)
+    for epoch, keep in ((38.0, 1 - 0.5 / 6), (0.0, 0.5), (39.0, 1.0), (None, 0.5)):
+        callback.on_epoch_begin(None, SimpleNamespace(epoch=epoch), None)
+        assert dropout.keep == pytest.approx(keep)
+
+
+def test_the_collator_augments_each_epoch_at_its_strength_on_either_path():
+    schedule = CleanEnd(0.5, 4)  # epochs 0, 1 full; 2 at half; 3 clean
+    aug = AugmentationConfig(dihedral=False, stain_stats=0.35, grey_p=0.3)
+    collator = TileCollator(TileTransform(24, MEAN, STD, aug), TileTransform(24, MEAN, STD), seed=5,
+                            strength=schedule.strength)
+    tiles = _tiles()
+    items = [{"pixels": tiles[i], "labels": 0, "index": i, "train": True} for i in range(len(tiles))]
+
+    def batch(epoch: int, device: bool = False) -> torch.Tensor:
+        collator.device_augmentation = device
+        out = collator([{**item, "epoch": epoch} for item in items])
+        return collator.augment_on_device(out)["pixel_values"] if device else out["pixel_values"]
+
+    assert torch.equal(batch(3), TileTransform(24, MEAN, STD)(tiles))  # the last epoch: the eval resize
+    assert not torch.allclose(batch(0), batch(3)) and not torch.allclose(batch(2), batch(0))
+    assert collator.transform_at(1) is collator.train_transform
+    assert collator.transform_at(2).augmentation == aug.scaled(0.5)
+    for epoch in (0, 2, 3):
+        torch.testing.assert_close(batch(epoch, device=True), batch(epoch), rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    code = load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
+                                         "--output_dir", str(out), "--num_train_epochs", "3", "--patch_keep", "0.5",
+                                         "--clean_end", "0.5", "--grey_p", "0.2", "--report_to", "none"])
+    assert code == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hyperparameters"]["clean_end"] == 0.5
+    assert results["hyperparameters"]["augmentation"]["grey_p"] == 0.2
+    signed = json.loads((out / "hf_tissue_vit_run.json").read_text())
+    assert signed["training"]["clean_end"] == 0.5 and signed["data"]["grey_p"] == 0.2  # a resume must match them
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["ViTForImageClassification"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clean_end", "1.0"], "--clean_end"),
+    (["--clean_end", "0.2", "--max_steps", "5"], "--max_steps"),
+    (["--grey_p", "-0.1"], "grey_p"),
+])  # fmt: skip
+def test_finetune_refuses_a_bad_clean_end_or_grey_p_in_one_line(tiny_dataset_dir, tmp_path, capsys, flags, message):
+    code = load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
+                                         "--output_dir", str(tmp_path / "run"), *flags])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
