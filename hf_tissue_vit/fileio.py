@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,6 +81,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any, default: Any = None) -
     with atomic_write(path) as handle:
         json.dump(data, handle, indent=2, default=default)
         handle.write("\n")
+    return Path(path)
+
+
+def atomic_write_tensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> Path:
+    """Write named torch tensors as safetensors to ``path`` atomically (detached, moved to the CPU, made
+    contiguous: any device's state can be given); returns the path."""
+    from safetensors.torch import save
+
+    with atomic_write(path, "wb") as handle:
+        handle.write(save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}))
     return Path(path)
 
 

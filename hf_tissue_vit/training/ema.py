@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write_tensors
 
 EMA_FILE = "ema.safetensors"  # the weight average inside a checkpoint
 
@@ -59,10 +59,7 @@ class WeightEMA:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the average as safetensors (atomically)."""
-        from safetensors.torch import save
-
-        with atomic_write(path, "wb") as fh:
-            fh.write(save({name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}))
+        atomic_write_tensors(path, self.shadow)
 
     @torch.no_grad()
     def load(self, path: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write_tensors
 from ..transforms.augmentation import TileGeometry, apply_dihedral
 from .teacher import TeacherMaps
 
@@ -120,10 +120,7 @@ class GuidanceLoss(nn.Module):
 
 def save_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write a module's weights as safetensors (atomically): training-only state kept in a checkpoint."""
-    from safetensors.torch import save
-
-    with atomic_write(path, "wb") as fh:
-        fh.write(save({name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}))
+    atomic_write_tensors(path, module.state_dict())
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_write_tensors
 from ..transforms.tile_transform import TileTransform
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def train_teacher(pixels: torch.Tensor, labels: torch.Tensor, transform: TileTra
 @torch.no_grad()
 def compute_maps(model: SmallCNN, pixels: torch.Tensor, transform: TileTransform, size: int) -> TeacherMaps:
     """The teacher's maps of every tile, seen whole at ``size`` px (eval path of ``transform``'s normalisation)."""
-    view = TileTransform(size, transform.image_mean, transform.image_std)
+    view = transform.variant(size)
     class_maps, features = [], [[] for _ in GUIDED_STAGES]
     for index in _batches(len(pixels), None):
         out = model(view(pixels[index]))
@@ -190,15 +191,13 @@ def load_teacher(folder: str | os.PathLike, settings: TeacherSettings) -> tuple[
 
 def save_teacher(folder: str | os.PathLike, model: SmallCNN, maps: TeacherMaps, record: dict) -> None:
     """Write the teacher's weights, maps and record into ``folder`` whole: built beside it, then moved into place."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / _WEIGHTS))
-        tensors = {"class_map": maps.class_map, **{f"features_{i}": f for i, f in enumerate(maps.features)}}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / _MAPS))
+        atomic_write_tensors(staging / _WEIGHTS, model.state_dict())
+        atomic_write_tensors(staging / _MAPS, {"class_map": maps.class_map,
+                                               **{f"features_{i}": f for i, f in enumerate(maps.features)}})
         (staging / _RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
@@ -224,7 +223,7 @@ def teacher_for_run(
     maps = compute_maps(model, pixels, transform, settings.map_size)
     record: dict[str, Any] = {"settings": asdict(settings), "train_time_s": round(time.perf_counter() - start, 1)}
     if validation is not None:
-        view = TileTransform(transform.image_size, transform.image_mean, transform.image_std)
+        view = transform.variant()
         record["validation_accuracy"] = accuracy(model, *validation, view)
     logger.info("teacher: %s", record)
     save_teacher(folder, model, maps, record)

@@ -329,8 +329,7 @@ class TileCollator:
         if strength == 1 or base.augmentation is None:
             return base
         if strength not in self._weakened:
-            self._weakened[strength] = TileTransform(base.image_size, base.image_mean, base.image_std,
-                                                     base.augmentation.scaled(strength))
+            self._weakened[strength] = base.variant(augmentation=base.augmentation.scaled(strength))
         return self._weakened[strength]
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:

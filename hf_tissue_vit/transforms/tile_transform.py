@@ -153,6 +153,11 @@ class TileTransform:
             mean, std = [0.0] * 3, [1.0] * 3
         return cls(image_size, mean, std, augmentation=augmentation)
 
+    def variant(self, image_size: int | None = None, augmentation: AugmentationConfig | None = None) -> TileTransform:
+        """This transform's normalisation at ``image_size`` (default its own) with ``augmentation`` (default none:
+        the eval path, the whole tile resized)."""
+        return TileTransform(image_size or self.image_size, self.image_mean, self.image_std, augmentation)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, image_mean={self.image_mean}, "
