@@ -1,6 +1,7 @@
-"""Issue 26's schedule and colour levers, training only: grey tiles (``--grey_p``) and a clean ending
-(``--clean_end``: augmentation and PatchDropout ramped down to none over the last epochs, by epoch, so a
-resumed run trains what an uninterrupted one trains). The saved model stays a plain ViT."""
+"""Issue 26's schedule and colour levers, training only: grey tiles (``--grey_p``), a clean ending
+(``--clean_end``: augmentation and PatchDropout ramped down to none over the last epochs) and progressive
+resolution (``--progressive_resolution``: smaller images early, grown by whole patches), all set by epoch, so a
+resumed run trains what an uninterrupted one trains. The saved model stays a plain ViT at its size."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import SIX_FOLDERS, assert_pipeline_matches_predict, load_script, make_tiles
 
 from hf_tissue_vit.modeling import PatchDropout
-from hf_tissue_vit.training.schedule import CleanEnd, CleanEndCallback
+from hf_tissue_vit.training.schedule import CleanEndCallback, EpochSchedule
 from hf_tissue_vit.training.tiles import TileCollator
 from hf_tissue_vit.transforms import AugmentationConfig, TileTransform
 
@@ -66,13 +67,15 @@ def test_scaled_augmentation_shrinks_every_strength_and_at_zero_is_the_eval_resi
 
 
 def test_clean_end_ramps_linearly_to_none_in_the_last_epoch():
-    schedule = CleanEnd(0.15, 40)
+    schedule = EpochSchedule(40, clean_end=0.15)
     assert schedule.ramp_epochs == 6
     strengths = [schedule.strength(e) for e in range(40)]
     assert strengths[:34] == [1.0] * 34
     assert strengths[34:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
     assert [schedule.patch_keep(0.5, e) for e in (0, 36, 39)] == pytest.approx([0.5, 0.75, 1.0])
-    assert CleanEnd(0.01, 10).strength(9) == 0.0 and CleanEnd(0.01, 10).strength(8) == 1.0  # at least one epoch
+    short = EpochSchedule(10, clean_end=0.01)
+    assert short.strength(9) == 0.0 and short.strength(8) == 1.0  # at least one epoch
+    assert EpochSchedule(10).strength(9) == 1.0 and EpochSchedule(10).size(0) is None
 
     dropout = PatchDropout(0.5)
     callback = CleanEndCallback(schedule, dropout)
@@ -81,11 +84,18 @@ def test_clean_end_ramps_linearly_to_none_in_the_last_epoch():
         assert dropout.keep == pytest.approx(keep)
 
 
+def test_progressive_resolution_grows_by_whole_patches_over_the_first_half():
+    schedule = EpochSchedule(40, start_size=64, image_size=112, patch_size=16)
+    sizes = [schedule.size(e) for e in range(40)]
+    assert sizes[:7] == [64] * 7 and sizes[7:14] == [80] * 7 and sizes[14:20] == [96] * 6
+    assert sizes[20:] == [None] * 20  # the model's own size from half-way on
+
+
 def test_the_collator_augments_each_epoch_at_its_strength_on_either_path():
-    schedule = CleanEnd(0.5, 4)  # epochs 0, 1 full; 2 at half; 3 clean
+    schedule = EpochSchedule(4, clean_end=0.5)  # epochs 0, 1 full; 2 at half; 3 clean
     aug = AugmentationConfig(dihedral=False, stain_stats=0.35, grey_p=0.3)
     collator = TileCollator(TileTransform(24, MEAN, STD, aug), TileTransform(24, MEAN, STD), seed=5,
-                            strength=schedule.strength)
+                            schedule=schedule)
     tiles = _tiles()
     items = [{"pixels": tiles[i], "labels": 0, "index": i, "train": True} for i in range(len(tiles))]
 
@@ -100,6 +110,21 @@ def test_the_collator_augments_each_epoch_at_its_strength_on_either_path():
     assert collator.transform_at(2).augmentation == aug.scaled(0.5)
     for epoch in (0, 2, 3):
         torch.testing.assert_close(batch(epoch, device=True), batch(epoch), rtol=1e-5, atol=1e-5)
+
+
+def test_the_collator_shrinks_early_batches_and_asks_the_model_to_interpolate():
+    schedule = EpochSchedule(4, start_size=16, image_size=32, patch_size=8)  # 16 px, 24 px, then 32 px
+    collator = TileCollator(TileTransform(32, MEAN, STD, AugmentationConfig()), TileTransform(32, MEAN, STD), seed=1,
+                            schedule=schedule)
+    tiles = _tiles(4)
+    items = [{"pixels": tiles[i], "labels": 0, "index": i, "train": True} for i in range(len(tiles))]
+    for epoch, size in ((0, 16), (1, 24), (2, 32), (3, 32)):
+        for device in (False, True):
+            collator.device_augmentation = device
+            batch = collator([{**item, "epoch": epoch} for item in items])
+            batch = collator.augment_on_device(batch) if device else batch
+            assert batch["pixel_values"].shape == (4, 3, size, size)
+            assert batch.get("interpolate_pos_encoding", False) == (size != 32)
 
 
 def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_dataset_dir, tmp_path):
@@ -117,7 +142,25 @@ def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_d
     assert config["architectures"] == ["ViTForImageClassification"]
 
 
+def test_finetune_trains_with_progressive_resolution_and_saves_the_model_at_its_size(tiny_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    code = load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
+                                         "--output_dir", str(out), "--num_train_epochs", "4", "--patch_keep", "0.5",
+                                         "--progressive_resolution", "16", "--clean_end", "0.25",
+                                         "--report_to", "none"])
+    assert code == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hyperparameters"]["progressive_resolution"] == 16
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 32 and config["architectures"] == ["ViTForImageClassification"]
+    files = make_tiles(tmp_path / "tiles", 1, size=48, classes=SIX_FOLDERS[:2], fmt="png")
+    assert_pipeline_matches_predict(out, [f for paths in files.values() for f in paths], tmp_path)
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--progressive_resolution", "20"], "multiple of the patch size 8"),
+    (["--progressive_resolution", "32"], "below the image size 32"),
+    (["--progressive_resolution", "16", "--teacher_epochs", "1"], "--teacher_epochs"),
     (["--clean_end", "1.0"], "--clean_end"),
     (["--clean_end", "0.2", "--max_steps", "5"], "--max_steps"),
     (["--grey_p", "-0.1"], "grey_p"),

@@ -279,6 +279,11 @@ class TissueTrainingArguments(TrainingArguments):
                   "none over this last fraction of the epochs, reached in the last epoch (the symmetries stay). "
                   "0 = off."},
     )
+    progressive_resolution: int | None = field(
+        default=None,
+        metadata={"help": "Start training at this size (px, whole patches) and grow the images to the model's size "
+                  "over the first half of the epochs (a ViT: position embeddings interpolated). None = off."},
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test 95%% CIs (0 = no CIs)."})
     # Trainer's own `label_names` (names of label tensors) is always ["labels"] here, so the flag
     # is reused for what users mean by it: the class names the dataset must have.

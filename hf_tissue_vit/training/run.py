@@ -30,7 +30,7 @@ from .initialisation import apply_structured_init
 from .outputs import RESULTS_FILE, dataset_info, run_description, write_outputs
 from .probe import linear_probe, probe_field
 from .rundir import check_output_dir, claim_output_dir, finished_run, run_signature
-from .schedule import clean_ending
+from .schedule import check_progressive, epoch_schedule
 from .speed import SPEED_KEY, SpeedCallback
 from .teacher import TEACHER_DIR, TeacherSettings, map_size, teacher_for_run
 from .tiles import EpochCallback, TileCollator, TileDataset, split_fingerprint, tile_dataset
@@ -114,6 +114,9 @@ def validate_run(
     if model_args.patch_keep < 1 and not spec.family.token_sequence:
         raise ValueError(f"--patch_keep {model_args.patch_keep}: PatchDropout needs a ViT or DINOv2 backbone, not a "
                          f"{spec.family.name} model (leave --patch_keep at 1)")
+    check_progressive(training_args.progressive_resolution, spec.image_size, getattr(spec.config, "patch_size", 1),
+                      spec.family, training_args.max_steps,
+                      fixed_grid=bool(training_args.teacher_epochs or model_args.freeze_backbone))
     if model_args.freeze_position_embeddings and not spec.family.token_sequence:
         raise ValueError(f"--freeze_position_embeddings: a {spec.family.name} model has no position embeddings the "
                          "package can reach; leave the flag out")
@@ -258,9 +261,9 @@ def build_trainer(
     eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
-    strength, schedule_callbacks = clean_ending(training_args.clean_end, training_args.num_train_epochs, model)
+    schedule, schedule_callbacks = epoch_schedule(training_args, model)
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
-                            device_augmentation=on_device, strength=strength)
+                            device_augmentation=on_device, schedule=schedule)
     callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback(), *schedule_callbacks]
     if training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))

@@ -39,7 +39,7 @@ from ..fileio import atomic_write
 from ..imaging import centre_box, decode_dataset_image
 from ..transforms.augmentation import TileGeometry
 from ..transforms.tile_transform import TileTransform
-from .schedule import epoch_index
+from .schedule import EpochSchedule, epoch_index
 
 logger = logging.getLogger(__name__)
 
@@ -308,29 +308,38 @@ class TileCollator:
     def __init__(self, train_transform: TileTransform, eval_transform: Callable[[torch.Tensor], torch.Tensor],
                  seed: int = 0, device_augmentation: bool = False, field: int | None = None,
                  targets: Callable[[torch.Tensor, TileGeometry], dict[str, torch.Tensor]] | None = None,
-                 strength: Callable[[int], float] | None = None) -> None:
+                 schedule: EpochSchedule | None = None) -> None:
         """``field``: take the centre ``field`` x ``field`` px of every tile first (the linear probe's tiles at its
         backbone's scale, :func:`~hf_tissue_vit.training.probe.probe_field`); None = the whole tile. ``targets``:
         training-only targets of a training batch from its tile indices and geometry (a teacher's,
-        :class:`~hf_tissue_vit.training.guidance.GuidanceTargets`), added to the batch. ``strength``: the
-        augmentation's strength in each epoch (a clean ending, :class:`~hf_tissue_vit.training.schedule.CleanEnd`);
-        None = full strength throughout."""
+        :class:`~hf_tissue_vit.training.guidance.GuidanceTargets`), added to the batch. ``schedule``: the
+        augmentation's strength and the images' size in each epoch (a clean ending, progressive resolution); None =
+        full strength at the transform's size throughout."""
         self.train_transform, self.eval_transform, self.seed = train_transform, eval_transform, int(seed)
         self.device_augmentation = bool(device_augmentation)
         self.field = field
         self.targets = targets
-        self.strength = strength
-        self._weakened: dict[float, TileTransform] = {}
+        self.schedule = schedule
+        self._variants: dict[tuple[int | None, float], TileTransform] = {}
 
     def transform_at(self, epoch: int) -> TileTransform:
-        """The training transform of ``epoch``: ``train_transform`` at the epoch's strength."""
-        strength = 1.0 if self.strength is None else float(self.strength(epoch))
+        """The training transform of ``epoch``: ``train_transform`` at the epoch's strength and size."""
         base = self.train_transform
-        if strength == 1 or base.augmentation is None:
+        if self.schedule is None or base.augmentation is None:
             return base
-        if strength not in self._weakened:
-            self._weakened[strength] = base.variant(augmentation=base.augmentation.scaled(strength))
-        return self._weakened[strength]
+        key = (self.schedule.size(epoch), self.schedule.strength(epoch))
+        if key == (None, 1.0):
+            return base
+        if key not in self._variants:
+            self._variants[key] = base.variant(key[0], base.augmentation.scaled(key[1]))
+        return self._variants[key]
+
+    def _sized(self, batch: dict[str, Any], transform: TileTransform) -> dict[str, Any]:
+        """``batch``, telling the model to interpolate its position embeddings when its images are not at the
+        model's size (progressive resolution)."""
+        if transform.image_size != self.train_transform.image_size:
+            batch["interpolate_pos_encoding"] = True
+        return batch
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pixels = torch.stack([item["pixels"] for item in items])
@@ -346,13 +355,12 @@ class TileCollator:
         if self.device_augmentation:
             return {"pixels": pixels, "augment_seed": seed, "augment_epoch": items[0]["epoch"], "labels": labels,
                     **({"tile_index": indices} if self.targets is not None else {})}
-        pixel_values, geometry = self.transform_at(items[0]["epoch"])(
-            pixels, generator=torch.Generator().manual_seed(seed), return_geometry=True
-        )
+        transform = self.transform_at(items[0]["epoch"])
+        pixel_values, geometry = transform(pixels, generator=torch.Generator().manual_seed(seed), return_geometry=True)
         batch = {"pixel_values": pixel_values, "labels": labels}
         if self.targets is not None:
             batch.update(self.targets(indices, geometry))
-        return batch
+        return self._sized(batch, transform)
 
     def augment_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A batch of :meth:`__call__`'s uint8 ``pixels`` (on any device) with ``pixel_values`` in their place,
@@ -366,7 +374,7 @@ class TileCollator:
             )
         if self.targets is not None and indices is not None:
             batch.update({k: v.to(pixels.device) for k, v in self.targets(indices.cpu(), geometry).items()})
-        return batch
+        return self._sized(batch, transform)
 
 
 class EpochCallback(TrainerCallback):
