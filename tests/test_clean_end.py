@@ -6,11 +6,16 @@ resumed run trains what an uninterrupted one trains. The saved model stays a pla
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SIX_FOLDERS, assert_pipeline_matches_predict, load_script, make_tiles
+from conftest import SIX_FOLDERS, assert_pipeline_matches_predict, kill_after_first_epoch, load_script, make_tiles
+from safetensors.torch import load_file
 
 from hf_tissue_vit.modeling import PatchDropout
 from hf_tissue_vit.training.schedule import CleanEndCallback, EpochSchedule
@@ -22,6 +27,7 @@ TINY = ["--model_preset", "tiny", "--image_size", "32", "--patch_size", "8", "--
         "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--use_cpu", "true",
         "--n_bootstrap", "0", "--cache_decoded", "false", "--tta", "false", "--bf16", "false"]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiles(batch: int = 8, size: int = 40, seed: int = 0) -> torch.Tensor:
@@ -172,3 +178,30 @@ def test_finetune_refuses_a_bad_clean_end_or_grey_p_in_one_line(tiny_dataset_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_run_with_the_whole_schedule_resumes_to_the_same_model(tiny_dataset_dir, tmp_path):
+    """The stain recipe (persistent DataLoader workers) with grey tiles, progressive resolution and a clean ending
+    over 3 epochs (16, 24, 32 px; strength 1, 1/2, 0), SIGKILLed after its first epoch's checkpoint and run again
+    with the same command, ends bit-identical to an uninterrupted run."""
+    def command(out):
+        return [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config",
+                str(ROOT / "scripts" / "recipes" / "scratch_cpu_stain.yaml"), "--from_scratch", *TINY[:12],
+                "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(out), "--num_train_epochs", "3",
+                "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--use_cpu", "true",
+                "--report_to", "none", "--cache_decoded", "false", "--disable_tqdm", "true", "--n_bootstrap", "0",
+                "--grey_p", "0.3", "--progressive_resolution", "16", "--clean_end", "0.5"]
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    kill_after_first_epoch(command(resumed), resumed, env)
+    for out in (reference, resumed):
+        done = subprocess.run(command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from the last checkpoint" in done.stderr
+    a, b = (json.loads((run / "all_results.json").read_text()) for run in (reference, resumed))
+    assert b["train_pieces"][0]["to_step"] == 3
+    for key in ("eval_loss", "eval_accuracy", "test_loss", "test_accuracy", "test_macro_f1"):
+        assert a[key] == b[key], key
+    wa, wb = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
