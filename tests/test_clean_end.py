@@ -6,6 +6,7 @@ resumed run trains what an uninterrupted one trains. The saved model stays a pla
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import SIX_FOLDERS, assert_pipeline_matches_predict, kill_after_fi
 from safetensors.torch import load_file
 
 from hf_tissue_vit.modeling import PatchDropout
-from hf_tissue_vit.training.schedule import CleanEndCallback, EpochSchedule
+from hf_tissue_vit.training.schedule import CleanEndCallback, EpochSchedule, planned_epochs
 from hf_tissue_vit.training.tiles import TileCollator
 from hf_tissue_vit.transforms import AugmentationConfig, TileTransform
 
@@ -97,6 +98,20 @@ def test_progressive_resolution_grows_by_whole_patches_over_the_first_half():
     assert sizes[20:] == [None] * 20  # the model's own size from half-way on
 
 
+def test_the_schedule_counts_the_epochs_a_max_steps_run_takes():
+    def args(**kw):
+        return SimpleNamespace(**{"max_steps": -1, "num_train_epochs": 2.5, "world_size": 1,
+                                  "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1,
+                                  "dataloader_drop_last": False, **kw})
+
+    assert planned_epochs(args(), 48) == 3
+    assert planned_epochs(args(max_steps=5), 48) == 2  # 3 steps an epoch
+    assert planned_epochs(args(max_steps=5), 50) == 2 and planned_epochs(args(max_steps=5, dataloader_drop_last=True),
+                                                                         50) == 2
+    assert planned_epochs(args(max_steps=5, world_size=2), 48) == 3  # 2 steps an epoch in each process
+    assert planned_epochs(args(max_steps=5, gradient_accumulation_steps=2), 48) == 5  # 1 update an epoch
+
+
 def test_the_collator_augments_each_epoch_at_its_strength_on_either_path():
     schedule = EpochSchedule(4, clean_end=0.5)  # epochs 0, 1 full; 2 at half; 3 clean
     aug = AugmentationConfig(dihedral=False, stain_stats=0.35, grey_p=0.3)
@@ -139,6 +154,11 @@ def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_d
                                          "--output_dir", str(out), "--num_train_epochs", "3", "--patch_keep", "0.5",
                                          "--clean_end", "0.5", "--grey_p", "0.2", "--report_to", "none"])
     assert code == 0
+    short = tmp_path / "short"  # --max_steps: the epochs the steps take (5 steps of 3 an epoch: 2)
+    assert load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
+                                         "--output_dir", str(short), "--max_steps", "5", "--clean_end", "0.5",
+                                         "--report_to", "none"]) == 0
+    assert math.ceil(json.loads((short / "trainer_state.json").read_text())["epoch"]) == 2
     results = json.loads((out / "all_results.json").read_text())
     assert results["hyperparameters"]["clean_end"] == 0.5
     assert results["hyperparameters"]["augmentation"]["grey_p"] == 0.2
@@ -168,7 +188,6 @@ def test_finetune_trains_with_progressive_resolution_and_saves_the_model_at_its_
     (["--progressive_resolution", "32"], "below the image size 32"),
     (["--progressive_resolution", "16", "--teacher_epochs", "1"], "--teacher_epochs"),
     (["--clean_end", "1.0"], "--clean_end"),
-    (["--clean_end", "0.2", "--max_steps", "5"], "--max_steps"),
     (["--grey_p", "-0.1"], "grey_p"),
 ])  # fmt: skip
 def test_finetune_refuses_a_bad_clean_end_or_grey_p_in_one_line(tiny_dataset_dir, tmp_path, capsys, flags, message):

@@ -330,7 +330,7 @@ class TissueTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._check_package_options()
         check_guidance(self.teacher_epochs, self.distill_alpha, self.distill_temperature, self.guidance_weight)
-        check_clean_end(self.clean_end, self.max_steps)
+        check_clean_end(self.clean_end)
         if self.label_names == ["labels"]:  # re-created from an already processed instance
             self.label_names = None
         self.expected_label_names = list(self.label_names) if self.label_names else None

@@ -115,8 +115,7 @@ def validate_run(
         raise ValueError(f"--patch_keep {model_args.patch_keep}: PatchDropout needs a ViT or DINOv2 backbone, not a "
                          f"{spec.family.name} model (leave --patch_keep at 1)")
     check_progressive(training_args.progressive_resolution, spec.image_size, getattr(spec.config, "patch_size", 1),
-                      spec.family, training_args.max_steps,
-                      fixed_grid=bool(training_args.teacher_epochs or model_args.freeze_backbone))
+                      spec.family, fixed_grid=bool(training_args.teacher_epochs or model_args.freeze_backbone))
     if model_args.freeze_position_embeddings and not spec.family.token_sequence:
         raise ValueError(f"--freeze_position_embeddings: a {spec.family.name} model has no position embeddings the "
                          "package can reach; leave the flag out")
@@ -261,7 +260,7 @@ def build_trainer(
     eval_transform = ProcessorTransform(processor)
     train_transform = TileTransform.from_processor(processor, data_args.augmentation())
     on_device = hardware.resolve_device_augmentation(data_args.device_augmentation, training_args.device)
-    schedule, schedule_callbacks = epoch_schedule(training_args, model)
+    schedule, schedule_callbacks = epoch_schedule(training_args, model, len(data.tiles["train"]))
     collator = TileCollator(train_transform, eval_transform, seed=training_args.data_seed or training_args.seed,
                             device_augmentation=on_device, schedule=schedule)
     callbacks: list[TrainerCallback] = [EpochCallback(data.tiles["train"]), SpeedCallback(), *schedule_callbacks]

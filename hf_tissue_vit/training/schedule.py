@@ -27,33 +27,35 @@ from ..backbones import VIT, Family
 from ..modeling import PatchDropout, patch_dropout_of
 
 
-def check_clean_end(fraction: float, max_steps: int) -> None:
-    """``--clean_end``: a fraction of the epochs in [0, 1), and a run measured in epochs."""
+def check_clean_end(fraction: float) -> None:
+    """``--clean_end``: a fraction of the epochs in [0, 1)."""
     if not (math.isfinite(fraction) and 0 <= fraction < 1):
         raise ValueError(f"--clean_end must be a fraction of the epochs in [0, 1) (e.g. 0.15; 0 = off), got {fraction}")
-    if fraction and max_steps is not None and max_steps > 0:
-        raise ValueError("--clean_end ramps over the last epochs: give --num_train_epochs, not --max_steps")
 
 
-def check_progressive(start: int | None, image_size: int, patch_size: int, family: Family, max_steps: int,
-                      fixed_grid: bool = False) -> None:
-    """``--progressive_resolution``: whole patches below the model's size, on a ViT, in a run measured in epochs;
-    ``fixed_grid``: the run also uses what is made for the model's token grid (a teacher's guidance, a linear
-    probe's cached features)."""
+def check_progressive(
+    start: int | None, image_size: int, patch_size: int, family: Family, fixed_grid: bool = False
+) -> None:
+    """``--progressive_resolution``: whole patches below the model's size, on a ViT; ``fixed_grid``: the run also
+    uses what is made for the model's token grid (a teacher's guidance, a linear probe's cached features)."""
     if start is None:
         return
     if fixed_grid:
-        raise ValueError("--progressive_resolution changes the token grid, which --teacher_epochs' guidance and "
-                         "--freeze_backbone's cached features are made for; use it without them")
+        raise ValueError(
+            "--progressive_resolution changes the token grid, which --teacher_epochs' guidance and "
+            "--freeze_backbone's cached features are made for; use it without them"
+        )
     if family is not VIT:
-        raise ValueError(f"--progressive_resolution interpolates a ViT's position embeddings; a {family.name} model "
-                         "cannot (leave the flag out)")
+        raise ValueError(
+            f"--progressive_resolution interpolates a ViT's position embeddings; a {family.name} model "
+            "cannot (leave the flag out)"
+        )
     if not (patch_size <= start < image_size and start % patch_size == 0):
         example = max(patch_size, image_size // 2 // patch_size * patch_size)
-        raise ValueError(f"--progressive_resolution {start}: give a multiple of the patch size {patch_size} below the "
-                         f"image size {image_size} (e.g. {example})")
-    if max_steps is not None and max_steps > 0:
-        raise ValueError("--progressive_resolution grows over the epochs: give --num_train_epochs, not --max_steps")
+        raise ValueError(
+            f"--progressive_resolution {start}: give a multiple of the patch size {patch_size} below the "
+            f"image size {image_size} (e.g. {example})"
+        )
 
 
 def epoch_index(epoch: float | None) -> int:
@@ -109,14 +111,34 @@ class CleanEndCallback(TrainerCallback):
         self.dropout.keep = self.schedule.patch_keep(self.keep, epoch_index(state.epoch))
 
 
-def epoch_schedule(training_args: Any, model: Any) -> tuple[EpochSchedule | None, list[TrainerCallback]]:
-    """The run's :class:`EpochSchedule` (None when neither ``--clean_end`` nor ``--progressive_resolution`` is set;
-    for :class:`~hf_tissue_vit.training.tiles.TileCollator`) and the callback that ramps ``model``'s PatchDropout
-    down with a clean ending, if the model has one."""
+def planned_epochs(training_args: Any, num_tiles: int) -> int:
+    """The epochs the Trainer will run over ``num_tiles`` training tiles: ``--num_train_epochs`` rounded up, or, with
+    ``--max_steps``, as many as those optimizer steps take (the Trainer's own count: batches per process, whole
+    accumulation rounds)."""
+    if not (training_args.max_steps and training_args.max_steps > 0):
+        return math.ceil(training_args.num_train_epochs)
+    per_process = math.ceil(num_tiles / training_args.world_size)
+    rounding = math.floor if training_args.dataloader_drop_last else math.ceil
+    batches = rounding(per_process / training_args.per_device_train_batch_size)
+    updates = max(1, batches // training_args.gradient_accumulation_steps)
+    return math.ceil(training_args.max_steps / updates)
+
+
+def epoch_schedule(
+    training_args: Any, model: Any, num_tiles: int
+) -> tuple[EpochSchedule | None, list[TrainerCallback]]:
+    """The run's :class:`EpochSchedule` over ``num_tiles`` training tiles (None when neither ``--clean_end`` nor
+    ``--progressive_resolution`` is set; for :class:`~hf_tissue_vit.training.tiles.TileCollator`) and the callback
+    that ramps ``model``'s PatchDropout down with a clean ending, if the model has one."""
     if not (training_args.clean_end or training_args.progressive_resolution):
         return None, []
     config = model.config
-    schedule = EpochSchedule(math.ceil(training_args.num_train_epochs), training_args.clean_end,
-                             training_args.progressive_resolution, config.image_size, config.patch_size)
+    schedule = EpochSchedule(
+        planned_epochs(training_args, num_tiles),
+        training_args.clean_end,
+        training_args.progressive_resolution,
+        config.image_size,
+        config.patch_size,
+    )
     dropout = patch_dropout_of(model)
     return schedule, [CleanEndCallback(schedule, dropout)] if dropout is not None and schedule.clean_end else []
