@@ -29,6 +29,8 @@ HED_FROM_RGB: tuple[tuple[float, ...], ...] = (
 # Optical density of an 8-bit intensity I is -log((I + 1) / 256) (Beer-Lambert with the usual +1 so
 # black pixels stay finite); in log1p/expm1 form a zero-strength jitter is exactly invertible.
 _LOG_256 = math.log(256.0)
+# ITU-R 601 luma weights of R, G, B (torchvision's grey level): grey tiles and the contrast's mean grey level.
+LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
 # Attempts per sample when drawing a crop box, as torchvision's RandomResizedCrop does.
 _CROP_TRIES = 10
 
@@ -305,7 +307,7 @@ def greyscale(x: torch.Tensor, p: float, generator: torch.Generator | None) -> t
     channel (the HED jitter's pedestal) stays added."""
     chosen = (torch.rand((x.shape[0],), generator=generator) < p).nonzero().squeeze(1).to(x.device)
     if len(chosen):
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         view = x.index_select(0, chosen)
         x.index_copy_(0, chosen, (view * weights).sum(dim=1, keepdim=True).expand_as(view))
     return x
@@ -325,7 +327,7 @@ def brightness_contrast(
     c = uniform(1 - contrast, 1 + contrast, (batch,), generator) if contrast else torch.ones(batch)
     b, c = b.to(x.device), c.to(x.device)
     if contrast:
-        grey = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+        grey = torch.tensor(LUMA, dtype=x.dtype, device=x.device)
         mean = x.mean(dim=(2, 3)) @ grey - pedestal  # grey level of each sample before brightness
     else:
         mean = torch.zeros(batch, device=x.device)
