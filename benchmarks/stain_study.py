@@ -45,6 +45,8 @@ ARMS: dict[str, list[str]] = {
     "mild_grey": ["--stain_stats", "0.35", "--grey_p", "0.2"],
     # a clean ending: augmentation and PatchDropout ramped down to none over the last 15% of the epochs
     "mild_clean": ["--stain_stats", "0.35", "--clean_end", "0.15"],
+    # the clean ending that keeps the colour augmentation to the end: only the crop and PatchDropout ramp down
+    "mild_clean_colour": ["--stain_stats", "0.35", "--clean_end", "0.15", "--clean_end_keep_colour", "true"],
     # the whole schedule of lever 3: 64 -> 112 px over the first half of the epochs, then the clean ending
     "mild_schedule": ["--stain_stats", "0.35", "--progressive_resolution", "64", "--clean_end", "0.15"],
 }

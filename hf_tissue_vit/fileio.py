@@ -12,6 +12,7 @@ the umask allows.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -166,6 +167,17 @@ def check_writable_file(path: str | os.PathLike, flag: str = "--output") -> Path
         raise ValueError(f"{flag} {target} cannot be created: {existing} is a file, not a folder")
     _probe_write(existing, flag, target)
     return target
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary folder of this process's own, removed when the process exits.
+
+    For working files that outlive one function but not the process (a build's Arrow shards, the app's
+    example tiles): a plain ``mkdtemp`` would leave one folder behind per run in the system's temp dir.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def temp_name(prefix: str, suffix: str = "") -> str:

@@ -18,11 +18,11 @@ card (local and on the Hub) then links the Space.
 from __future__ import annotations
 
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_tissue_vit.cli import parse_folder_first, run_main
+from hf_tissue_vit.fileio import scratch_dir
 from hf_tissue_vit.hub import HubAuthError, check_repo_id, link_space
 
 
@@ -68,8 +68,9 @@ def _run(argv: list[str] | None) -> int:
     if not args.no_push:
         check_model_on_hub(args.repo_id)  # before any work: the Space would have nothing to load
     info = load_model_info(args.output_dir)
-    folder = Path(args.space_dir or tempfile.mkdtemp(prefix="space_"))
-    picked = Path(tempfile.mkdtemp(prefix="space_examples_"))  # copied into the Space by write_space
+    # The Space's files go to --space_dir when given (kept); otherwise to scratch folders removed at exit.
+    folder = Path(args.space_dir) if args.space_dir else scratch_dir("space_")
+    picked = scratch_dir("space_examples_")  # copied into the Space by write_space
     examples = find_examples(info.label_names, picked, args.examples, args.dataset_dir or info.dataset_dir,
                              args.n_per_class)
     mosaic = make_mosaic(examples, picked / MOSAIC_NAME) if examples else None

@@ -73,6 +73,24 @@ def test_scaled_augmentation_shrinks_every_strength_and_at_zero_is_the_eval_resi
         aug.scaled(1.5)
 
 
+def test_a_clean_ending_that_keeps_colour_ramps_the_crop_only():
+    aug = AugmentationConfig(crop_scale=(0.6, 1.0), stain_jitter=0.05, stain_stats=0.35, brightness=0.1,
+                             contrast=0.1, grey_p=0.2)
+    kept = aug.scaled(0.0, colour=False)
+    assert kept.crop_scale == (1.0, 1.0) and kept.crop_ratio == (1.0, 1.0)
+    colour = ("stain_jitter", "stain_stats", "brightness", "contrast", "grey_p")
+    assert [getattr(kept, name) for name in colour] == [getattr(aug, name) for name in colour]
+    assert [getattr(aug.scaled(0.0), name) for name in colour] == [0.0] * 5
+
+    schedule = EpochSchedule(4, clean_end=0.5, keep_colour=True)
+    collator = TileCollator(TileTransform(24, MEAN, STD, aug), TileTransform(24, MEAN, STD), seed=5,
+                            schedule=schedule)
+    assert collator.transform_at(3).augmentation == kept
+    tiles = _tiles()
+    items = [{"pixels": tiles[i], "labels": 0, "index": i, "train": True, "epoch": 3} for i in range(len(tiles))]
+    assert not torch.allclose(collator(items)["pixel_values"], TileTransform(24, MEAN, STD)(tiles))
+
+
 def test_clean_end_ramps_linearly_to_none_in_the_last_epoch():
     schedule = EpochSchedule(40, clean_end=0.15)
     assert schedule.ramp_epochs == 6
@@ -157,8 +175,9 @@ def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_d
     short = tmp_path / "short"  # --max_steps: the epochs the steps take (5 steps of 3 an epoch: 2)
     assert load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
                                          "--output_dir", str(short), "--max_steps", "5", "--clean_end", "0.5",
-                                         "--report_to", "none"]) == 0
+                                         "--clean_end_keep_colour", "true", "--report_to", "none"]) == 0
     assert math.ceil(json.loads((short / "trainer_state.json").read_text())["epoch"]) == 2
+    assert json.loads((short / "hf_tissue_vit_run.json").read_text())["training"]["clean_end_keep_colour"] is True
     results = json.loads((out / "all_results.json").read_text())
     assert results["hyperparameters"]["clean_end"] == 0.5
     assert results["hyperparameters"]["augmentation"]["grey_p"] == 0.2
@@ -188,6 +207,7 @@ def test_finetune_trains_with_progressive_resolution_and_saves_the_model_at_its_
     (["--progressive_resolution", "32"], "below the image size 32"),
     (["--progressive_resolution", "16", "--teacher_epochs", "1"], "--teacher_epochs"),
     (["--clean_end", "1.0"], "--clean_end"),
+    (["--clean_end_keep_colour", "true"], "give --clean_end too"),
     (["--grey_p", "-0.1"], "grey_p"),
 ])  # fmt: skip
 def test_finetune_refuses_a_bad_clean_end_or_grey_p_in_one_line(tiny_dataset_dir, tmp_path, capsys, flags, message):

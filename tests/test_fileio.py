@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,14 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     assert remove_stale_temps(tmp_path, ".x-tmp-") == [stale]
     assert remove_stale_temps(tmp_path, ".x-tmp-", ".part") == [tmp_path / f".x-tmp-{dead}-ffff0000.part"]
     assert mine.is_dir() and other.is_dir()  # a running process's temporary and another prefix stay
+
+
+def test_scratch_folders_are_gone_when_the_process_exits(tmp_path: Path) -> None:
+    """A build's shards, the app's example tiles and an unkept Space folder must not pile up in the temp dir."""
+    code = ("import sys; from hf_tissue_vit.fileio import scratch_dir; d = scratch_dir('hf_tissue_vit_test_'); "
+            "(d / 'x.txt').write_text('x'); print(d); sys.stdout.flush(); assert d.is_dir()")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path and folder.name.startswith("hf_tissue_vit_test_")
+    assert not folder.exists()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import scratch_dir
 from ..imaging import load_rgb8
 from ..interpret.attention import explain_tiles, require_vit
 from ..interpret.figures import overlay_heatmap
@@ -110,7 +110,7 @@ class AppModel:
         self.predictor = TilePredictor.from_pretrained(model, device=device, bf16=bf16)
         self._explainer, self._processor = load_for_inference(model, device=device)
         self._lock = threading.Lock()
-        self._runs = Path(tempfile.mkdtemp(prefix="hf_tissue_vit_app_"))
+        self._runs = scratch_dir("hf_tissue_vit_app_")
         self._n_runs = 0
 
     @property

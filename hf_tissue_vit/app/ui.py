@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr
 
 from ..constants import CLASS_DESCRIPTIONS
+from ..fileio import scratch_dir
 from ..slides.outputs import class_colours
 from ..slides.reader import SLIDE_EXTENSIONS
 from .examples import ATTRIBUTION, MOSAIC_NAME, Example, find_examples, make_mosaic
@@ -258,7 +258,7 @@ def create_app(model: str, examples_dir: str | None = None, dataset_dir: str | N
     Returns the Blocks and the folders it serves files from (for ``launch(allowed_paths=...)``).
     """
     app_model = AppModel(model, device=device, bf16=bf16)
-    work = Path(tempfile.mkdtemp(prefix="hf_tissue_vit_examples_"))
+    work = scratch_dir("hf_tissue_vit_examples_")
     examples = find_examples(app_model.label_names, work, examples_dir,
                              dataset_dir or app_model.info.dataset_dir, n_per_class)
     mosaic = None

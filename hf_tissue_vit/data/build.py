@@ -12,11 +12,8 @@ Sources (auto-detected by :func:`build_dataset`):
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -26,6 +23,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from ..constants import KATHER_MPP, TILE_SIZE, ZENODO_URL
+from ..fileio import scratch_dir
 from ..units import check_mpp
 from .classes import ClassChoice, ClassPlan, Preset
 from .decode import Tile, duplicate_groups, tiff_resolution, tile_records, write_tiles
@@ -168,9 +166,7 @@ def _work_dir(work_dir: str | os.PathLike | None) -> str:
     """Where the Arrow shards of a build go: ``work_dir``, or a temporary folder removed at exit."""
     if work_dir is not None:
         return str(work_dir)
-    folder = tempfile.mkdtemp(prefix="hf_tissue_vit-build-")
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
+    return str(scratch_dir("hf_tissue_vit-build-"))
 
 
 def build_dataset_with_report(

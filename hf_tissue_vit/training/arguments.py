@@ -279,6 +279,11 @@ class TissueTrainingArguments(TrainingArguments):
                   "none over this last fraction of the epochs, reached in the last epoch (the symmetries stay). "
                   "0 = off."},
     )
+    clean_end_keep_colour: bool = field(
+        default=False,
+        metadata={"help": "With --clean_end: ramp down only the crop and PatchDropout; the colour augmentation (stain, "
+                  "brightness, contrast, grey) keeps its strength to the end."},
+    )
     progressive_resolution: int | None = field(
         default=None,
         metadata={"help": "Start training at this size (px, whole patches) and grow the images to the model's size "
@@ -330,7 +335,7 @@ class TissueTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._check_package_options()
         check_guidance(self.teacher_epochs, self.distill_alpha, self.distill_temperature, self.guidance_weight)
-        check_clean_end(self.clean_end)
+        check_clean_end(self.clean_end, self.clean_end_keep_colour)
         if self.label_names == ["labels"]:  # re-created from an already processed instance
             self.label_names = None
         self.expected_label_names = list(self.label_names) if self.label_names else None

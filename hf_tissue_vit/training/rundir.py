@@ -53,7 +53,7 @@ SIGNATURE_TRAINING_FIELDS = (
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor",
     "max_grad_norm", "optim", "metric_for_best_model", "ema_decay", "teacher_epochs", "distill_alpha",
     "distill_temperature", "guidance_weight", "guidance_layers", "clean_end",
-    "progressive_resolution",
+    "clean_end_keep_colour", "progressive_resolution",
 )  # fmt: skip
 # Data arguments that change where or how fast tiles are read, not what is learnt.
 # Where the augmentation runs changes speed, not the pixels (the device path draws and computes the same).

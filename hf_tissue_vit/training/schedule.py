@@ -4,7 +4,8 @@ resolution (``--progressive_resolution``).
 - Clean ending: over the last ``clean_end`` fraction of the epochs the strength of every augmentation
   (:meth:`~hf_tissue_vit.transforms.augmentation.AugmentationConfig.scaled`) falls linearly from 1 to 0, reached
   in the last epoch, and PatchDropout's share of dropped patches with it, so the model ends its training on
-  tiles like the test tiles (whole, unjittered, every patch) as the learning rate goes to zero.
+  tiles like the test tiles (whole, unjittered, every patch) as the learning rate goes to zero. With
+  ``--clean_end_keep_colour`` the colour augmentation keeps its strength to the end (crop and PatchDropout ramp).
 - Progressive resolution: training images start at ``start`` px and grow by whole patches to the model's own
   size over the first half of the epochs (fewer tokens, cheaper steps early; the position embeddings are
   interpolated to the smaller grids, as ViT's ``interpolate_pos_encoding`` does). Evaluation and the saved model
@@ -27,10 +28,13 @@ from ..backbones import VIT, Family
 from ..modeling import PatchDropout, patch_dropout_of
 
 
-def check_clean_end(fraction: float) -> None:
-    """``--clean_end``: a fraction of the epochs in [0, 1)."""
+def check_clean_end(fraction: float, keep_colour: bool = False) -> None:
+    """``--clean_end``: a fraction of the epochs in [0, 1); ``--clean_end_keep_colour`` only with it."""
     if not (math.isfinite(fraction) and 0 <= fraction < 1):
         raise ValueError(f"--clean_end must be a fraction of the epochs in [0, 1) (e.g. 0.15; 0 = off), got {fraction}")
+    if keep_colour and not fraction:
+        raise ValueError("--clean_end_keep_colour changes what --clean_end ramps down; give --clean_end too "
+                         "(e.g. --clean_end 0.15)")
 
 
 def check_progressive(
@@ -66,14 +70,16 @@ def epoch_index(epoch: float | None) -> int:
 @dataclass(frozen=True)
 class EpochSchedule:
     """A run of ``num_epochs`` epochs whose last ``clean_end`` fraction (at least one epoch, when set) ramps the
-    augmentation down to none, and whose images grow from ``start_size`` px (None: no growth) to ``image_size`` by
-    whole patches of ``patch_size`` over the first half of the epochs."""
+    augmentation down to none (its colour steps too, unless ``keep_colour``), and whose images grow from
+    ``start_size`` px (None: no growth) to ``image_size`` by whole patches of ``patch_size`` over the first half of
+    the epochs."""
 
     num_epochs: int
     clean_end: float = 0.0
     start_size: int | None = None
     image_size: int = 0
     patch_size: int = 1
+    keep_colour: bool = False
 
     @property
     def ramp_epochs(self) -> int:
@@ -139,6 +145,7 @@ def epoch_schedule(
         training_args.progressive_resolution,
         config.image_size,
         config.patch_size,
+        training_args.clean_end_keep_colour,
     )
     dropout = patch_dropout_of(model)
     return schedule, [CleanEndCallback(schedule, dropout)] if dropout is not None and schedule.clean_end else []

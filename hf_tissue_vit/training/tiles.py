@@ -331,7 +331,8 @@ class TileCollator:
         if key == (None, 1.0):
             return base
         if key not in self._variants:
-            self._variants[key] = base.variant(key[0], base.augmentation.scaled(key[1]))
+            self._variants[key] = base.variant(
+                key[0], base.augmentation.scaled(key[1], colour=not self.schedule.keep_colour))
         return self._variants[key]
 
     def _sized(self, batch: dict[str, Any], transform: TileTransform) -> dict[str, Any]:

@@ -83,20 +83,26 @@ class AugmentationConfig:
             or self.contrast or self.grey_p
         )
 
-    def scaled(self, strength: float) -> AugmentationConfig:
+    def scaled(self, strength: float, colour: bool = True) -> AugmentationConfig:
         """This augmentation at ``strength`` in [0, 1] (a clean ending's ramp): every strength and probability times
         ``strength``, the crop's area and aspect ranges shrunk towards the whole tile (at 0, the crop is the whole
         tile, resized as the eval path does). The symmetries stay: tissue has no orientation, so they are no
-        departure from the test tiles."""
+        departure from the test tiles. ``colour=False`` ramps the crop only: the colour steps (stain, brightness,
+        contrast, grey) keep their strength, for models meant to meet other stains than the training slides'."""
         if not 0 <= strength <= 1:
             raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
         if strength == 1:
             return self
         low, high = self.crop_ratio
-        return replace(
+        crop = replace(
             self,
             crop_scale=tuple(1 - (1 - v) * strength for v in self.crop_scale),
             crop_ratio=(math.exp(math.log(low) * strength), math.exp(math.log(high) * strength)),
+        )
+        if not colour:
+            return crop
+        return replace(
+            crop,
             stain_jitter=self.stain_jitter * strength,
             stain_stats=self.stain_stats * strength,
             brightness=self.brightness * strength,
