@@ -50,7 +50,7 @@ ARMS: dict[str, list[str]] = {
     # the whole schedule of lever 3: 64 -> 112 px over the first half of the epochs, then the clean ending
     "mild_schedule": ["--stain_stats", "0.35", "--progressive_resolution", "64", "--clean_end", "0.15"],
 }
-RECIPE_ARM = "stain_mild"  # the arm scripts/recipes/scratch_cpu_stain.yaml is (tests/test_stain.py checks it)
+RECIPE_ARM = "mild_clean_colour"  # the arm scripts/recipes/scratch_cpu_stain.yaml is (tests/test_stain.py checks it)
 SPLITS = {"stratified": [], "slides": ["--split_by", "slide"]}
 DEFAULT_EPOCHS = 40  # each arm's budget: about 4 minutes of training on the project's 2-core CPU
 

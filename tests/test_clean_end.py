@@ -192,10 +192,11 @@ def test_finetune_trains_with_progressive_resolution_and_saves_the_model_at_its_
     code = load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
                                          "--output_dir", str(out), "--num_train_epochs", "4", "--patch_keep", "0.5",
                                          "--progressive_resolution", "16", "--clean_end", "0.25",
-                                         "--report_to", "none"])
+                                         "--clean_end_keep_colour", "true", "--report_to", "none"])
     assert code == 0
     results = json.loads((out / "all_results.json").read_text())
     assert results["hyperparameters"]["progressive_resolution"] == 16
+    assert results["hyperparameters"]["clean_end_keep_colour"] is True
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["architectures"] == ["ViTForImageClassification"]
     files = make_tiles(tmp_path / "tiles", 1, size=48, classes=SIX_FOLDERS[:2], fmt="png")

@@ -174,7 +174,7 @@ def test_the_stain_recipe_is_the_measured_arm():
     base, stain = (yaml.safe_load((recipes / f"{name}.yaml").read_text())
                    for name in ("scratch_cpu", "scratch_cpu_stain"))
     flags = stain_study.ARMS[stain_study.RECIPE_ARM]
-    added = {flags[i].removeprefix("--"): float(flags[i + 1]) for i in range(0, len(flags), 2)}
+    added = {flags[i].removeprefix("--"): yaml.safe_load(flags[i + 1]) for i in range(0, len(flags), 2)}
     augmentation = set(AugmentationConfig.__dataclass_fields__)  # these go in the recipe's augmentation block
     assert {k: (stain["augmentation"] if k in augmentation else stain).pop(k) for k in added} == added
     assert stain.pop("num_train_epochs") == stain_study.DEFAULT_EPOCHS and base.pop("num_train_epochs") == 120
