@@ -131,7 +131,8 @@ def test_impulse_attention_points_every_head_at_a_neighbour():
     with torch.no_grad():
         model.vit.embeddings.patch_embeddings.projection.weight.zero_()  # tokens are their positions only
     apply_structured_init(model, "random", "impulse", seed=0)
-    attentions = model(pixel_values=torch.zeros(1, 3, 40, 40), output_attentions=True).attentions
+    with torch.no_grad():
+        attentions = model(pixel_values=torch.zeros(1, 3, 40, 40), output_attentions=True).attentions
     centre = 1 + 12  # patch (2, 2) of the 5x5 grid, after CLS
     for layer in attentions:
         targets = [int(head[centre].argmax()) - centre for head in layer[0]]
@@ -140,7 +141,8 @@ def test_impulse_attention_points_every_head_at_a_neighbour():
         assert len(set(targets)) == 3  # a different one per head
         assert all(float(head[centre].max()) > 0.6 for head in layer[0])  # e^4 / (e^4 + 25)
     random_model = ViTForImageClassification(config).eval()
-    flat = random_model(pixel_values=torch.zeros(1, 3, 40, 40), output_attentions=True).attentions[0]
+    with torch.no_grad():
+        flat = random_model(pixel_values=torch.zeros(1, 3, 40, 40), output_attentions=True).attentions[0]
     assert float(flat[0, :, centre].max()) < 0.1  # the default init attends everywhere
 
 
