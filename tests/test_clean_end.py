@@ -127,7 +127,8 @@ def test_the_schedule_counts_the_epochs_a_max_steps_run_takes():
     assert planned_epochs(args(max_steps=5), 50) == 2 and planned_epochs(args(max_steps=5, dataloader_drop_last=True),
                                                                          50) == 2
     assert planned_epochs(args(max_steps=5, world_size=2), 48) == 3  # 2 steps an epoch in each process
-    assert planned_epochs(args(max_steps=5, gradient_accumulation_steps=2), 48) == 5  # 1 update an epoch
+    # 3 batches in rounds of 2: 2 updates an epoch (the Trainer counts the last, partial round)
+    assert planned_epochs(args(max_steps=5, gradient_accumulation_steps=2), 48) == 3
 
 
 def test_the_collator_augments_each_epoch_at_its_strength_on_either_path():
@@ -177,6 +178,13 @@ def test_finetune_trains_with_a_clean_end_and_grey_tiles_and_records_them(tiny_d
                                          "--output_dir", str(short), "--max_steps", "5", "--clean_end", "0.5",
                                          "--clean_end_keep_colour", "true", "--report_to", "none"]) == 0
     assert math.ceil(json.loads((short / "trainer_state.json").read_text())["epoch"]) == 2
+    rounds = tmp_path / "rounds"  # with accumulation: 3 batches an epoch in rounds of 2 are 2 updates, so 3 epochs
+    assert load_script("finetune").main(["--from_scratch", *TINY, "--dataset_dir", str(tiny_dataset_dir),
+                                         "--output_dir", str(rounds), "--max_steps", "5", "--clean_end", "0.5",
+                                         "--gradient_accumulation_steps", "2", "--eval_strategy", "no",
+                                         "--save_strategy", "no", "--load_best_model_at_end", "false",
+                                         "--report_to", "none"]) == 0
+    assert math.ceil(json.loads((rounds / "trainer_state.json").read_text())["epoch"]) == 3
     assert json.loads((short / "hf_tissue_vit_run.json").read_text())["training"]["clean_end_keep_colour"] is True
     results = json.loads((out / "all_results.json").read_text())
     assert results["hyperparameters"]["clean_end"] == 0.5

@@ -119,14 +119,15 @@ class CleanEndCallback(TrainerCallback):
 
 def planned_epochs(training_args: Any, num_tiles: int) -> int:
     """The epochs the Trainer will run over ``num_tiles`` training tiles: ``--num_train_epochs`` rounded up, or, with
-    ``--max_steps``, as many as those optimizer steps take (the Trainer's own count: batches per process, whole
-    accumulation rounds)."""
+    ``--max_steps``, as many as those optimizer steps take, counted as the Trainer counts them
+    (``Trainer.set_initial_training_values``): the batches of one process (Accelerate deals the loader's batches out
+    to the processes, evened up unless the last is dropped), and a last, partial accumulation round is an update."""
     if not (training_args.max_steps and training_args.max_steps > 0):
         return math.ceil(training_args.num_train_epochs)
-    per_process = math.ceil(num_tiles / training_args.world_size)
     rounding = math.floor if training_args.dataloader_drop_last else math.ceil
-    batches = rounding(per_process / training_args.per_device_train_batch_size)
-    updates = max(1, batches // training_args.gradient_accumulation_steps)
+    batches = rounding(num_tiles / training_args.per_device_train_batch_size)
+    per_process = rounding(batches / training_args.world_size)
+    updates = max(1, math.ceil(per_process / training_args.gradient_accumulation_steps))
     return math.ceil(training_args.max_steps / updates)
 
 
